@@ -1,0 +1,48 @@
+"""Fully connected (affine) layer."""
+
+import numpy as np
+
+from ._validate import require_ndim
+
+
+def affine_forward(x, w, b):
+    """Affine transform of flattened inputs.
+
+    Inputs:
+    - x: (N, d_1, ..., d_k); each example is flattened to D = d_1 * ... * d_k
+    - w: weights, (D, M)
+    - b: biases, (M,)
+
+    Returns (out, cache): out is (N, M).
+    """
+    require_ndim("w", w, 2, "(D, M)")
+    n = x.shape[0]
+    x2 = x.reshape(n, -1)  # (N, D)
+    if x2.shape[1] != w.shape[0]:
+        raise ValueError(
+            f"x flattens to {x2.shape[1]} features per example but w has shape {w.shape}: "
+            f"expected w of shape ({x2.shape[1]}, M)"
+        )
+    if b.shape != (w.shape[1],):
+        raise ValueError(f"b must have shape ({w.shape[1]},) to match w, got {b.shape}")
+    out = x2 @ w  # (N, M)
+    out += b
+    return out, (x, w)
+
+
+def affine_backward(dout, cache, compute_dx=True):
+    """Backward pass of affine_forward.
+
+    Inputs:
+    - dout: upstream gradient, (N, M)
+    - cache: from affine_forward
+    - compute_dx: False skips dx (None is returned), for a layer whose input is data
+
+    Returns (dx, dw, db) with the shapes of x, w and b.
+    """
+    x, w = cache
+    x2 = x.reshape(x.shape[0], -1)  # (N, D)
+    dw = x2.T @ dout  # (D, M)
+    db = dout.sum(axis=0)  # (M,)
+    dx = (dout @ w.T).reshape(x.shape) if compute_dx else None
+    return dx, dw, db
