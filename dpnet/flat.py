@@ -1,0 +1,56 @@
+"""A model's parameters as views into one contiguous buffer.
+
+Packing every parameter (and its gradient) into one flat array lets an update rule
+run once over the whole model and lets a data-parallel gradient reduction be one
+collective call instead of one per parameter.
+"""
+
+import numpy as np
+
+
+class FlatParams:
+    """Rebinds `params[name]` to views of one flat buffer `data`; `grad` is a flat
+    gradient buffer of the same layout.
+
+    Inputs:
+    - params: dict name -> array, all of one floating dtype; its entries are replaced
+      in place by views, so update `params[name][...]`, never rebind it.
+    """
+
+    def __init__(self, params):
+        dtypes = {np.asarray(v).dtype for v in params.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
+        self.names = list(params)
+        self.shapes = {k: np.shape(params[k]) for k in self.names}
+        sizes = [int(np.prod(self.shapes[k])) for k in self.names]
+        self.offsets = dict(zip(self.names, np.cumsum([0] + sizes[:-1]).tolist()))
+        self.sizes = dict(zip(self.names, sizes))
+        dtype = dtypes.pop()
+        self.data = np.empty(sum(sizes), dtype=dtype)
+        self.grad = np.zeros(sum(sizes), dtype=dtype)
+        self.params = params
+        self.grads = {}
+        for name in self.names:
+            view = self.view(self.data, name)
+            view[...] = params[name]
+            params[name] = view
+            self.grads[name] = self.view(self.grad, name)
+
+    def view(self, flat, name):
+        """The slice of a flat array (laid out like `data`) that holds `name`, in its shape."""
+        o = self.offsets[name]
+        return flat[o:o + self.sizes[name]].reshape(self.shapes[name])
+
+    def pack_grads(self, grads):
+        """Copy a dict of gradients into `grad` and return it."""
+        missing = set(self.names) - set(grads)
+        if missing:
+            raise ValueError(f"gradients missing for parameters {sorted(missing)}")
+        for name in self.names:
+            self.grads[name][...] = grads[name]
+        return self.grad
+
+    def is_bound(self):
+        """True while every params entry is still a view of `data` (nobody rebound one)."""
+        return all(np.shares_memory(self.params[k], self.data) for k in self.names)

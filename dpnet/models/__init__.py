@@ -1,0 +1,8 @@
+"""Models with the CS231n interface: `params` dict, `loss(X, y) -> (loss, grads)`, `loss(X) -> scores`."""
+
+from .base import Model
+from .cnn import ThreeLayerConvNet
+from .convnet import ConvNet
+from .fc_net import FullyConnectedNet
+
+__all__ = ["Model", "ThreeLayerConvNet", "ConvNet", "FullyConnectedNet"]

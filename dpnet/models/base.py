@@ -1,0 +1,109 @@
+"""What every dpnet model shares: parameters, regularisation, and the lineage's loss API."""
+
+import numpy as np
+
+from ..layers.losses import softmax_loss
+
+BN_MODES = ("local", "sync")
+
+
+def init_weight(rng, shape, fan_in, weight_scale, dtype):
+    """Gaussian weights: std = weight_scale, or sqrt(2 / fan_in) (He) when weight_scale is 'he'."""
+    if isinstance(weight_scale, str):
+        if weight_scale != "he":
+            raise ValueError(f"weight_scale must be a positive number or 'he', got {weight_scale!r}")
+        std = np.sqrt(2.0 / fan_in)
+    else:
+        if not weight_scale > 0:
+            raise ValueError(f"weight_scale must be a positive number or 'he', got {weight_scale!r}")
+        std = weight_scale
+    return (std * rng.standard_normal(shape)).astype(dtype)
+
+
+class Model:
+    """Base class. A subclass fills `params` (weights named 'W<i>' are L2-regularised),
+    `bn_params` (one dict per batchnorm layer) and implements `_forward(X) ->
+    (scores, caches)` and `_backward(dscores, caches) -> grads`.
+
+    Keyword arguments shared by every model:
+    - reg: L2 strength; the loss adds 0.5 * reg * sum(W^2) over the weights
+    - dtype: dtype of every parameter; inputs are cast to it
+    - bn_mode: 'local' (batch statistics of the arrays this process sees) or 'sync'
+      (statistics of the global batch over the ranks of `comm`)
+    - comm: communicator for bn_mode 'sync'; None means a single process
+    - seed: seeds the generator for initial weights and dropout masks
+    """
+
+    def __init__(self, reg=0.0, dtype=np.float32, bn_mode="local", comm=None, seed=0):
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        self.reg = reg
+        self.dtype = np.dtype(dtype)
+        self.bn_mode = bn_mode
+        self.comm = comm
+        self.rng = np.random.default_rng(seed)
+        self.params = {}
+        self.bn_params = []
+        self.dropout_param = None
+
+    @property
+    def bn_comm(self):
+        """The communicator batchnorm layers reduce over (None: local statistics)."""
+        return self.comm if self.bn_mode == "sync" else None
+
+    def _set_mode(self, mode):
+        for bn_param in self.bn_params:
+            bn_param["mode"] = mode
+        if self.dropout_param is not None:
+            self.dropout_param["mode"] = mode
+
+    def _check_input(self, X):
+        raise NotImplementedError
+
+    def scores(self, X):
+        """Class scores (N, num_classes) in test mode (running batchnorm statistics, no dropout)."""
+        X = self._check_input(X)
+        self._set_mode("test")
+        scores, _ = self._forward(X)
+        return scores
+
+    def data_loss(self, X, y, batch_size=None):
+        """Train-mode softmax loss of (X, y) and its gradients, without regularisation.
+
+        batch_size: the number of examples the loss is averaged over (default len(X));
+        a data-parallel rank passes the global batch size so shard results sum to the
+        global batch's.
+        Returns (loss, grads) with grads a dict named like params.
+        """
+        X = self._check_input(X)
+        self._set_mode("train")
+        scores, caches = self._forward(X)
+        loss, dscores = softmax_loss(scores, y, batch_size)
+        return loss, self._backward(dscores, caches)
+
+    def add_regularization(self, grads):
+        """Add reg * W to the weights' gradients in place; return 0.5 * reg * sum(W^2)."""
+        if not self.reg:
+            return 0.0
+        total = 0.0
+        for name, w in self.params.items():
+            if name.startswith("W"):
+                total += float(np.vdot(w, w))
+                grads[name] += self.reg * w
+        return 0.5 * self.reg * total
+
+    def loss(self, X, y=None):
+        """The homework API with two meanings:
+        - loss(X) returns class scores (N, num_classes), test mode;
+        - loss(X, y) returns (loss, grads): mean softmax loss plus L2, and its gradients.
+        """
+        if y is None:
+            return self.scores(X)
+        data_loss, grads = self.data_loss(X, y)
+        return data_loss + self.add_regularization(grads), grads
+
+    def predict(self, X, batch_size=256):
+        """Predicted labels (N,), computed in test mode in chunks of batch_size."""
+        X = np.asarray(X)
+        chunks = [self.scores(X[i:i + batch_size]).argmax(axis=1) for i in range(0, len(X), batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
