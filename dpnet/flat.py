@@ -10,14 +10,16 @@ import numpy as np
 
 class FlatParams:
     """Rebinds `params[name]` to views of one flat buffer `data`; `grad` is a flat
-    gradient buffer of the same layout.
+    gradient buffer of the same layout, and `grads[name]` its views.
 
     Inputs:
     - params: dict name -> array, all of one floating dtype; its entries are replaced
       in place by views, so update `params[name][...]`, never rebind it.
+    - extra: slots appended after the gradients in `buffer` (= grad + tail), so other
+      values (a loss) can ride along in the same reduction.
     """
 
-    def __init__(self, params):
+    def __init__(self, params, extra=0):
         dtypes = {np.asarray(v).dtype for v in params.values()}
         if len(dtypes) != 1:
             raise ValueError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
@@ -28,7 +30,8 @@ class FlatParams:
         self.sizes = dict(zip(self.names, sizes))
         dtype = dtypes.pop()
         self.data = np.empty(sum(sizes), dtype=dtype)
-        self.grad = np.zeros(sum(sizes), dtype=dtype)
+        self.buffer = np.zeros(sum(sizes) + extra, dtype=dtype)
+        self.grad = self.buffer[:sum(sizes)]
         self.params = params
         self.grads = {}
         for name in self.names:

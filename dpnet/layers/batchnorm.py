@@ -71,14 +71,13 @@ def _forward(x, gamma, beta, bn_param, axes, comm):
         if comm is not None:
             rows = comm.allgather(rows[0])  # (R, 1 + 2C)
         count, mean, var = merge_moments(rows)
-        if count == 0:  # an empty batch on every shard: nothing to normalise or learn
+        if count == 0:  # no examples (on any rank): nothing to normalise, running stats kept
             return x.copy(), (None, gamma, None, 0, axes, comm)
         mean, var = mean.astype(x.dtype), var.astype(x.dtype)
-        if x.size:  # a rank with an empty shard keeps its running statistics
-            running_mean *= momentum
-            running_mean += (1 - momentum) * mean
-            running_var *= momentum
-            running_var += (1 - momentum) * var
+        running_mean *= momentum
+        running_mean += (1 - momentum) * mean
+        running_var *= momentum
+        running_var += (1 - momentum) * var
     elif mode == "test":
         mean, var, count = running_mean.astype(x.dtype), running_var.astype(x.dtype), None
     else:

@@ -19,7 +19,7 @@ def init_affine_stack(model, first, in_dim, hidden_dims, num_classes, weight_sca
         if use_batchnorm and i < len(hidden_dims):
             model.params[f"gamma{idx}"] = np.ones(d_out, dtype=model.dtype)
             model.params[f"beta{idx}"] = np.zeros(d_out, dtype=model.dtype)
-            model.bn_params.append({"mode": "train"})
+            model.add_bn_param(d_out)
 
 
 def affine_stack_forward(model, x, first, num_hidden, bn_offset):

@@ -46,6 +46,12 @@ class Model:
         self.bn_params = []
         self.dropout_param = None
 
+    def add_bn_param(self, channels):
+        """Append the state of one batchnorm layer over `channels` channels to bn_params."""
+        self.bn_params.append({"mode": "train",
+                               "running_mean": np.zeros(channels, dtype=self.dtype),
+                               "running_var": np.ones(channels, dtype=self.dtype)})
+
     @property
     def bn_comm(self):
         """The communicator batchnorm layers reduce over (None: local statistics)."""

@@ -53,7 +53,8 @@ class ThreeLayerConvNet(Model):
                 "gamma1": np.ones(f, dtype=dt), "beta1": np.zeros(f, dtype=dt),
                 "gamma2": np.ones(hidden_dim, dtype=dt), "beta2": np.zeros(hidden_dim, dtype=dt),
             })
-            self.bn_params = [{"mode": "train"}, {"mode": "train"}]
+            self.add_bn_param(f)
+            self.add_bn_param(hidden_dim)
 
     def _check_input(self, X):
         if np.ndim(X) != 4 or tuple(np.shape(X)[1:]) != self.input_dim:

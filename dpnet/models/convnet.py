@@ -54,7 +54,7 @@ class ConvNet(Model):
                 if use_batchnorm:
                     self.params[f"gamma{idx}"] = np.ones(f, dtype=self.dtype)
                     self.params[f"beta{idx}"] = np.zeros(f, dtype=self.dtype)
-                    self.bn_params.append({"mode": "train"})
+                    self.add_bn_param(f)
                 last = j == len(stage) - 1
                 self.pool_after.append(last)
                 if last:

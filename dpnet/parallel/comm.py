@@ -1,0 +1,132 @@
+"""Communicators: one small interface, three implementations.
+
+Every communicator has `rank`, `size` and these collectives, all on NumPy arrays
+(buffer-based, no pickling) except `bcast_obj`, which is for small metadata:
+
+- allreduce(array, op="sum") -> array   reduces in place over ranks ("sum", "min", "max")
+- allgather(array) -> (size, *array.shape) array of every rank's array, in rank order
+- bcast(array, root=0) -> array          overwrites array with root's, in place
+- bcast_obj(obj, root=0) -> obj           pickled broadcast of a small object
+- barrier()
+- abort(code)                             ends every rank of the job at once
+
+SerialComm is the world of one process; MPIComm wraps an mpi4py communicator;
+SimComm (dpnet.parallel.simcomm) runs N logical ranks as threads of one process.
+"""
+
+import os
+
+import numpy as np
+
+# Environment variables that MPI launchers (MPICH/Intel hydra, Open MPI, PMIx, SLURM srun) set per rank.
+LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+REDUCE_OPS = ("sum", "min", "max")
+
+
+def _check_op(op):
+    if op not in REDUCE_OPS:
+        raise ValueError(f"op must be one of {REDUCE_OPS}, got {op!r}")
+
+
+class SerialComm:
+    """The communicator of a single process: every collective is the identity."""
+
+    rank = 0
+    size = 1
+
+    def allreduce(self, array, op="sum"):
+        _check_op(op)
+        return array
+
+    def allgather(self, array):
+        return np.asarray(array)[None].copy()
+
+    def bcast(self, array, root=0):
+        return array
+
+    def bcast_obj(self, obj, root=0):
+        return obj
+
+    def barrier(self):
+        pass
+
+    def abort(self, code=1):
+        os._exit(code)
+
+    def __repr__(self):
+        return "SerialComm()"
+
+
+class MPIComm:
+    """dpnet's interface over an mpi4py communicator (default: COMM_WORLD)."""
+
+    def __init__(self, mpi_comm=None):
+        MPI = import_mpi()
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self._ops = {"sum": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}
+
+    def allreduce(self, array, op="sum"):
+        _check_op(op)
+        if not array.flags.c_contiguous:
+            raise ValueError("allreduce needs a C-contiguous array (it reduces in place)")
+        self.comm.Allreduce(self.MPI.IN_PLACE, array, op=self._ops[op])
+        return array
+
+    def allgather(self, array):
+        array = np.ascontiguousarray(array)
+        out = np.empty((self.size,) + array.shape, dtype=array.dtype)
+        self.comm.Allgather(array, out)
+        return out
+
+    def bcast(self, array, root=0):
+        if not array.flags.c_contiguous:
+            raise ValueError("bcast needs a C-contiguous array (it broadcasts in place)")
+        self.comm.Bcast(array, root=root)
+        return array
+
+    def bcast_obj(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, code=1):
+        self.comm.Abort(code)
+
+    def __repr__(self):
+        return f"MPIComm(rank={self.rank}, size={self.size})"
+
+
+def import_mpi():
+    """Import mpi4py.MPI, or explain how to install it."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ImportError(
+            "dpnet needs mpi4py to run under an MPI launcher: `pip install mpi4py mpich` installs "
+            "both with a bundled MPICH; on a cluster, build mpi4py against the system MPI with "
+            "`env MPICC=$(which mpicc) pip install --no-binary mpi4py mpi4py` "
+            f"(import failed: {exc})"
+        ) from exc
+    return MPI
+
+
+def launched_by_mpi(environ=None):
+    """True when an MPI launcher (mpirun/mpiexec/srun) started this process."""
+    environ = os.environ if environ is None else environ
+    return any(name in environ for name in LAUNCHER_SIZE_VARIABLES)
+
+
+def get_comm():
+    """The MPI world when launched by mpirun/mpiexec/srun, else a SerialComm.
+
+    A plain `python ...` never initialises MPI, so single-process runs and most tests
+    need no launcher.
+    """
+    if launched_by_mpi():
+        return MPIComm()
+    return SerialComm()

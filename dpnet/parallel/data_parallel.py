@@ -1,0 +1,128 @@
+"""DataParallel: every rank computes the gradient of the global batch from its shard.
+
+Randomness policy: whatever must agree across ranks (initial weights, the shuffling
+order) comes from shared seeds, and the initial parameters and batchnorm statistics
+are broadcast from rank 0 anyway; whatever must differ per rank (dropout masks,
+augmentation) comes from generators seeded with (seed, rank).
+"""
+
+import numpy as np
+
+from ..flat import FlatParams
+
+
+class ParameterDriftError(RuntimeError):
+    """Ranks that should hold identical parameters do not."""
+
+
+def checksum(array):
+    """A uint64 digest of the bytes of a float array (sum of its 32-bit words, mod 2**64)."""
+    words = np.ascontiguousarray(array).reshape(-1).view(np.uint32)
+    return np.add.reduce(words, dtype=np.uint64)
+
+
+class DataParallel:
+    """Wraps a dpnet model for data-parallel training over `comm`.
+
+        dp = DataParallel(model, comm)         # broadcasts rank 0's parameters
+        loss, grads = dp.loss(X_shard, y_shard)  # global-batch loss and gradients
+        dp.step(update_rule, config)           # one fused update on every rank
+
+    The global-batch gradient is sum_r (n_r / N) g_r, exact for unequal and empty
+    shards: each rank averages its shard's loss over the global count N (so batchnorm
+    backward receives the global loss's gradient), and one Allreduce sums the packed
+    gradients and losses; the L2 term is added once, after the reduction. With
+    bn_mode 'sync' the model's batchnorm layers reduce over `comm`.
+
+    Inputs:
+    - model: a dpnet.models.Model; its params are rebound to views of one flat buffer
+    - comm: a dpnet.parallel communicator
+    - seed: seeds per-rank dropout streams, as (seed, rank)
+    - check_every: verify every k steps that all ranks hold identical parameters
+      (0: never); a drift raises ParameterDriftError naming the step and ranks
+    """
+
+    def __init__(self, model, comm, seed=0, check_every=0):
+        self.model = model
+        self.comm = comm
+        self.check_every = check_every
+        self.steps = 0
+        if model.bn_mode == "sync":
+            model.comm = comm
+        if model.dropout_param is not None:
+            model.dropout_param["rng"] = np.random.default_rng([seed, comm.rank])
+        self.flat = FlatParams(model.params, extra=1)
+        self.broadcast_state()
+
+    @property
+    def grads(self):
+        """The last reduced gradients, by parameter name (views of the fused buffer)."""
+        return self.flat.grads
+
+    def _bn_state(self):
+        return [bn[key] for bn in self.model.bn_params for key in ("running_mean", "running_var")]
+
+    def broadcast_state(self, root=0):
+        """Make every rank's parameters and batchnorm statistics equal to root's."""
+        self.comm.bcast(self.flat.data, root)
+        for array in self._bn_state():
+            self.comm.bcast(array, root)
+
+    def loss(self, X, y, global_batch_size=None):
+        """Loss and gradients of the global batch formed by every rank's (X, y) shard.
+
+        Inputs:
+        - X, y: this rank's shard (any length, 0 included)
+        - global_batch_size: the total number of examples over all ranks when the caller
+          knows it (saves one small reduction); it must be the same on every rank
+
+        Returns (loss, grads): identical on every rank; grads are views of the fused buffer.
+        """
+        total = global_batch_size
+        if total is None:
+            total = int(self.comm.allreduce(np.array([len(X)], dtype=np.int64))[0])
+        if total < 1:
+            raise ValueError("the global batch is empty: every rank passed an empty shard")
+        data_loss, grads = self.model.data_loss(X, y, batch_size=total)
+        buffer = self.flat.buffer
+        self.flat.pack_grads(grads)
+        buffer[-1] = data_loss
+        self.comm.allreduce(buffer)
+        loss = float(buffer[-1]) + self.model.add_regularization(self.flat.grads)
+        self.steps += 1
+        if self.check_every and self.steps % self.check_every == 0:
+            self.check_consistency()
+        return loss, self.flat.grads
+
+    def step(self, update_rule, config):
+        """Apply update_rule once to the flat parameters with the last reduced gradients."""
+        update_rule(self.flat.data, self.flat.grad, config)
+        return config
+
+    def average_running_stats(self):
+        """Average local-mode batchnorm running statistics over ranks, so every rank
+        evaluates and saves the same model (sync mode: already identical, untouched)."""
+        state = self._bn_state()
+        if self.model.bn_mode == "sync" or not state or self.comm.size == 1:
+            return
+        packed = np.concatenate(state)
+        self.comm.allreduce(packed)
+        packed /= self.comm.size
+        offset = 0
+        for array in state:
+            array[...] = packed[offset:offset + array.size]
+            offset += array.size
+
+    def check_consistency(self, step=None):
+        """Raise ParameterDriftError unless every rank holds bit-identical parameters
+        (and, in sync mode, batchnorm statistics)."""
+        step = self.steps if step is None else step
+        parts = [self.flat.data] + (self._bn_state() if self.model.bn_mode == "sync" else [])
+        digest = np.array([checksum(a) for a in parts], dtype=np.uint64)
+        digests = self.comm.allgather(digest)
+        drifted = [r for r in range(self.comm.size) if not np.array_equal(digests[r], digests[0])]
+        if drifted:
+            raise ParameterDriftError(
+                f"at step {step} the parameters of rank(s) {drifted} differ from rank 0's "
+                f"(checksums {[int(d[0]) for d in digests]})"
+            )
