@@ -16,8 +16,7 @@ def affine_forward(x, w, b):
     Returns (out, cache): out is (N, M).
     """
     require_ndim("w", w, 2, "(D, M)")
-    n = x.shape[0]
-    x2 = x.reshape(n, -1)  # (N, D)
+    x2 = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))  # (N, D); explicit D so N = 0 works
     if x2.shape[1] != w.shape[0]:
         raise ValueError(
             f"x flattens to {x2.shape[1]} features per example but w has shape {w.shape}: "
@@ -41,7 +40,7 @@ def affine_backward(dout, cache, compute_dx=True):
     Returns (dx, dw, db) with the shapes of x, w and b.
     """
     x, w = cache
-    x2 = x.reshape(x.shape[0], -1)  # (N, D)
+    x2 = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))  # (N, D)
     dw = x2.T @ dout  # (D, M)
     db = dout.sum(axis=0)  # (M,)
     dx = (dout @ w.T).reshape(x.shape) if compute_dx else None

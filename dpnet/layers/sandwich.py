@@ -1,10 +1,17 @@
 """Common layer sequences ("sandwich" layers), each a forward/backward pair.
 
+A bias added just before a batchnorm cannot change its output (the batch mean is
+subtracted), so its true gradient is exactly zero; the *_bn_* backward passes return
+exact zeros for it instead of the rounding noise the chain rule would produce, which
+an optimizer like Adam (which normalises step sizes) would otherwise turn into motion.
+
 Max pooling is applied before the ReLU: the two commute (ReLU is monotone), so the
 output is the same, and the ReLU then touches a quarter of the elements. Its
 gradient also equals the homework order's, except inside windows whose maximum is
 tied, where the pooled gradient goes to the first maximal element either way.
 """
+
+import numpy as np
 
 from .activations import relu_backward, relu_forward
 from .affine import affine_backward, affine_forward
@@ -40,7 +47,7 @@ def affine_bn_relu_backward(dout, cache, compute_dx=True):
     fc_cache, bn_cache, relu_cache = cache
     da, dgamma, dbeta = batchnorm_backward(relu_backward(dout, relu_cache), bn_cache)
     dx, dw, db = affine_backward(da, fc_cache, compute_dx)
-    return dx, dw, db, dgamma, dbeta
+    return dx, dw, np.zeros_like(db), dgamma, dbeta
 
 
 def conv_relu_forward(x, w, b, conv_param):
@@ -84,7 +91,7 @@ def conv_bn_relu_backward(dout, cache, compute_dx=True):
     conv_cache, bn_cache, relu_cache = cache
     da, dgamma, dbeta = spatial_batchnorm_backward(relu_backward(dout, relu_cache), bn_cache)
     dx, dw, db = conv_backward(da, conv_cache, compute_dx)
-    return dx, dw, db, dgamma, dbeta
+    return dx, dw, np.zeros_like(db), dgamma, dbeta
 
 
 def conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, pool_param, comm=None):
@@ -102,4 +109,4 @@ def conv_bn_relu_pool_backward(dout, cache, compute_dx=True):
     da = max_pool_backward(relu_backward(dout, relu_cache), pool_cache)
     da, dgamma, dbeta = spatial_batchnorm_backward(da, bn_cache)
     dx, dw, db = conv_backward(da, conv_cache, compute_dx)
-    return dx, dw, db, dgamma, dbeta
+    return dx, dw, np.zeros_like(db), dgamma, dbeta

@@ -1,0 +1,72 @@
+import os
+import sys
+
+# the case modules shared by the serial and MPI suites live beside the tests
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+# ---------------------------------------------------------------- layer-test helpers
+# (used by test_layers.py, test_conv_pool.py and test_batchnorm.py)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from dpnet.gradient_check import eval_numerical_gradient_array, rel_error  # noqa: E402
+
+# Largest relative error (dpnet.gradient_check.rel_error) accepted between an analytic
+# gradient and its centred-difference estimate, in float64.
+GRAD_TOL = 1e-6
+# Largest absolute value accepted for a gradient that is exactly zero in theory (rel_error
+# is meaningless there: it compares rounding noise with rounding noise).
+ZERO_GRAD_ATOL = 1e-8
+
+
+def check_layer_gradients(forward, backward, args, wrt, seed=0, tol=GRAD_TOL, vanishing=()):
+    """Check a layer's backward pass against numerical gradients.
+
+    - forward: called as forward(*args.values()), returns (out, cache)
+    - backward: called as backward(dout, cache), returns the gradients with respect to
+      the arguments named in `wrt`, in that order (a bare array if there is one)
+    - args: dict of the forward arguments, in call order; the float64 arrays named in
+      `wrt` are perturbed in place (and restored) by the numerical gradient
+    - vanishing: names in `wrt` whose gradient is identically zero (a bias feeding a
+      batchnorm); both the analytic and numerical gradient must be within ZERO_GRAD_ATOL of 0
+    - seed: picks the fixed random upstream gradient dout; the checked scalar is
+      sum(out * dout)
+
+    Returns {name: relative error} after asserting each is <= tol.
+    """
+    out, cache = forward(*args.values())
+    # a seed sequence no test uses for its inputs: an upstream gradient equal to the noise
+    # that made x would, e.g., make batchnorm's dx vanish and the relative error meaningless
+    dout = np.random.default_rng([seed, 0xD0]).standard_normal(out.shape)
+    grads = backward(dout, cache)
+    if not isinstance(grads, tuple):
+        grads = (grads,)
+    assert len(grads) == len(wrt), f"backward returned {len(grads)} gradients, expected {wrt}"
+    errors = {}
+    for name, grad in zip(wrt, grads):
+        assert grad.shape == args[name].shape, f"d{name} has shape {grad.shape}"
+        numerical = eval_numerical_gradient_array(
+            lambda _: forward(*args.values())[0], args[name], dout
+        )
+        if name in vanishing:
+            largest = max(np.max(np.abs(grad)), np.max(np.abs(numerical)))
+            assert largest <= ZERO_GRAD_ATOL, f"d{name} should vanish, has entries of {largest:.1e}"
+            continue
+        errors[name] = rel_error(numerical, grad)
+    bad = {name: err for name, err in errors.items() if not err <= tol}
+    assert not bad, f"relative gradient errors above {tol}: {bad}"
+    return errors
+
+
+@pytest.fixture
+def check_gradients():
+    """The check_layer_gradients helper, as a fixture for the layer test modules."""
+    return check_layer_gradients
+
+
+@pytest.fixture
+def rng():
+    """A fresh, fixed-seed Generator per test."""
+    return np.random.default_rng(1234)

@@ -1,0 +1,181 @@
+"""The multi-rank consistency cases, each a function of a communicator.
+
+They run under SimComm in the serial suite (tests/test_parallel_consistency.py) and
+under `mpirun -n 2|4` with pytest-mpi (tests/mpi/). Every rank computes the
+one-process reference itself from the same seeded data, so a case needs no
+communication beyond what it tests. Each case includes a negative control.
+"""
+
+import numpy as np
+
+from dpnet.models import ConvNet, ThreeLayerConvNet
+from dpnet.optim import adam
+from dpnet.parallel import DataParallel, ParameterDriftError, shard_bounds
+
+INPUT = (3, 8, 8)
+
+
+def make_model(kind, bn_mode="sync", seed=0, dtype=np.float64):
+    if kind == "threelayer":
+        return ThreeLayerConvNet(input_dim=INPUT, num_filters=4, filter_size=3, hidden_dim=6,
+                                 weight_scale=0.1, reg=0.05, dtype=dtype, use_batchnorm=True,
+                                 bn_mode=bn_mode, seed=seed)
+    return ConvNet(input_dim=INPUT, stages=((4,), (5,)), hidden_dims=(6,), reg=0.05, dtype=dtype,
+                   bn_mode=bn_mode, seed=seed)
+
+
+def make_batch(n, seed=1):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n,) + INPUT) * 2 + 0.5
+    return X, rng.integers(0, 10, n)
+
+
+def grad_errors(grads, ref):
+    """Per parameter: max |g - ref| over the scale of ref's largest entry; a bias that feeds a
+    batchnorm (true gradient 0, pure rounding noise), or a gradient that is exactly zero, is scaled
+    by the largest entry of any gradient."""
+    overall = max(np.abs(r).max() for r in ref.values())
+    assert overall > 0, "every reference gradient is zero: the comparison would be empty"
+    errors = {}
+    for name, r in ref.items():
+        feeds_bn = name.startswith("b") and f"gamma{name[1:]}" in ref
+        own = np.abs(r).max()
+        scale = overall if feeds_bn or own == 0 else own
+        errors[name] = float(np.abs(grads[name] - r).max() / scale)
+    return errors
+
+
+def copies(grads):
+    return {k: np.array(v, copy=True) for k, v in grads.items()}
+
+
+def dp_grads(comm, kind, bn_mode, X, y, bounds=None, seed=None):
+    """Gradients from DataParallel with rank r taking X[bounds[r]] (default: even shards)."""
+    model = make_model(kind, bn_mode, seed=comm.rank if seed is None else seed)
+    dp = DataParallel(model, comm)
+    lo, hi = bounds[comm.rank] if bounds else shard_bounds(len(X), comm.size, comm.rank)
+    loss, grads = dp.loss(X[lo:hi], y[lo:hi])
+    return loss, copies(grads)
+
+
+def case_sync_equals_full_batch(comm, kind):
+    """1. sync BN: N-rank gradients == one-process full batch to 1e-10; local BN differs."""
+    X, y = make_batch(12)
+    ref_loss, ref = make_model(kind, "sync").loss(X, y)
+    loss, grads = dp_grads(comm, kind, "sync", X, y)
+    errors = grad_errors(grads, ref)
+    assert max(errors.values()) <= 1e-10, errors
+    assert abs(loss - ref_loss) <= 1e-12 * abs(ref_loss)
+    if comm.size > 1:  # control: per-rank statistics are not the global batch's
+        _, local = dp_grads(comm, kind, "local", X, y)
+        assert max(grad_errors(local, ref).values()) > 1e-3
+    return loss, grads
+
+
+def case_local_equals_weighted_shards(comm, kind):
+    """2. local BN: N-rank gradients == count-weighted mean of per-shard one-process gradients."""
+    X, y = make_batch(11)
+    model = make_model(kind, "local")
+    ref = {k: np.zeros_like(v) for k, v in model.params.items()}
+    for r in range(comm.size):
+        lo, hi = shard_bounds(len(X), comm.size, r)
+        if hi > lo:
+            _, g = model.data_loss(X[lo:hi], y[lo:hi])
+            for k in ref:
+                ref[k] += (hi - lo) / len(X) * g[k]
+    model.add_regularization(ref)
+    _, grads = dp_grads(comm, kind, "local", X, y)
+    errors = grad_errors(grads, ref)
+    assert max(errors.values()) <= 1e-10, errors
+    _, full = make_model(kind, "local").loss(X, y)  # control: not the full-batch gradient
+    assert max(grad_errors(full, ref).values()) > 1e-3
+    return grads
+
+
+def case_unequal_and_empty_shards(comm, kind):
+    """3. unequal and empty shards stay exact: global batches of 2 * size + 2 and size - 1
+    (10 and 3 over 4 ranks), and a caller's own lopsided split."""
+    for n in (2 * comm.size + 2, max(comm.size - 1, 1)):
+        X, y = make_batch(n)
+        _, ref = make_model(kind, "sync").loss(X, y)
+        _, grads = dp_grads(comm, kind, "sync", X, y)
+        assert max(grad_errors(grads, ref).values()) <= 1e-10, (n, grad_errors(grads, ref))
+    X, y = make_batch(9)
+    _, ref = make_model(kind, "sync").loss(X, y)
+    cuts = [0] + [min(9, 5 + 2 * r) for r in range(comm.size - 1)] + [9]  # rank 0 takes 5
+    bounds = list(zip(cuts[:-1], cuts[1:]))
+    _, grads = dp_grads(comm, kind, "sync", X, y, bounds=bounds)
+    assert max(grad_errors(grads, ref).values()) <= 1e-10
+    # control: the mean of per-rank means is not the global gradient for unequal shards
+    wrong = {k: np.zeros_like(v) for k, v in ref.items()}
+    model = make_model(kind, "sync")
+    nonempty = [(lo, hi) for lo, hi in bounds if hi > lo]
+    for lo, hi in nonempty:
+        _, g = model.data_loss(X[lo:hi], y[lo:hi])
+        for k in wrong:
+            wrong[k] += g[k] / len(nonempty)
+    model.add_regularization(wrong)
+    if len(nonempty) > 1:
+        assert max(grad_errors(wrong, ref).values()) > 1e-3
+
+
+def train_steps(comm, kind, bn_mode, steps=5, batch=10):
+    """Run `steps` Adam steps on even shards of fresh batches; return the flat parameters."""
+    model = make_model(kind, bn_mode, seed=comm.rank)
+    dp = DataParallel(model, comm, check_every=1)
+    config = {"learning_rate": 1e-2}
+    for step in range(steps):
+        X, y = make_batch(batch, seed=100 + step)
+        lo, hi = shard_bounds(batch, comm.size, comm.rank)
+        dp.loss(X[lo:hi], y[lo:hi])
+        dp.step(adam, config)
+    return dp.flat.data.copy()
+
+
+def one_process_trajectory(kind, bn_mode, steps=5, batch=10):
+    model = make_model(kind, bn_mode)
+    from dpnet.flat import FlatParams
+    flat = FlatParams(model.params)
+    config = {"learning_rate": 1e-2}
+    for step in range(steps):
+        X, y = make_batch(batch, seed=100 + step)
+        _, grads = model.loss(X, y)
+        adam(flat.data, flat.pack_grads(grads), config)
+    return flat.data.copy()
+
+
+def case_adam_trajectory(comm, kind):
+    """4. after 5 Adam steps parameters are bit-identical across ranks and equal the
+    one-process trajectory to 1e-9; with local BN they leave it (control)."""
+    params = train_steps(comm, kind, "sync")
+    everyone = comm.allgather(params)
+    assert all(np.array_equal(everyone[0], p) for p in everyone)
+    ref = one_process_trajectory(kind, "sync")
+    assert np.abs(params - ref).max() <= 1e-9 * np.abs(ref).max()
+    if comm.size > 1:
+        local = train_steps(comm, kind, "local")
+        assert np.abs(local - ref).max() > 1e-6 * np.abs(ref).max()
+    return params
+
+
+def case_broadcast_and_drift_check(comm, kind):
+    """6. broadcast at start makes differently seeded ranks identical; the consistency
+    check catches one perturbed rank and names it."""
+    model = make_model(kind, "sync", seed=comm.rank)
+    before = comm.allgather(model.params["W1"].reshape(-1).copy())
+    if comm.size > 1:  # control: the seeds really differ before the broadcast
+        assert not np.array_equal(before[0], before[1])
+    dp = DataParallel(model, comm)
+    after = comm.allgather(model.params["W1"].reshape(-1).copy())
+    assert all(np.array_equal(after[0], a) for a in after)
+    dp.check_consistency(step=0)  # identical: no error
+    if comm.size > 1:
+        if comm.rank == comm.size - 1:
+            w = model.params["W1"].reshape(-1)
+            w[0] = np.nextafter(w[0], np.inf)  # one ulp
+        try:
+            dp.check_consistency(step=7)
+        except ParameterDriftError as exc:
+            assert "step 7" in str(exc) and f"[{comm.size - 1}]" in str(exc), str(exc)
+        else:
+            raise AssertionError("a perturbed rank was not detected")

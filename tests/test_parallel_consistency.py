@@ -1,0 +1,48 @@
+"""The multi-rank consistency suite under SimComm (N logical ranks in this process).
+The same cases run under mpirun in tests/mpi/test_consistency_mpi.py."""
+
+import pytest
+
+import parallel_cases as cases
+from dpnet.parallel import SimComm
+
+SIZES = [2, 4]
+KINDS = ["threelayer", "convnet"]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_sync_bn_equals_full_batch(size, kind):
+    SimComm(size).run(cases.case_sync_equals_full_batch, kind)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_local_bn_equals_weighted_shards(size, kind):
+    SimComm(size).run(cases.case_local_equals_weighted_shards, kind)
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+@pytest.mark.parametrize("kind", KINDS)
+def test_unequal_and_empty_shards(size, kind):
+    SimComm(size).run(cases.case_unequal_and_empty_shards, kind)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_adam_trajectory(size, kind):
+    SimComm(size).run(cases.case_adam_trajectory, kind)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_broadcast_and_drift_check(size):
+    SimComm(size).run(cases.case_broadcast_and_drift_check, "threelayer")
+
+
+def test_one_rank_is_the_serial_model():
+    """SimComm(1) and sync BN at one rank give exactly the plain model's results."""
+    loss, grads = SimComm(1).run(cases.case_sync_equals_full_batch, "convnet")[0]
+    X, y = cases.make_batch(12)
+    ref_loss, ref = cases.make_model("convnet", "sync").loss(X, y)
+    assert loss == ref_loss
+    assert all((grads[k] == ref[k]).all() for k in ref)
