@@ -32,9 +32,11 @@ def require_labels(y, num_samples, num_classes):
     y = np.asarray(y)
     if y.ndim != 1 or y.shape[0] != num_samples:
         raise ValueError(f"y must have shape ({num_samples},) to match x, got {y.shape}")
-    if y.size and not np.issubdtype(y.dtype, np.integer):
+    if y.size == 0:
+        return y.astype(np.intp)  # an empty list arrives as float64
+    if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
+    if y.min() < 0 or y.max() >= num_classes:
         bad = y[(y < 0) | (y >= num_classes)][0]
         raise ValueError(f"y holds label {bad}, expected labels in [0, {num_classes})")
     return y

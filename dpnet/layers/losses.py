@@ -7,6 +7,8 @@ from ._validate import require_labels, require_ndim
 
 def _normalizer(batch_size, n):
     if batch_size is None:
+        if n == 0:
+            raise ValueError("x has no rows: pass batch_size (the global batch) to average an empty shard over")
         return n
     if batch_size < n or batch_size < 1:
         raise ValueError(f"batch_size must be at least len(x) = {n} and positive, got {batch_size}")
