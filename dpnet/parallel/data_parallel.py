@@ -6,6 +6,8 @@ are broadcast from rank 0 anyway; whatever must differ per rank (dropout masks,
 augmentation) comes from generators seeded with (seed, rank).
 """
 
+import time
+
 import numpy as np
 
 from ..flat import FlatParams
@@ -47,6 +49,7 @@ class DataParallel:
         self.comm = comm
         self.check_every = check_every
         self.steps = 0
+        self.comm_seconds = 0.0  # wall time spent in the gradient reduction
         if model.bn_mode == "sync":
             model.comm = comm
         if model.dropout_param is not None:
@@ -87,7 +90,9 @@ class DataParallel:
         buffer = self.flat.buffer
         self.flat.pack_grads(grads)
         buffer[-1] = data_loss
+        start = time.perf_counter()
         self.comm.allreduce(buffer)
+        self.comm_seconds += time.perf_counter() - start
         loss = float(buffer[-1]) + self.model.add_regularization(self.flat.grads)
         self.steps += 1
         if self.check_every and self.steps % self.check_every == 0:

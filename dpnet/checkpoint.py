@@ -1,0 +1,97 @@
+"""HDF5 checkpoints, written atomically: a temporary file beside the target is written,
+flushed and fsynced, then renamed over it, so a crash at any moment leaves the previous
+checkpoint whole.
+
+Layout: group `params` (one dataset per model.params entry), group `optimizer`
+(the update rule's state arrays as datasets, its scalars as attributes), group
+`batchnorm` (bn<i>/running_mean, bn<i>/running_var), and file attributes epoch,
+step, world_size, dpnet_version, config (JSON).
+"""
+
+import json
+import os
+
+import numpy as np
+
+from . import __version__
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, truncated or does not fit the model."""
+
+
+def save_checkpoint(path, model, optim_config, epoch, step, config, world_size):
+    import h5py
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with h5py.File(tmp, "w") as f:
+            params = f.create_group("params")
+            for name, value in model.params.items():
+                params.create_dataset(name, data=value)
+            opt = f.create_group("optimizer")
+            for key, value in optim_config.items():
+                if key.startswith("_"):
+                    continue  # scratch space, not state
+                if isinstance(value, np.ndarray):
+                    opt.create_dataset(key, data=value)
+                else:
+                    opt.attrs[key] = value
+            bn = f.create_group("batchnorm")
+            for i, bn_param in enumerate(model.bn_params):
+                g = bn.create_group(f"bn{i}")
+                g.create_dataset("running_mean", data=bn_param["running_mean"])
+                g.create_dataset("running_var", data=bn_param["running_var"])
+            f.attrs.update({"epoch": epoch, "step": step, "world_size": world_size,
+                            "dpnet_version": __version__, "config": json.dumps(config)})
+            f.flush()
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, model):
+    """Load params and batchnorm statistics into `model` (in place) and return
+    (optim_config, attrs) where attrs has epoch, step, world_size, dpnet_version, config."""
+    import h5py
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("params", "optimizer", "batchnorm") if k not in f]
+            if missing:
+                raise CheckpointError(f"{path}: not a dpnet checkpoint (missing groups {missing})")
+            stored = set(f["params"])
+            if stored != set(model.params):
+                raise CheckpointError(
+                    f"{path}: parameters {sorted(stored)} do not match the model's {sorted(model.params)}")
+            for name, value in model.params.items():
+                data = f["params"][name]
+                if data.shape != value.shape:
+                    raise CheckpointError(f"{path}: parameter {name} has shape {data.shape}, "
+                                          f"the model expects {value.shape}")
+                value[...] = data[()]
+            if len(f["batchnorm"]) != len(model.bn_params):
+                raise CheckpointError(f"{path}: {len(f['batchnorm'])} batchnorm layers, the model has "
+                                      f"{len(model.bn_params)}")
+            for i, bn_param in enumerate(model.bn_params):
+                for key in ("running_mean", "running_var"):
+                    bn_param[key][...] = f["batchnorm"][f"bn{i}"][key][()]
+            optim_config = {k: v[()] for k, v in f["optimizer"].items()}
+            optim_config.update({k: v.item() if hasattr(v, "item") else v
+                                 for k, v in f["optimizer"].attrs.items()})
+            attrs = {k: f.attrs[k] for k in ("epoch", "step", "world_size", "dpnet_version", "config")}
+    except CheckpointError:
+        raise
+    except Exception as exc:  # h5py raises OSError/KeyError/... for corrupt or truncated files
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    attrs["config"] = json.loads(attrs["config"])
+    attrs["epoch"], attrs["step"], attrs["world_size"] = (int(attrs["epoch"]), int(attrs["step"]),
+                                                          int(attrs["world_size"]))
+    return optim_config, attrs

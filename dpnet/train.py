@@ -1,0 +1,376 @@
+"""`python -m dpnet.train`: data-parallel training of a dpnet CNN on CIFAR-10.
+
+    mpirun -n 4 python -m dpnet.train          # the main job, 4 ranks
+    python -m dpnet.train                      # one process (debugging), same code path
+    python -m dpnet.train --simulate-ranks 4   # 4 logical ranks in one process
+
+Behaviour lives in TrainConfig and train(config, comm); the command line is a thin
+layer over them (`--help` lists every option; a TOML --config file takes the same keys).
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from . import __version__
+from .augment import random_crop_flip
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .data import DataError, load_cifar10, make_synthetic
+from .models import ConvNet, ThreeLayerConvNet
+from .optim import get_update_rule
+from .parallel import DataParallel, SimComm, get_comm, shard_bounds, shard_indices, steps_per_epoch
+
+OPTIMIZERS = {"sgd": "sgd", "momentum": "sgd_momentum", "nesterov": "sgd_nesterov_momentum",
+              "rmsprop": "rmsprop", "adam": "adam"}
+DATA_ENV = "DPNET_DATA"
+
+
+def default_data_places():
+    """Where a data set is looked for when --data is not given, in order."""
+    places = []
+    if os.environ.get(DATA_ENV):
+        places.append(os.environ[DATA_ENV])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    places.append(os.path.join(cache, "dpnet", "cifar-10-batches-py"))
+    return places
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run (the command-line flags, with - for _)."""
+    data: Optional[str] = None  # cifar-10-batches-py folder; default: see default_data_places()
+    model: str = "threelayer"  # threelayer | convnet
+    bn_mode: str = "sync"  # none | local | sync
+    epochs: Optional[int] = None  # total epochs; default 10 on CIFAR-10, 3 on synthetic data
+    max_steps: Optional[int] = None  # stop after this many optimizer steps in all
+    batch_size: int = 128  # global, over all ranks
+    val_size: int = 1000
+    lr: float = 1e-3
+    lr_decay: float = 1.0  # multiply the rate by this after every epoch (step schedule)
+    lr_schedule: str = "cosine"  # cosine | step
+    optimizer: str = "adam"
+    reg: float = 1e-3
+    hidden_dim: int = 500
+    seed: int = 0
+    dtype: str = "float32"
+    augment: bool = False
+    threads: Optional[int] = None  # BLAS threads per rank; default: cores / ranks on this node
+    checkpoint: str = "dpnet_run/checkpoint.h5"
+    resume: Optional[str] = None
+    metrics: str = "dpnet_run/metrics.jsonl"
+    simulate_ranks: Optional[int] = None
+    check_every: int = 50  # parameter-consistency check period in steps (0: never)
+    progress: bool = True
+
+
+class ConfigError(ValueError):
+    """An option has an impossible value."""
+
+
+CHOICES = {"model": ("threelayer", "convnet"), "bn_mode": ("none", "local", "sync"),
+           "lr_schedule": ("cosine", "step"), "optimizer": tuple(OPTIMIZERS),
+           "dtype": ("float32", "float64")}
+
+
+def validate(config, world_size):
+    """Raise ConfigError naming the first impossible option."""
+    for key, allowed in CHOICES.items():
+        if getattr(config, key) not in allowed:
+            raise ConfigError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                              f"got {getattr(config, key)!r}")
+    positive = {"batch_size": config.batch_size, "epochs": config.epochs, "max_steps": config.max_steps,
+                "threads": config.threads, "simulate_ranks": config.simulate_ranks,
+                "hidden_dim": config.hidden_dim}
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    if not config.lr > 0:
+        raise ConfigError(f"--lr must be positive, got {config.lr}")
+    if not config.lr_decay > 0:
+        raise ConfigError(f"--lr-decay must be positive, got {config.lr_decay}")
+    if config.reg < 0 or config.val_size < 0 or config.check_every < 0:
+        raise ConfigError("--reg, --val-size and --check-every must not be negative")
+    if config.batch_size < world_size:
+        raise ConfigError(f"--batch-size {config.batch_size} is smaller than the {world_size} ranks: "
+                          "every rank needs at least one example per step")
+
+
+def load_data(config):
+    """(data dict, description, synthetic?) for the run."""
+    if config.data:
+        return load_cifar10(config.data), f"CIFAR-10 from {config.data}", False
+    for place in default_data_places():
+        if os.path.isdir(place):
+            return load_cifar10(place), f"CIFAR-10 from {place}", False
+    return make_synthetic(seed=config.seed), "SYNTHETIC data (no CIFAR-10 found)", True
+
+
+def split_train_val(data, val_size, seed):
+    """Take val_size examples of the training files (a seeded choice) for validation."""
+    n = len(data["x_train"])
+    if val_size >= n:
+        raise ConfigError(f"--val-size {val_size} leaves no training examples out of {n}")
+    order = np.random.default_rng([seed, 2**31]).permutation(n)
+    val, train = np.sort(order[:val_size]), np.sort(order[val_size:])
+    return (data["x_train"][train], data["y_train"][train]), (data["x_train"][val], data["y_train"][val])
+
+
+def channel_stats(x, chunk=1024):
+    """Per-channel mean and std of uint8 images (N, C, H, W), in float64, chunk by chunk."""
+    total = np.zeros(x.shape[1])
+    squares = np.zeros(x.shape[1])
+    for i in range(0, len(x), chunk):
+        part = x[i:i + chunk].astype(np.float64)
+        total += part.sum(axis=(0, 2, 3))
+        squares += np.square(part).sum(axis=(0, 2, 3))
+    count = len(x) * x.shape[2] * x.shape[3]
+    mean = total / count
+    return mean, np.sqrt(np.maximum(squares / count - mean ** 2, 1e-12))
+
+
+def build_model(config, comm):
+    dtype = np.dtype(config.dtype)
+    use_bn = config.bn_mode != "none"
+    bn_mode = config.bn_mode if use_bn else "local"
+    if config.model == "threelayer":
+        return ThreeLayerConvNet(hidden_dim=config.hidden_dim, weight_scale="he", reg=config.reg,
+                                 dtype=dtype, use_batchnorm=use_bn, bn_mode=bn_mode, comm=comm,
+                                 seed=config.seed)
+    return ConvNet(hidden_dims=(config.hidden_dim,), reg=config.reg, dtype=dtype, use_batchnorm=use_bn,
+                   bn_mode=bn_mode, comm=comm, seed=config.seed)
+
+
+def evaluate(model, comm, x, y, to_input, chunk=500):
+    """Accuracy on (x, y): each rank scores its contiguous share, counts are summed."""
+    lo, hi = shard_bounds(len(x), comm.size, comm.rank)
+    correct = 0
+    for i in range(lo, hi, chunk):
+        stop = min(i + chunk, hi)
+        correct += int((model.scores(to_input(x[i:stop])).argmax(axis=1) == y[i:stop]).sum())
+    counts = comm.allreduce(np.array([correct, len(x)], dtype=np.int64))
+    return float(counts[0] / counts[1]) if counts[1] else float("nan")
+
+
+def learning_rate(config, step, total_steps, epoch):
+    if config.lr_schedule == "cosine":
+        return 0.5 * config.lr * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    return config.lr * config.lr_decay ** epoch
+
+
+def blas_threads(config, comm):
+    if config.threads:
+        return config.threads
+    local = int(os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or comm.size)
+    return max(1, (os.cpu_count() or 1) // max(local, 1))
+
+
+class Printer:
+    """Writes only on rank 0."""
+
+    def __init__(self, comm):
+        self.active = comm.rank == 0
+
+    def __call__(self, *args):
+        if self.active:
+            print(*args, flush=True)
+
+
+def train(config, comm):
+    """Train as `config` says on the ranks of `comm`; returns the final metrics dict."""
+    from threadpoolctl import threadpool_limits
+
+    validate(config, comm.size)
+    say = Printer(comm)
+    data, source, synthetic = load_data(config)
+    epochs = config.epochs or (3 if synthetic else 10)
+    if synthetic:
+        say("=" * 72 + f"\n  {source}: training on a synthetic CIFAR-shaped set, not real images.\n"
+            f"  Pass --data PATH or set {DATA_ENV}; `python -m dpnet.data download` fetches CIFAR-10.\n"
+            + "=" * 72)
+    (x_train, y_train), (x_val, y_val) = split_train_val(data, config.val_size, config.seed)
+    mean, std = channel_stats(x_train)
+    dtype = np.dtype(config.dtype)
+    shift, scale = mean.astype(dtype)[:, None, None], (1 / std).astype(dtype)[:, None, None]
+
+    def to_input(xb):  # uint8 (n, C, H, W) -> normalised dtype, one minibatch at a time
+        out = xb.astype(dtype)
+        out -= shift
+        out *= scale
+        return out
+
+    model = build_model(config, comm)
+    dp = DataParallel(model, comm, seed=config.seed, check_every=config.check_every)
+    update_rule = get_update_rule(OPTIMIZERS[config.optimizer])
+    optim_config = {"learning_rate": config.lr}
+    start_epoch, step = 0, 0
+    if config.resume:
+        optim_config, attrs = load_checkpoint(config.resume, model)
+        dp.broadcast_state()
+        start_epoch, step = attrs["epoch"], attrs["step"]
+        say(f"resumed from {config.resume}: epoch {start_epoch}, step {step} "
+            f"(written by {attrs['world_size']} rank(s))")
+    per_epoch = steps_per_epoch(len(x_train), config.batch_size)
+    total_steps = min(epochs * per_epoch, config.max_steps or epochs * per_epoch)
+    augment_rng = np.random.default_rng([config.seed, comm.rank, 1])
+    threads = blas_threads(config, comm)
+    say(f"dpnet {__version__}: {config.model} (bn {config.bn_mode}), {comm.size} rank(s) x {threads} "
+        f"BLAS thread(s); {source}: {len(x_train)} train / {len(x_val)} val / {len(data['x_test'])} test; "
+        f"{epochs} epochs of {per_epoch} steps, global batch {config.batch_size}")
+    metrics_file = None
+    if comm.rank == 0 and config.metrics:
+        os.makedirs(os.path.dirname(os.path.abspath(config.metrics)), exist_ok=True)
+        metrics_file = open(config.metrics, "a" if config.resume else "w")
+    summary = {}
+    with threadpool_limits(threads, user_api="blas"):
+        for epoch in range(start_epoch, epochs):
+            if step >= total_steps:
+                break
+            shards = shard_indices(len(x_train), config.batch_size, comm.rank, comm.size, config.seed, epoch)
+            bar = _progress(config, comm, len(shards), epoch, epochs)
+            started, comm_before = time.perf_counter(), dp.comm_seconds
+            loss_sum, seen = 0.0, 0
+            for i, idx in enumerate(shards):
+                if step >= total_steps:
+                    break
+                global_len = min(config.batch_size, len(x_train) - i * config.batch_size)
+                xb = to_input(x_train[idx])
+                if config.augment:
+                    xb = random_crop_flip(xb, augment_rng)
+                optim_config["learning_rate"] = learning_rate(config, step, total_steps, epoch)
+                loss, _ = dp.loss(xb, y_train[idx], global_batch_size=global_len)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the loss is {loss} at step {step} (epoch {epoch}); "
+                                             "the last checkpoint is kept")
+                dp.step(update_rule, optim_config)
+                step += 1
+                loss_sum += loss * global_len
+                seen += global_len
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+            seconds = time.perf_counter() - started
+            if bar is not None:
+                bar.close()
+            dp.average_running_stats()
+            train_acc = evaluate(model, comm, x_train[:1000], y_train[:1000], to_input)
+            val_acc = evaluate(model, comm, x_val, y_val, to_input)
+            summary = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1),
+                       "train_acc": train_acc, "val_acc": val_acc, "images_per_s": seen / seconds,
+                       "comm_fraction": (dp.comm_seconds - comm_before) / seconds, "seconds": seconds,
+                       "synthetic": synthetic}
+            say(f"epoch {epoch + 1}/{epochs}: loss {summary['train_loss']:.4f}, train acc {train_acc:.3f}, "
+                f"val acc {val_acc:.3f}, {summary['images_per_s']:.0f} img/s, "
+                f"comm {100 * summary['comm_fraction']:.1f}%")
+            if metrics_file:
+                metrics_file.write(json.dumps(summary) + "\n")
+                metrics_file.flush()
+            if comm.rank == 0 and config.checkpoint:
+                save_checkpoint(config.checkpoint, model, optim_config, epoch + 1, step,
+                                dataclasses.asdict(config), comm.size)
+        test_acc = evaluate(model, comm, data["x_test"], data["y_test"], to_input)
+    final = {"final": True, "step": step, "test_acc": test_acc, "synthetic": synthetic}
+    say(f"test accuracy {test_acc:.4f}" + (" (synthetic data)" if synthetic else "")
+        + (f"; checkpoint {config.checkpoint}" if config.checkpoint else ""))
+    if metrics_file:
+        metrics_file.write(json.dumps(final) + "\n")
+        metrics_file.close()
+    return {**summary, **final}
+
+
+def _progress(config, comm, total, epoch, epochs):
+    if not config.progress or comm.rank != 0:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr)
+
+
+def parse_args(argv):
+    """TrainConfig from command-line flags and an optional --config TOML file (flags win)."""
+    parser = argparse.ArgumentParser(prog="python -m dpnet.train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="TOML file whose keys are the options below")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"float": float, "int": int, "str": str}.get(
+                type(default).__name__ if default is not None else _optional_type(f), str)
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+                                choices=CHOICES.get(f.name))
+    args = parser.parse_args(argv)
+    values = {}
+    if args.config:
+        values.update(_read_toml(args.config))
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    return TrainConfig(**values)
+
+
+def _optional_type(f):
+    return str(f.type).replace("typing.Optional[", "").rstrip("]").replace("Optional[", "")
+
+
+def _read_toml(path):
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--config {path}: {exc}") from exc
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}")
+    return values
+
+
+def install_abort_hook(comm):
+    """Under MPI, an uncaught exception on any rank prints that rank's traceback and aborts
+    the whole job (otherwise the other ranks wait forever in their next collective)."""
+    def hook(kind, value, tb):
+        sys.stderr.write(f"[rank {comm.rank}] uncaught exception, aborting all {comm.size} ranks:\n"
+                         + "".join(traceback.format_exception(kind, value, tb)))
+        sys.stderr.flush()
+        comm.abort(1)
+    sys.excepthook = hook
+
+
+def main(argv=None):
+    comm = None
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv)
+        if config.simulate_ranks:
+            validate(config, config.simulate_ranks)
+            SimComm(config.simulate_ranks).run(lambda c: train(config, c))
+            return 0
+        comm = get_comm()
+        if comm.size > 1:
+            install_abort_hook(comm)
+        train(config, comm)
+        return 0
+    except (ConfigError, DataError, CheckpointError) as exc:
+        if comm is None or comm.rank == 0:
+            print(f"python -m dpnet.train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
