@@ -4,8 +4,9 @@ checkpoint whole.
 
 Layout: group `params` (one dataset per model.params entry), group `optimizer`
 (the update rule's state arrays as datasets, its scalars as attributes), group
-`batchnorm` (bn<i>/running_mean, bn<i>/running_var), and file attributes epoch,
-step, world_size, dpnet_version, config (JSON).
+`batchnorm` (bn<i>/running_mean, bn<i>/running_var), and file attributes epoch
+(completed epochs), step (optimizer steps taken; the sampler resumes from it), world_size,
+dpnet_version, config (JSON) and rng_states (JSON: each rank's generator states).
 """
 
 import json
@@ -20,7 +21,7 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, truncated or does not fit the model."""
 
 
-def save_checkpoint(path, model, optim_config, epoch, step, config, world_size):
+def save_checkpoint(path, model, optim_config, epoch, step, config, world_size, rng_states=()):
     import h5py
 
     directory = os.path.dirname(os.path.abspath(path))
@@ -45,7 +46,8 @@ def save_checkpoint(path, model, optim_config, epoch, step, config, world_size):
                 g.create_dataset("running_mean", data=bn_param["running_mean"])
                 g.create_dataset("running_var", data=bn_param["running_var"])
             f.attrs.update({"epoch": epoch, "step": step, "world_size": world_size,
-                            "dpnet_version": __version__, "config": json.dumps(config)})
+                            "dpnet_version": __version__, "config": json.dumps(config),
+                            "rng_states": json.dumps(list(rng_states))})
             f.flush()
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -86,12 +88,17 @@ def load_checkpoint(path, model):
             optim_config = {k: v[()] for k, v in f["optimizer"].items()}
             optim_config.update({k: v.item() if hasattr(v, "item") else v
                                  for k, v in f["optimizer"].attrs.items()})
-            attrs = {k: f.attrs[k] for k in ("epoch", "step", "world_size", "dpnet_version", "config")}
+            keys = ("epoch", "step", "world_size", "dpnet_version", "config", "rng_states")
+            absent = [k for k in keys if k not in f.attrs]
+            if absent:
+                raise CheckpointError(f"{path}: not a dpnet checkpoint (missing attributes {absent})")
+            attrs = {k: f.attrs[k] for k in keys}
     except CheckpointError:
         raise
     except Exception as exc:  # h5py raises OSError/KeyError/... for corrupt or truncated files
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
     attrs["config"] = json.loads(attrs["config"])
+    attrs["rng_states"] = json.loads(attrs["rng_states"])
     attrs["epoch"], attrs["step"], attrs["world_size"] = (int(attrs["epoch"]), int(attrs["step"]),
                                                           int(attrs["world_size"]))
     return optim_config, attrs

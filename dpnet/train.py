@@ -13,7 +13,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -27,7 +29,8 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataError, load_cifar10, make_synthetic
 from .models import ConvNet, ThreeLayerConvNet
 from .optim import get_update_rule
-from .parallel import DataParallel, SimComm, get_comm, shard_bounds, shard_indices, steps_per_epoch
+from .parallel import (DataParallel, SimComm, get_comm, launcher_rank, shard_bounds, shard_indices,
+                       steps_per_epoch)
 
 OPTIMIZERS = {"sgd": "sgd", "momentum": "sgd_momentum", "nesterov": "sgd_nesterov_momentum",
               "rmsprop": "rmsprop", "adam": "adam"}
@@ -99,6 +102,8 @@ def validate(config, world_size):
         raise ConfigError(f"--lr-decay must be positive, got {config.lr_decay}")
     if config.reg < 0 or config.val_size < 0 or config.check_every < 0:
         raise ConfigError("--reg, --val-size and --check-every must not be negative")
+    if config.resume and not os.path.isfile(config.resume):
+        raise ConfigError(f"--resume {config.resume}: no such checkpoint file")
     if config.batch_size < world_size:
         raise ConfigError(f"--batch-size {config.batch_size} is smaller than the {world_size} ranks: "
                           "every rank needs at least one example per step")
@@ -156,7 +161,7 @@ def evaluate(model, comm, x, y, to_input, chunk=500):
     for i in range(lo, hi, chunk):
         stop = min(i + chunk, hi)
         correct += int((model.scores(to_input(x[i:stop])).argmax(axis=1) == y[i:stop]).sum())
-    counts = comm.allreduce(np.array([correct, len(x)], dtype=np.int64))
+    counts = comm.allreduce(np.array([correct, hi - lo], dtype=np.int64))
     return float(counts[0] / counts[1]) if counts[1] else float("nan")
 
 
@@ -182,6 +187,9 @@ class Printer:
     def __call__(self, *args):
         if self.active:
             print(*args, flush=True)
+
+
+_stop_signal = threading.Event()  # set by SIGTERM; every logical rank votes to stop
 
 
 def train(config, comm):
@@ -211,16 +219,22 @@ def train(config, comm):
     dp = DataParallel(model, comm, seed=config.seed, check_every=config.check_every)
     update_rule = get_update_rule(OPTIMIZERS[config.optimizer])
     optim_config = {"learning_rate": config.lr}
-    start_epoch, step = 0, 0
+    rngs = {"augment": np.random.default_rng([config.seed, comm.rank, 1])}
+    if model.dropout_param is not None:
+        rngs["dropout"] = model.dropout_param["rng"]
+    per_epoch = steps_per_epoch(len(x_train), config.batch_size)
+    schedule_steps = epochs * per_epoch  # the lr schedule spans --epochs; --max-steps only stops early
+    total_steps = min(schedule_steps, config.max_steps or schedule_steps)
+    step = 0
     if config.resume:
         optim_config, attrs = load_checkpoint(config.resume, model)
         dp.broadcast_state()
-        start_epoch, step = attrs["epoch"], attrs["step"]
-        say(f"resumed from {config.resume}: epoch {start_epoch}, step {step} "
-            f"(written by {attrs['world_size']} rank(s))")
-    per_epoch = steps_per_epoch(len(x_train), config.batch_size)
-    total_steps = min(epochs * per_epoch, config.max_steps or epochs * per_epoch)
-    augment_rng = np.random.default_rng([config.seed, comm.rank, 1])
+        step = attrs["step"]
+        if attrs["world_size"] == comm.size and len(attrs["rng_states"]) == comm.size:
+            for name, state in attrs["rng_states"][comm.rank].items():
+                rngs[name].bit_generator.state = state
+        say(f"resumed from {config.resume} at step {step} (epoch {step // per_epoch}), "
+            f"written by {attrs['world_size']} rank(s)")
     threads = blas_threads(config, comm)
     say(f"dpnet {__version__}: {config.model} (bn {config.bn_mode}), {comm.size} rank(s) x {threads} "
         f"BLAS thread(s); {source}: {len(x_train)} train / {len(x_val)} val / {len(data['x_test'])} test; "
@@ -229,27 +243,37 @@ def train(config, comm):
     if comm.rank == 0 and config.metrics:
         os.makedirs(os.path.dirname(os.path.abspath(config.metrics)), exist_ok=True)
         metrics_file = open(config.metrics, "a" if config.resume else "w")
-    summary = {}
+
+    def save():
+        states = comm.allgather_obj({k: r.bit_generator.state for k, r in rngs.items()})
+        if comm.rank == 0 and config.checkpoint:
+            save_checkpoint(config.checkpoint, model, optim_config, step // per_epoch, step,
+                            dataclasses.asdict(config), comm.size, states)
+
+    summary, stopped = {}, False
     with threadpool_limits(threads, user_api="blas"):
-        for epoch in range(start_epoch, epochs):
-            if step >= total_steps:
-                break
+        while step < total_steps and not stopped:
+            epoch, skip = divmod(step, per_epoch)
             shards = shard_indices(len(x_train), config.batch_size, comm.rank, comm.size, config.seed, epoch)
-            bar = _progress(config, comm, len(shards), epoch, epochs)
+            bar = _progress(config, comm, len(shards), skip, epoch, epochs)
             started, comm_before = time.perf_counter(), dp.comm_seconds
             loss_sum, seen = 0.0, 0
-            for i, idx in enumerate(shards):
+            for i in range(skip, len(shards)):
                 if step >= total_steps:
                     break
+                idx = shards[i]
                 global_len = min(config.batch_size, len(x_train) - i * config.batch_size)
                 xb = to_input(x_train[idx])
                 if config.augment:
-                    xb = random_crop_flip(xb, augment_rng)
-                optim_config["learning_rate"] = learning_rate(config, step, total_steps, epoch)
+                    xb = random_crop_flip(xb, rngs["augment"])
+                optim_config["learning_rate"] = learning_rate(config, step, schedule_steps, epoch)
+                if _stop_signal.is_set():
+                    dp.request_stop()
+                _fault_injection(comm.rank, step)
                 loss, _ = dp.loss(xb, y_train[idx], global_batch_size=global_len)
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"the loss is {loss} at step {step} (epoch {epoch}); "
-                                             "the last checkpoint is kept")
+                    raise FloatingPointError(f"the loss is {loss} at step {step} (epoch {epoch + 1}); "
+                                             "stopping, the last checkpoint is kept")
                 dp.step(update_rule, optim_config)
                 step += 1
                 loss_sum += loss * global_len
@@ -257,9 +281,14 @@ def train(config, comm):
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+                if dp.stop_agreed:
+                    stopped = True
+                    break
             seconds = time.perf_counter() - started
             if bar is not None:
                 bar.close()
+            if stopped:
+                break
             dp.average_running_stats()
             train_acc = evaluate(model, comm, x_train[:1000], y_train[:1000], to_input)
             val_acc = evaluate(model, comm, x_val, y_val, to_input)
@@ -273,9 +302,15 @@ def train(config, comm):
             if metrics_file:
                 metrics_file.write(json.dumps(summary) + "\n")
                 metrics_file.flush()
-            if comm.rank == 0 and config.checkpoint:
-                save_checkpoint(config.checkpoint, model, optim_config, epoch + 1, step,
-                                dataclasses.asdict(config), comm.size)
+            save()
+        dp.average_running_stats()
+        save()
+        if stopped:
+            say(f"stop requested (SIGTERM): checkpoint saved at step {step}; continue with "
+                f"--resume {config.checkpoint}")
+            if metrics_file:
+                metrics_file.close()
+            return {**summary, "stopped": True, "step": step}
         test_acc = evaluate(model, comm, data["x_test"], data["y_test"], to_input)
     final = {"final": True, "step": step, "test_acc": test_acc, "synthetic": synthetic}
     say(f"test accuracy {test_acc:.4f}" + (" (synthetic data)" if synthetic else "")
@@ -286,20 +321,50 @@ def train(config, comm):
     return {**summary, **final}
 
 
-def _progress(config, comm, total, epoch, epochs):
+def _progress(config, comm, total, done, epoch, epochs):
     if not config.progress or comm.rank != 0:
         return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr)
+
+
+FAULT_ENV = "DPNET_FAULT"
+
+
+def _fault_injection(rank, step):
+    """For tests: DPNET_FAULT=RANK:STEP:KIND makes RANK fail at STEP with KIND one of
+    raise (an exception), exit (os._exit(3)), hang (sleep forever) or nan (a NaN loss)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
     try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr)
+        fault_rank, fault_step, kind = spec.split(":")
+        fault_rank, fault_step = int(fault_rank), int(fault_step)
+    except ValueError:
+        raise ConfigError(f"{FAULT_ENV} must be RANK:STEP:KIND, got {spec!r}") from None
+    if rank != fault_rank or step != fault_step:
+        return
+    if kind == "raise":
+        raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+    if kind == "exit":
+        os._exit(3)
+    if kind == "hang":
+        while True:
+            time.sleep(60)
+    if kind == "nan":
+        raise FloatingPointError(f"the loss is nan at step {step} (injected on rank {rank})")
+    raise ConfigError(f"{FAULT_ENV}: unknown fault kind {kind!r} (raise, exit, hang, nan)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # reported once by main(), not by every rank
+        raise ConfigError(message)
 
 
 def parse_args(argv):
     """TrainConfig from command-line flags and an optional --config TOML file (flags win)."""
-    parser = argparse.ArgumentParser(prog="python -m dpnet.train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog="python -m dpnet.train", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="TOML file whose keys are the options below")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
@@ -354,9 +419,10 @@ def install_abort_hook(comm):
 
 
 def main(argv=None):
-    comm = None
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: _stop_signal.set())
         if config.simulate_ranks:
             validate(config, config.simulate_ranks)
             SimComm(config.simulate_ranks).run(lambda c: train(config, c))
@@ -367,7 +433,7 @@ def main(argv=None):
         train(config, comm)
         return 0
     except (ConfigError, DataError, CheckpointError) as exc:
-        if comm is None or comm.rank == 0:
+        if launcher_rank() == 0:
             print(f"python -m dpnet.train: error: {exc}", file=sys.stderr)
         return 2
 

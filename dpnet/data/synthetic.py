@@ -20,7 +20,7 @@ def _smooth_patterns(rng, classes, size=32):
     return fine / np.abs(fine).max(axis=(1, 2, 3), keepdims=True)
 
 
-def make_synthetic(num_train=5000, num_test=1000, seed=0, noise=0.6):
+def make_synthetic(num_train=5000, num_test=1000, seed=0, noise=2.5):
     """Dict like load_cifar10's: x_train, y_train, x_test, y_test, label_names."""
     rng = np.random.default_rng(seed)
     patterns = _smooth_patterns(rng, len(LABEL_NAMES))

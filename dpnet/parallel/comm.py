@@ -7,6 +7,7 @@ Every communicator has `rank`, `size` and these collectives, all on NumPy arrays
 - allgather(array) -> (size, *array.shape) array of every rank's array, in rank order
 - bcast(array, root=0) -> array          overwrites array with root's, in place
 - bcast_obj(obj, root=0) -> obj           pickled broadcast of a small object
+- allgather_obj(obj) -> list              pickled gather of a small object from every rank
 - barrier()
 - abort(code)                             ends every rank of the job at once
 
@@ -47,6 +48,9 @@ class SerialComm:
 
     def bcast_obj(self, obj, root=0):
         return obj
+
+    def allgather_obj(self, obj):
+        return [obj]
 
     def barrier(self):
         pass
@@ -91,6 +95,9 @@ class MPIComm:
     def bcast_obj(self, obj, root=0):
         return self.comm.bcast(obj, root=root)
 
+    def allgather_obj(self, obj):
+        return self.comm.allgather(obj)
+
     def barrier(self):
         self.comm.Barrier()
 
@@ -113,6 +120,19 @@ def import_mpi():
             f"(import failed: {exc})"
         ) from exc
     return MPI
+
+
+LAUNCHER_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def launcher_rank(environ=None):
+    """This process's rank as the launcher's environment says (0 without a launcher), read
+    without initialising MPI: for deciding who prints an error found before MPI starts."""
+    environ = os.environ if environ is None else environ
+    for name in LAUNCHER_RANK_VARIABLES:
+        if environ.get(name, "").isdigit():
+            return int(environ[name])
+    return 0
 
 
 def launched_by_mpi(environ=None):

@@ -50,11 +50,13 @@ class DataParallel:
         self.check_every = check_every
         self.steps = 0
         self.comm_seconds = 0.0  # wall time spent in the gradient reduction
+        self.stop_requested = False  # this rank's vote to stop (e.g. on SIGTERM)
+        self.stop_agreed = False  # some rank voted, as of the last loss(): all ranks agree
         if model.bn_mode == "sync":
             model.comm = comm
         if model.dropout_param is not None:
             model.dropout_param["rng"] = np.random.default_rng([seed, comm.rank])
-        self.flat = FlatParams(model.params, extra=1)
+        self.flat = FlatParams(model.params, extra=2)  # gradients, then [loss, stop votes]
         self.broadcast_state()
 
     @property
@@ -89,15 +91,21 @@ class DataParallel:
         data_loss, grads = self.model.data_loss(X, y, batch_size=total)
         buffer = self.flat.buffer
         self.flat.pack_grads(grads)
-        buffer[-1] = data_loss
+        buffer[-2] = data_loss
+        buffer[-1] = float(self.stop_requested)
         start = time.perf_counter()
         self.comm.allreduce(buffer)
         self.comm_seconds += time.perf_counter() - start
-        loss = float(buffer[-1]) + self.model.add_regularization(self.flat.grads)
+        self.stop_agreed = bool(buffer[-1] > 0)
+        loss = float(buffer[-2]) + self.model.add_regularization(self.flat.grads)
         self.steps += 1
         if self.check_every and self.steps % self.check_every == 0:
             self.check_consistency()
         return loss, self.flat.grads
+
+    def request_stop(self):
+        """Vote to stop; after the next loss() every rank sees stop_agreed at the same step."""
+        self.stop_requested = True
 
     def step(self, update_rule, config):
         """Apply update_rule once to the flat parameters with the last reduced gradients."""

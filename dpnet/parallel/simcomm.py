@@ -164,6 +164,10 @@ class SimRankComm:
         parts = self._collective("bcast_obj", obj if self.rank == root else None, root=root)
         return copy.deepcopy(parts[root])
 
+    def allgather_obj(self, obj):
+        import copy
+        return copy.deepcopy(self._collective("allgather_obj", obj))
+
     def barrier(self):
         self._collective("barrier")
 
