@@ -38,6 +38,11 @@ def _window_views(x, ph, pw, stride, h_out, w_out):
             yield x[:, :, i:i + stride * (h_out - 1) + 1:stride, j:j + stride * (w_out - 1) + 1:stride]
 
 
+def _tiles(ph, pw, stride, h, w):
+    """True when the windows tile the input exactly (no overlap, nothing left over)."""
+    return ph == pw == stride and h % ph == 0 and w % pw == 0
+
+
 def max_pool_forward(x, pool_param):
     """Max pooling.
 
@@ -49,8 +54,17 @@ def max_pool_forward(x, pool_param):
     """
     ph, pw, stride, h_out, w_out = pool_output_shape(x.shape, pool_param)
     n, c, h, w = x.shape
-    if ph == pw == stride and h % ph == 0 and w % pw == 0:
-        out = x.reshape(n, c, h_out, ph, w_out, pw).max(axis=(3, 5))  # windows tile
+    if _tiles(ph, pw, stride, h, w):
+        # max over window rows first, on whole contiguous image rows, then over the
+        # pw interleaved columns; a reduction over small trailing axes is far slower
+        x5 = x.reshape(n, c, h_out, ph, w)
+        rows = x5[:, :, :, 0].copy()  # (N, C, Ho, W)
+        for i in range(1, ph):
+            np.maximum(rows, x5[:, :, :, i], out=rows)
+        rows = rows.reshape(n, c, h_out, w_out, pw)
+        out = rows[..., 0].copy()
+        for j in range(1, pw):
+            np.maximum(out, rows[..., j], out=out)
     else:
         views = _window_views(x, ph, pw, stride, h_out, w_out)
         out = next(views).copy()
@@ -65,15 +79,29 @@ def max_pool_backward(dout, cache):
     ph, pw, stride, h_out, w_out = pool_output_shape(x.shape, pool_param)
     if dout.shape != out.shape:
         raise ValueError(f"dout must have shape {out.shape}, got {dout.shape}")
-    tiles = ph == pw == stride and x.shape[2] % ph == 0 and x.shape[3] % pw == 0
+    tiles = _tiles(ph, pw, stride, x.shape[2], x.shape[3])
     dx = np.empty_like(x) if tiles else np.zeros_like(x)
-    unclaimed = np.ones(out.shape, dtype=bool)  # windows whose max is not yet found
+    # A window holding NaN has NaN as its maximum, at its first NaN (as np.argmax says).
+    has_nan = out.size > 0 and bool(np.isnan(out.max()))
+    # Visit window offsets in row-major order; `hit` marks the windows whose first maximum
+    # sits at this offset, `unclaimed` those whose maximum is still to come.
+    last = ph * pw - 1
     hit = np.empty(out.shape, dtype=bool)
-    for x_view, dx_view in zip(_window_views(x, ph, pw, stride, h_out, w_out),
-                               _window_views(dx, ph, pw, stride, h_out, w_out)):
-        np.equal(x_view, out, out=hit)
-        hit &= unclaimed
-        unclaimed &= ~hit
+    unclaimed = None
+    views = zip(_window_views(x, ph, pw, stride, h_out, w_out),
+                _window_views(dx, ph, pw, stride, h_out, w_out))
+    for offset, (x_view, dx_view) in enumerate(views):
+        if 0 < offset == last:
+            hit = unclaimed  # the windows whose maximum no earlier offset held
+        else:
+            np.equal(x_view, out, out=hit)
+            if has_nan:
+                hit |= np.isnan(x_view)
+            if offset == 0:
+                unclaimed = ~hit
+            else:
+                hit &= unclaimed
+                unclaimed ^= hit
         if tiles:  # each input element lies in exactly one window
             np.multiply(dout, hit, out=dx_view)
         else:
