@@ -72,11 +72,16 @@ class TrainConfig:
     metrics: str = "dpnet_run/metrics.jsonl"
     simulate_ranks: Optional[int] = None
     check_every: int = 50  # parameter-consistency check period in steps (0: never)
+    timeout: float = 300.0  # seconds one step may take (waiting for other ranks included) before the job is aborted
     progress: bool = True
 
 
 class ConfigError(ValueError):
     """An option has an impossible value."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The global loss became inf or nan (every rank sees it at the same step)."""
 
 
 CHOICES = {"model": ("threelayer", "convnet"), "bn_mode": ("none", "local", "sync"),
@@ -102,6 +107,8 @@ def validate(config, world_size):
         raise ConfigError(f"--lr-decay must be positive, got {config.lr_decay}")
     if config.reg < 0 or config.val_size < 0 or config.check_every < 0:
         raise ConfigError("--reg, --val-size and --check-every must not be negative")
+    if not config.timeout > 0:
+        raise ConfigError(f"--timeout must be positive, got {config.timeout}")
     if config.resume and not os.path.isfile(config.resume):
         raise ConfigError(f"--resume {config.resume}: no such checkpoint file")
     if config.batch_size < world_size:
@@ -216,7 +223,8 @@ def train(config, comm):
         return out
 
     model = build_model(config, comm)
-    dp = DataParallel(model, comm, seed=config.seed, check_every=config.check_every)
+    dp = DataParallel(model, comm, seed=config.seed, check_every=config.check_every,
+                      timeout=config.timeout)
     update_rule = get_update_rule(OPTIMIZERS[config.optimizer])
     optim_config = {"learning_rate": config.lr}
     rngs = {"augment": np.random.default_rng([config.seed, comm.rank, 1])}
@@ -269,11 +277,11 @@ def train(config, comm):
                 optim_config["learning_rate"] = learning_rate(config, step, schedule_steps, epoch)
                 if _stop_signal.is_set():
                     dp.request_stop()
-                _fault_injection(comm.rank, step)
+                xb = _fault_injection(comm.rank, step, xb)
                 loss, _ = dp.loss(xb, y_train[idx], global_batch_size=global_len)
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"the loss is {loss} at step {step} (epoch {epoch + 1}); "
-                                             "stopping, the last checkpoint is kept")
+                    raise NonFiniteLoss(f"the loss is {loss} at step {step} (epoch {epoch + 1}); "
+                                        "stopping, the last checkpoint is kept")
                 dp.step(update_rule, optim_config)
                 step += 1
                 loss_sum += loss * global_len
@@ -331,19 +339,20 @@ def _progress(config, comm, total, done, epoch, epochs):
 FAULT_ENV = "DPNET_FAULT"
 
 
-def _fault_injection(rank, step):
+def _fault_injection(rank, step, xb):
     """For tests: DPNET_FAULT=RANK:STEP:KIND makes RANK fail at STEP with KIND one of
-    raise (an exception), exit (os._exit(3)), hang (sleep forever) or nan (a NaN loss)."""
+    raise (an exception), exit (os._exit(3)), hang (sleep forever) or nan (NaN inputs,
+    hence a NaN global loss). Returns the batch, poisoned for nan."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
-        return
+        return xb
     try:
         fault_rank, fault_step, kind = spec.split(":")
         fault_rank, fault_step = int(fault_rank), int(fault_step)
     except ValueError:
         raise ConfigError(f"{FAULT_ENV} must be RANK:STEP:KIND, got {spec!r}") from None
     if rank != fault_rank or step != fault_step:
-        return
+        return xb
     if kind == "raise":
         raise RuntimeError(f"injected fault on rank {rank} at step {step}")
     if kind == "exit":
@@ -352,7 +361,7 @@ def _fault_injection(rank, step):
         while True:
             time.sleep(60)
     if kind == "nan":
-        raise FloatingPointError(f"the loss is nan at step {step} (injected on rank {rank})")
+        return np.full_like(xb, np.nan)
     raise ConfigError(f"{FAULT_ENV}: unknown fault kind {kind!r} (raise, exit, hang, nan)")
 
 
@@ -436,6 +445,10 @@ def main(argv=None):
         if launcher_rank() == 0:
             print(f"python -m dpnet.train: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as exc:  # raised on every rank at the same step: no abort needed
+        if launcher_rank() == 0:
+            print(f"python -m dpnet.train: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -42,9 +42,12 @@ class DataParallel:
     - seed: seeds per-rank dropout streams, as (seed, rank)
     - check_every: verify every k steps that all ranks hold identical parameters
       (0: never); a drift raises ParameterDriftError naming the step and ranks
+    - timeout: with an MPI communicator, abort the job when one step (its forward,
+      backward and collectives) takes longer than this many seconds, naming the rank(s)
+      that never reached it (dpnet.parallel.watchdog); None: wait forever
     """
 
-    def __init__(self, model, comm, seed=0, check_every=0):
+    def __init__(self, model, comm, seed=0, check_every=0, timeout=None):
         self.model = model
         self.comm = comm
         self.check_every = check_every
@@ -57,6 +60,10 @@ class DataParallel:
         if model.dropout_param is not None:
             model.dropout_param["rng"] = np.random.default_rng([seed, comm.rank])
         self.flat = FlatParams(model.params, extra=2)  # gradients, then [loss, stop votes]
+        self.watchdog = None
+        if timeout and comm.size > 1 and hasattr(comm, "MPI"):
+            from .watchdog import Watchdog
+            self.watchdog = Watchdog(comm, timeout)
         self.broadcast_state()
 
     @property
@@ -83,6 +90,8 @@ class DataParallel:
 
         Returns (loss, grads): identical on every rank; grads are views of the fused buffer.
         """
+        if self.watchdog:  # guards the step's every collective (sync batchnorm's included)
+            self.watchdog.enter(self.steps)
         total = global_batch_size
         if total is None:
             total = int(self.comm.allreduce(np.array([len(X)], dtype=np.int64))[0])
@@ -95,6 +104,8 @@ class DataParallel:
         buffer[-1] = float(self.stop_requested)
         start = time.perf_counter()
         self.comm.allreduce(buffer)
+        if self.watchdog:
+            self.watchdog.leave(self.steps)
         self.comm_seconds += time.perf_counter() - start
         self.stop_agreed = bool(buffer[-1] > 0)
         loss = float(buffer[-2]) + self.model.add_regularization(self.flat.grads)

@@ -1,0 +1,67 @@
+"""A watchdog that ends an MPI job whose collective has hung, naming the silent rank(s).
+
+When it starts a guarded step every rank posts a tiny non-blocking heartbeat (the
+step number) to every other rank on a private duplicate of the communicator, and
+receives its peers' heartbeats once the step's last collective has completed, so nothing
+piles up. A background thread makes no MPI call while all is well; when the main thread
+has been inside one step for longer than `timeout` seconds, it probes which peers never
+posted that step's heartbeat (those are the silent ranks), prints that, and aborts the
+job. MPI must provide MPI_THREAD_MULTIPLE (mpi4py asks for it by default).
+"""
+
+import sys
+import threading
+import time
+
+import numpy as np
+
+
+class Watchdog:
+    """Inputs: comm, an MPIComm; timeout, seconds a guarded step may take."""
+
+    def __init__(self, comm, timeout):
+        self.comm = comm
+        self.timeout = timeout
+        self.mpi = comm.MPI
+        self.heartbeats = comm.comm.Dup()
+        self.peers = [r for r in range(comm.size) if r != comm.rank]
+        self._inside = None  # (step, entered at) while in a guarded collective
+        self._lock = threading.Lock()
+        self._sends = []
+        self._stamp = np.zeros(1, dtype=np.int64)
+        self._inbox = np.zeros(1, dtype=np.int64)
+        thread = threading.Thread(target=self._watch, name="dpnet-watchdog", daemon=True)
+        thread.start()
+
+    def enter(self, step):
+        """Call when the guarded `step` starts, before its first collective."""
+        self._stamp[0] = step
+        self._sends = [self.heartbeats.Isend(self._stamp, dest=peer, tag=step % 32768)
+                       for peer in self.peers]
+        with self._lock:
+            self._inside = (step, time.monotonic())
+
+    def leave(self, step):
+        """Call once the last collective of `step` has completed."""
+        with self._lock:
+            self._inside = None
+        for peer in self.peers:  # every peer posted before joining the collective
+            self.heartbeats.Recv(self._inbox, source=peer, tag=step % 32768)
+        self.mpi.Request.Waitall(self._sends)
+
+    def _watch(self):
+        while True:
+            time.sleep(min(1.0, self.timeout / 4))
+            with self._lock:
+                inside = self._inside
+            if inside is None or time.monotonic() - inside[1] < self.timeout:
+                continue
+            step = inside[0]
+            silent = [p for p in self.peers
+                      if not self.heartbeats.Iprobe(source=p, tag=step % 32768)]
+            who = f"rank(s) {silent} never reached it" if silent else "every rank reached it"
+            sys.stderr.write(
+                f"[rank {self.comm.rank}] watchdog: step {step} has not completed in {self.timeout:g} s; "
+                f"{who}. Aborting the job.\n")
+            sys.stderr.flush()
+            self.comm.abort(1)
