@@ -26,7 +26,7 @@ import numpy as np
 from . import __version__
 from .augment import random_crop_flip
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import DataError, load_cifar10, make_synthetic
+from .data import DataError, load_dataset, make_synthetic
 from .models import ConvNet, ThreeLayerConvNet
 from .optim import get_update_rule
 from .parallel import (DataParallel, SimComm, get_comm, launcher_rank, shard_bounds, shard_indices,
@@ -50,7 +50,7 @@ def default_data_places():
 @dataclass
 class TrainConfig:
     """Every option of a training run (the command-line flags, with - for _)."""
-    data: Optional[str] = None  # cifar-10-batches-py folder; default: see default_data_places()
+    data: Optional[str] = None  # cifar-10-batches-py folder or a .h5 from `python -m dpnet.data prepare`
     model: str = "threelayer"  # threelayer | convnet
     bn_mode: str = "sync"  # none | local | sync
     epochs: Optional[int] = None  # total epochs; default 10 on CIFAR-10, 3 on synthetic data
@@ -119,10 +119,10 @@ def validate(config, world_size):
 def load_data(config):
     """(data dict, description, synthetic?) for the run."""
     if config.data:
-        return load_cifar10(config.data), f"CIFAR-10 from {config.data}", False
+        return load_dataset(config.data), f"CIFAR-10 from {config.data}", False
     for place in default_data_places():
-        if os.path.isdir(place):
-            return load_cifar10(place), f"CIFAR-10 from {place}", False
+        if os.path.exists(place):
+            return load_dataset(place), f"CIFAR-10 from {place}", False
     return make_synthetic(seed=config.seed), "SYNTHETIC data (no CIFAR-10 found)", True
 
 
