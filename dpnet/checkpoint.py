@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from . import __version__
+from .atomic import atomic_path
 
 
 class CheckpointError(ValueError):
@@ -24,10 +25,7 @@ class CheckpointError(ValueError):
 def save_checkpoint(path, model, optim_config, epoch, step, config, world_size, rng_states=()):
     import h5py
 
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             params = f.create_group("params")
             for name, value in model.params.items():
@@ -49,12 +47,6 @@ def save_checkpoint(path, model, optim_config, epoch, step, config, world_size, 
                             "dpnet_version": __version__, "config": json.dumps(config),
                             "rng_states": json.dumps(list(rng_states))})
             f.flush()
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_checkpoint(path, model):

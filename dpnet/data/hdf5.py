@@ -10,10 +10,10 @@ is held once and only the parts asked for are read and checked.
 
 import hashlib
 import os
-import tempfile
 
 import numpy as np
 
+from ..atomic import atomic_path
 from .cifar import IMAGE_SHAPE, NUM_CLASSES, DataError
 
 FORMAT = "dpnet-cifar10"
@@ -36,11 +36,7 @@ def write_hdf5(data, path):
 
     arrays = {"x_train": (data["x_train"], np.uint8), "y_train": (data["y_train"], np.int64),
               "x_test": (data["x_test"], np.uint8), "y_test": (data["y_test"], np.int64)}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             for name, (value, dtype) in arrays.items():
                 value = np.ascontiguousarray(value, dtype=dtype)
@@ -50,12 +46,6 @@ def write_hdf5(data, path):
             ds.attrs["sha256"] = _sha256(names)
             f.attrs.update({"format": FORMAT, "version": VERSION, "dpnet_version": __version__,
                             "num_train": len(data["x_train"]), "num_test": len(data["x_test"])})
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
