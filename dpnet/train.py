@@ -65,7 +65,7 @@ class TrainConfig:
     hidden_dim: int = 500
     seed: int = 0
     dtype: str = "float32"
-    augment: bool = False
+    augment: bool = True  # random crop + flip (--no-augment to turn off)
     threads: Optional[int] = None  # BLAS threads per rank; default: cores / ranks on this node
     checkpoint: str = "dpnet_run/checkpoint.h5"
     resume: Optional[str] = None

@@ -1,0 +1,261 @@
+"""PyTorch (CPU) yardstick for `python -m dpnet.train`: the same models, trained with the
+same recipe, so that dpnet's test accuracy and speed can be compared with a mature library.
+
+    /work/venv-torch/bin/python benchmarks/torch_reference.py \
+        --data /work/shared/data/cifar-10-batches-py --model threelayer|convnet \
+        [--epochs 10] [--threads 1] [--bn-mode none|sync]
+
+Needs only torch and numpy (it does not import dpnet; dpnet does not depend on torch).
+Per-epoch progress goes to stderr; the last line on stdout is one JSON object:
+model, bn_mode, epochs, steps, train_images, test_acc, val_acc, final_train_loss,
+seconds, images_per_s, threads, torch.
+
+What matches dpnet.train (defaults of TrainConfig):
+- data: the five data_batch_* files and test_batch of a cifar-10-batches-py folder, N taken
+  from each file; the train/val split of dpnet.train.split_train_val
+  (np.random.default_rng([seed, 2**31]).permutation(n), the first val_size=1000 indices are
+  validation, both index sets sorted); per-channel mean/std over N, H, W of the training
+  split, computed in float64 (dpnet.train.channel_stats); inputs are float32, normalised one
+  minibatch at a time from uint8 (as dpnet does, so the cost is inside the timed loop).
+- minibatches: batch 128, the last one of an epoch partial (no example dropped); the epoch
+  order is dpnet's epoch_permutation, np.random.default_rng([seed, epoch]).permutation(n),
+  so the sequence of minibatches is the one of a 1-rank dpnet run.
+- models (dpnet.train.build_model, hidden_dim=500):
+  threelayer: conv 7x7, 32 filters, pad 3 (+BatchNorm2d) -> relu -> maxpool 2 ->
+              linear 8192->500 (+BatchNorm1d) -> relu -> linear 500->10;
+  convnet:    stages ((32, 32), (64, 64)) of conv 3x3 pad 1 (+BatchNorm2d) -> relu, maxpool 2
+              after each stage, then linear 4096->500 (+BatchNorm1d) -> relu -> linear 500->10.
+              (ConvNet's own default head is 256 units, but build_model passes
+              hidden_dims=(hidden_dim,) = (500,).)
+  --bn-mode none drops every BatchNorm (dpnet: use_batchnorm=False); local and sync are the
+  same thing in one process. BN: eps 1e-5, running = 0.9*running + 0.1*batch (PyTorch
+  momentum=0.1), running_mean 0 / running_var 1 at the start, gamma 1, beta 0.
+- init: He, N(0, 2/fan_in), for conv and linear weights, zero biases. The weights are drawn
+  exactly as dpnet's init_weight draws them (np.random.default_rng(seed), parameters in
+  dpnet's order W1, W2, ..., affine weights drawn as (in, out) and transposed), so the
+  initial weights are the same numbers as dpnet's, not just the same distribution.
+- loss: mean softmax cross-entropy + 0.5*reg*sum(W^2) over the conv/linear weights only
+  (not biases, gamma, beta), reg=1e-3, as an explicit penalty term (Adam's weight_decay
+  would be a different update).
+- optimizer: Adam, betas 0.9/0.999, eps 1e-8 (same bias-corrected formula as dpnet.optim.adam),
+  lr 1e-3 with the cosine schedule of dpnet.train.learning_rate, set before every step:
+  lr_t = 0.5*lr*(1 + cos(pi*t/T)), t = steps done, T = epochs*steps_per_epoch.
+- evaluation: eval mode (running BN statistics), chunks of 500; val accuracy on the
+  1,000-image validation split, test accuracy on test_batch, both after the last epoch.
+- timing: wall time of the training steps only (per-epoch evaluation excluded, as in
+  dpnet's per-epoch "seconds"); images_per_s = training images seen / seconds.
+  torch.set_num_threads(--threads), default 1.
+
+What does not match:
+- PyTorch's running_var is updated with the unbiased batch variance (times n/(n-1)), dpnet's
+  with the biased one. Only eval-mode statistics change: about 0.8% larger for BatchNorm1d
+  (n = 128 examples, 1.4% on the 74-example last batch), negligible for BatchNorm2d
+  (n = 128*H*W values). Training-mode normalisation uses the biased variance in both.
+- Floating-point summation order (MKL-DNN/oneDNN kernels vs dpnet's im2col + BLAS), so runs
+  diverge numerically after a few steps: compare accuracies statistically, not bit for bit.
+- No data-parallel machinery: one process, no MPI, no checkpoints, no gradient allreduce.
+  With several dpnet ranks and bn sync the batch statistics are those of the global batch,
+  which is what this single process computes; bn local over several ranks is not modelled.
+- Augmentation (dpnet's --augment) and the other optimizers/schedules are not implemented.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's dpnet
+from dpnet.data import load_cifar10  # noqa: E402  the data recipe is dpnet's own code, not a copy
+from dpnet.augment import random_crop_flip  # noqa: E402
+from dpnet.train import channel_stats, split_train_val  # noqa: E402
+
+
+# dpnet.train.TrainConfig defaults
+BATCH_SIZE = 128
+VAL_SIZE = 1000
+LR = 1e-3
+REG = 1e-3
+HIDDEN_DIM = 500
+SEED = 0
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1  # PyTorch convention; dpnet's momentum 0.9 keeps 0.9 of the old running value
+
+
+# ---------------------------------------------------------------- data
+
+
+# ---------------------------------------------------------------- models
+
+
+def bn2d(c, use_bn):
+    return nn.BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM) if use_bn else nn.Identity()
+
+
+def bn1d(c, use_bn):
+    return nn.BatchNorm1d(c, eps=BN_EPS, momentum=BN_MOMENTUM) if use_bn else nn.Identity()
+
+
+def three_layer_convnet(use_bn, num_filters=32, filter_size=7, hidden_dim=HIDDEN_DIM, num_classes=10):
+    """dpnet.models.ThreeLayerConvNet: conv - (bn) - relu - pool - affine - (bn) - relu - affine."""
+    flat = num_filters * 16 * 16
+    return nn.Sequential(
+        nn.Conv2d(3, num_filters, filter_size, padding=(filter_size - 1) // 2),
+        bn2d(num_filters, use_bn), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, hidden_dim), bn1d(hidden_dim, use_bn), nn.ReLU(),
+        nn.Linear(hidden_dim, num_classes))
+
+
+def convnet(use_bn, stages=((32, 32), (64, 64)), hidden_dims=(HIDDEN_DIM,), num_classes=10):
+    """dpnet.models.ConvNet: {[conv3x3 - (bn) - relu] x k - pool} per stage, then
+    {affine - (bn) - relu} per hidden layer, then affine."""
+    layers, c, hw = [], 3, 32
+    for stage in stages:
+        for f in stage:
+            layers += [nn.Conv2d(c, f, 3, padding=1), bn2d(f, use_bn), nn.ReLU()]
+            c = f
+        layers.append(nn.MaxPool2d(2))
+        hw //= 2
+    layers.append(nn.Flatten())
+    d = c * hw * hw
+    for h in hidden_dims:
+        layers += [nn.Linear(d, h), bn1d(h, use_bn), nn.ReLU()]
+        d = h
+    layers.append(nn.Linear(d, num_classes))
+    return nn.Sequential(*layers)
+
+
+def weight_layers(model):
+    """The conv and linear layers in dpnet's parameter order (W1, W2, ...)."""
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def init_like_dpnet(model, seed):
+    """He init drawn exactly as dpnet.models.base.init_weight with weight_scale='he':
+    std sqrt(2/fan_in) * rng.standard_normal(dpnet shape), one generator, W1, W2, ... in
+    order; biases 0 (BatchNorm layers start at gamma 1, beta 0 by default)."""
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for m in weight_layers(model):
+            if isinstance(m, nn.Conv2d):
+                shape = tuple(m.weight.shape)  # (F, C, HH, WW), as in dpnet
+                fan_in = shape[1] * shape[2] * shape[3]
+                w = math.sqrt(2.0 / fan_in) * rng.standard_normal(shape)
+            else:
+                d_out, d_in = m.weight.shape  # dpnet stores (in, out)
+                w = (math.sqrt(2.0 / d_in) * rng.standard_normal((d_in, d_out))).T
+            m.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.astype(np.float32))))
+            m.bias.zero_()
+
+
+# ---------------------------------------------------------------- training
+
+
+def learning_rate(lr, step, total_steps):
+    """dpnet.train.learning_rate with lr_schedule='cosine'."""
+    return 0.5 * lr * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+def evaluate(model, x, y, to_input, chunk=500):
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), chunk):
+            scores = model(to_input(x[i:i + chunk]))
+            correct += int((scores.argmax(dim=1) == torch.from_numpy(y[i:i + chunk])).sum())
+    return correct / len(x) if len(x) else float("nan")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="cifar-10-batches-py folder")
+    parser.add_argument("--model", choices=("threelayer", "convnet"), default="threelayer")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--bn-mode", choices=("none", "local", "sync"), default="sync",
+                        help="none: no batchnorm; local and sync are the same in one process")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    parser.add_argument("--lr", type=float, default=LR)
+    parser.add_argument("--reg", type=float, default=REG)
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="random crop + flip, dpnet's own function and rank-0 stream (dpnet's default)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # unused: init and order come from NumPy, as in dpnet
+
+    data = load_cifar10(args.data)
+    x_test, y_test = data["x_test"], data["y_test"]
+    (x_train, y_train), (x_val, y_val) = split_train_val(data, VAL_SIZE, args.seed)
+    mean, std = channel_stats(x_train)
+    shift = torch.from_numpy(mean.astype(np.float32)).view(1, -1, 1, 1)
+    scale = torch.from_numpy((1 / std).astype(np.float32)).view(1, -1, 1, 1)
+
+    def to_input(xb):  # uint8 (n, C, H, W) -> normalised float32, one minibatch at a time
+        return (torch.from_numpy(xb).to(torch.float32) - shift) * scale
+
+    use_bn = args.bn_mode != "none"
+    model = three_layer_convnet(use_bn) if args.model == "threelayer" else convnet(use_bn)
+    init_like_dpnet(model, args.seed)
+    weights = [m.weight for m in weight_layers(model)]
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+
+    n = len(x_train)
+    per_epoch = -(-n // args.batch_size)
+    total_steps = args.epochs * per_epoch
+    print(f"torch {torch.__version__}: {args.model} (bn {args.bn_mode}), {args.threads} thread(s); "
+          f"{n} train / {len(x_val)} val / {len(x_test)} test; {args.epochs} epochs of {per_epoch} "
+          f"steps, batch {args.batch_size}", file=sys.stderr, flush=True)
+
+    augment_rng = np.random.default_rng([args.seed, 0, 1])  # dpnet.train's stream for rank 0
+    step, train_seconds, seen_total, loss_mean = 0, 0.0, 0, float("nan")
+    for epoch in range(args.epochs):
+        order = np.random.default_rng([args.seed, epoch]).permutation(n)  # dpnet's epoch_permutation
+        model.train()
+        loss_sum, seen = 0.0, 0
+        started = time.perf_counter()
+        for start in range(0, n, args.batch_size):
+            idx = order[start:start + args.batch_size]
+            xb, yb = to_input(x_train[idx]), torch.from_numpy(y_train[idx])
+            if args.augment:
+                xb = torch.from_numpy(np.ascontiguousarray(random_crop_flip(xb.numpy(), augment_rng)))
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(args.lr, step, total_steps)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xb), yb)
+            if args.reg:
+                loss = loss + 0.5 * args.reg * sum((w * w).sum() for w in weights)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_sum += loss.item() * len(idx)
+            seen += len(idx)
+        seconds = time.perf_counter() - started
+        train_seconds += seconds
+        seen_total += seen
+        loss_mean = loss_sum / seen
+        val_acc = evaluate(model, x_val, y_val, to_input)
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss_mean:.4f}, val acc {val_acc:.3f}, "
+              f"{seen / seconds:.0f} img/s", file=sys.stderr, flush=True)
+
+    val_acc = evaluate(model, x_val, y_val, to_input)
+    test_acc = evaluate(model, x_test, y_test, to_input)
+    print(json.dumps({
+        "model": args.model, "bn_mode": args.bn_mode, "epochs": args.epochs, "steps": step,
+        "train_images": n, "test_acc": test_acc, "val_acc": val_acc,
+        "final_train_loss": loss_mean, "seconds": round(train_seconds, 3),
+        "images_per_s": round(seen_total / train_seconds, 1) if train_seconds else None,
+        "threads": args.threads, "torch": torch.__version__}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
