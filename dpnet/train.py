@@ -118,8 +118,9 @@ def validate(config, world_size):
 
 def load_data(config):
     """(data dict, description, synthetic?) for the run."""
-    if config.data:
-        return load_dataset(config.data), f"CIFAR-10 from {config.data}", False
+    explicit = config.data or os.environ.get(DATA_ENV)  # named by the user: must exist
+    if explicit:
+        return load_dataset(explicit), f"CIFAR-10 from {explicit}", False
     for place in default_data_places():
         if os.path.exists(place):
             return load_dataset(place), f"CIFAR-10 from {place}", False
@@ -408,12 +409,26 @@ def _read_toml(path):
             raw = tomllib.load(fh)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"--config {path}: {exc}") from exc
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     values = {k.replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}")
+    defaults = TrainConfig()
+    for key, value in values.items():
+        kind = type(getattr(defaults, key)) if getattr(defaults, key) is not None else _optional_type(fields[key])
+        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(getattr(kind, "__name__", kind), str)
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, int) and not isinstance(value, bool) if kind is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+              isinstance(value, str))
+        if not ok:
+            raise ConfigError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
     return values
+
+
+# Abort kills the launcher's output forwarding too: give it a moment to pass the report on.
+ABORT_GRACE_SECONDS = 0.5
 
 
 def install_abort_hook(comm):
@@ -423,6 +438,7 @@ def install_abort_hook(comm):
         sys.stderr.write(f"[rank {comm.rank}] uncaught exception, aborting all {comm.size} ranks:\n"
                          + "".join(traceback.format_exception(kind, value, tb)))
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_SECONDS)
         comm.abort(1)
     sys.excepthook = hook
 

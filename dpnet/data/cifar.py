@@ -41,6 +41,8 @@ def load_batch(path):
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{path}: b'data' must be a uint8 array (N, 3072), got "
                         f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: b'labels' must be integers, got {labels.dtype} values such as {labels.flat[0]!r}")
     if labels.shape != (data.shape[0],):
         raise DataError(f"{path}: {data.shape[0]} images but {labels.size} labels")
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):

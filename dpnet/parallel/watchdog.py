@@ -64,4 +64,5 @@ class Watchdog:
                 f"[rank {self.comm.rank}] watchdog: step {step} has not completed in {self.timeout:g} s; "
                 f"{who}. Aborting the job.\n")
             sys.stderr.flush()
+            time.sleep(0.5)  # let the launcher forward the message before Abort tears it down
             self.comm.abort(1)

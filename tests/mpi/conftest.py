@@ -4,6 +4,7 @@ in the collective the failed rank never reaches)."""
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -30,4 +31,5 @@ def pytest_runtest_makereport(item, call):
         sys.stderr.write(f"\n[rank {rank}] {report.nodeid} failed; aborting all ranks\n"
                          f"{report.longreprtext}\n")
         sys.stderr.flush()
+        time.sleep(0.5)  # let mpirun forward the report before Abort tears it down
         _world().Abort(1)

@@ -1,0 +1,661 @@
+"""End-to-end tests of the real command, `[mpirun -n N] python -m dpnet.train`, run as
+subprocesses from a temporary working directory on a tiny CIFAR-10 folder written by a
+fixture (200 training images, 40 of them held out for validation, 40 test images; with
+--batch-size 32 an epoch is 5 optimizer steps).
+
+Every job runs under a hard time bound: a job that outlives it is killed (its whole
+process group) and the test fails; a job that leaves processes behind fails too.
+"""
+
+import json
+import os
+import random
+import re
+import signal
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import dpnet
+from dpnet.checkpoint import CheckpointError, load_checkpoint
+from dpnet.parallel import SerialComm
+from dpnet.train import TrainConfig, build_model
+from train_helpers import (STEPS_PER_EPOCH, TINY, assert_same_state, cifar_dir, clean_env,  # noqa: F401
+                           finish, kill_group, normwise_rel_error, read_checkpoint, read_metrics, run_ok,
+                           run_train, start, train_command, write_cifar_folder, write_pickle)
+
+CKPT = os.path.join("dpnet_run", "checkpoint.h5")  # the documented default paths, relative to cwd
+METRICS = os.path.join("dpnet_run", "metrics.jsonl")
+EPOCH_KEYS = {"epoch", "step", "train_loss", "train_acc", "val_acc", "images_per_s", "comm_fraction", "seconds"}
+BN_SYNC_THREELAYER = {"W1", "b1", "W2", "b2", "W3", "b3", "gamma1", "beta1", "gamma2", "beta2"}
+ERROR_PREFIX = "python -m dpnet.train: error: "
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """cached(key, fn): fn(fresh directory) once per module, for runs several tests read."""
+    store = {}
+
+    def get(key, fn):
+        if key not in store:
+            store[key] = fn(tmp_path_factory.mktemp(re.sub(r"\W+", "_", key)))
+        return store[key]
+    return get
+
+
+def base_args(data, *extra):
+    return ["--data", data, *TINY, *extra]
+
+
+def model_for(path):
+    """A fresh model built from the options stored in a checkpoint (dpnet.train.build_model)."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        config = json.loads(f.attrs["config"])
+    return build_model(TrainConfig(**config), SerialComm()), config
+
+
+def assert_unique_lines(run):
+    dupes = sorted({line for line in run.lines if run.lines.count(line) > 1 and line.strip("=")})
+    assert not dupes, f"lines printed more than once (not only rank 0 prints?): {dupes}\n{run}"
+
+
+# ================================================================ 1. the main command
+
+RANKS = [None, 1, 2, 4]  # None: plain `python -m dpnet.train`, no launcher
+RANK_IDS = ["serial", "mpirun-1", "mpirun-2", "mpirun-4"]
+
+
+def main_run(cached, data, ranks):
+    # without augmentation (on by default) so that every rank count trains the same model
+    return cached(f"main-{ranks}", lambda d: run_ok(base_args(data, "--epochs", "2", "--no-augment"), d, ranks))
+
+
+@pytest.mark.parametrize("ranks", RANKS, ids=RANK_IDS)
+def test_main_command(cached, cifar_dir, ranks):
+    run = main_run(cached, cifar_dir, ranks)
+    world = ranks or 1
+    # the documented outputs, at the default paths, and nothing else (no stray temporary files)
+    assert sorted(os.listdir(run.path("dpnet_run"))) == ["checkpoint.h5", "metrics.jsonl"], str(run)
+
+    records = read_metrics(run.path(METRICS))
+    assert len(records) == 3, records  # two epochs and the final object
+    epochs, final = records[:2], records[2]
+    for number, record in enumerate(epochs, start=1):
+        assert EPOCH_KEYS <= set(record), record
+        assert record["epoch"] == number and record["step"] == number * STEPS_PER_EPOCH, record
+        assert record["synthetic"] is False
+        for key in ("train_acc", "val_acc"):
+            assert 0.0 <= record[key] <= 1.0, record
+        assert record["train_acc"] * 160 == pytest.approx(round(record["train_acc"] * 160))  # of 160 images
+        assert record["val_acc"] * 40 == pytest.approx(round(record["val_acc"] * 40))  # of 40 images
+        assert 0.0 <= record["comm_fraction"] <= 1.0, record
+        if world == 1:
+            assert record["comm_fraction"] < 0.5, record  # a world of one barely communicates
+        assert record["seconds"] > 0 and record["images_per_s"] > 0, record
+        assert record["images_per_s"] * record["seconds"] == pytest.approx(160, rel=1e-6)  # 160 images / epoch
+        assert np.isfinite(record["train_loss"]) and 0 < record["train_loss"] < 5, record
+    assert epochs[1]["train_loss"] < epochs[0]["train_loss"], "the loss did not go down on learnable data"
+    assert epochs[1]["train_acc"] > 0.2, "no better than chance (0.1) on class-coloured images"
+    assert final.get("final") is True and final["step"] == 10 and final["synthetic"] is False, final
+    assert 0.0 <= final["test_acc"] <= 1.0 and final["test_acc"] * 40 == pytest.approx(round(final["test_acc"] * 40))
+
+    ckpt = read_checkpoint(run.path(CKPT))
+    assert (ckpt["attrs"]["step"], ckpt["attrs"]["epoch"], ckpt["attrs"]["world_size"]) == (10, 2, world)
+
+    # only rank 0 prints: the header, one line per epoch and the result, each exactly once
+    assert_unique_lines(run)
+    lines = run.lines
+    assert len(lines) == 4, str(run)
+    assert lines[0].startswith(f"dpnet {dpnet.__version__}: threelayer (bn sync), {world} rank(s) x "), lines[0]
+    assert lines[0].endswith(f"CIFAR-10 from {cifar_dir}: 160 train / 40 val / 40 test; "
+                             "2 epochs of 5 steps, global batch 32"), lines[0]
+    for number, record in enumerate(epochs, start=1):
+        assert lines[number].startswith(f"epoch {number}/2: loss {record['train_loss']:.4f}, "
+                                        f"train acc {record['train_acc']:.3f}, val acc {record['val_acc']:.3f}, ")
+    assert lines[3] == f"test accuracy {final['test_acc']:.4f}; checkpoint {CKPT}"
+    assert run.err_lines == [], str(run)
+
+
+def test_main_command_agrees_across_rank_counts(cached, cifar_dir):
+    """sync batchnorm: 1, 2 and 4 ranks train the same model, to float32 rounding."""
+    runs = {ranks: main_run(cached, cifar_dir, ranks) for ranks in RANKS}
+    reference = read_checkpoint(runs[None].path(CKPT))
+    reference_metrics = read_metrics(runs[None].path(METRICS))
+    for ranks, run in runs.items():
+        ckpt = read_checkpoint(run.path(CKPT))
+        for name, value in reference["params"].items():  # measured: up to 5e-5 after 10 adam steps
+            assert normwise_rel_error(ckpt["params"][name], value) < 5e-4, (ranks, name)
+        for got, want in zip(read_metrics(run.path(METRICS)), reference_metrics):
+            if "train_loss" in want:
+                assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5), ranks
+
+
+# ================================================================ 2. --simulate-ranks == mpirun
+
+@pytest.mark.parametrize("ranks, extra", [(2, ["--augment"]), (4, ["--no-augment"])], ids=["2-augment", "4"])
+def test_simulate_ranks_matches_mpirun(cifar_dir, tmp_path, ranks, extra):
+    args = base_args(cifar_dir, "--epochs", "2", "--dtype", "float64", *extra)
+    (tmp_path / "mpi").mkdir()
+    (tmp_path / "sim").mkdir()
+    real = run_ok(args, tmp_path / "mpi", ranks)
+    sim = run_ok(args + ["--simulate-ranks", str(ranks)], tmp_path / "sim")
+    for run in (real, sim):
+        assert_unique_lines(run)
+        assert f" {ranks} rank(s) x " in run.lines[0], str(run)
+    a, b = read_checkpoint(real.path(CKPT)), read_checkpoint(sim.path(CKPT))
+    assert a["attrs"]["world_size"] == b["attrs"]["world_size"] == ranks
+    assert a["attrs"]["step"] == b["attrs"]["step"] == 10
+    initial, _ = model_for(real.path(CKPT))
+    for name, value in a["params"].items():
+        assert value.dtype == np.float64
+        assert normwise_rel_error(b["params"][name], value) <= 1e-12, name
+        if not name.startswith("b"):  # biases feeding a batchnorm rightly stay at zero
+            assert normwise_rel_error(initial.params[name], value) > 1e-3, f"{name} did not train"
+    for group in ("optimizer", "batchnorm"):
+        assert sorted(a[group]) == sorted(b[group])
+        for name, value in a[group].items():
+            assert normwise_rel_error(b[group][name], value) <= 1e-12, (group, name)
+    assert a["optimizer_attrs"] == b["optimizer_attrs"]
+    assert a["attrs"]["rng_states"] == b["attrs"]["rng_states"]  # the per-rank augmentation streams
+    real_metrics, sim_metrics = read_metrics(real.path(METRICS)), read_metrics(sim.path(METRICS))
+    assert len(real_metrics) == len(sim_metrics) == 3
+    for x, y in zip(real_metrics, sim_metrics):
+        assert x["step"] == y["step"]
+        if "train_loss" in x:
+            assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-12, abs=0)
+            assert (x["train_acc"], x["val_acc"]) == (y["train_acc"], y["val_acc"])
+    assert real_metrics[-1]["test_acc"] == sim_metrics[-1]["test_acc"]
+
+
+# ================================================================ 3. resume
+
+def straight_run(cached, data, augment):
+    """2 ranks, --epochs 2 in one go."""
+    extra = ["--augment"] if augment else ["--no-augment"]
+    return cached(f"straight-{augment}", lambda d: run_ok(base_args(data, "--epochs", "2", *extra), d, 2))
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augment"])
+@pytest.mark.parametrize("stop_at", [3, STEPS_PER_EPOCH], ids=["mid-epoch", "epoch-end"])
+def test_resume_is_bit_identical(cached, cifar_dir, tmp_path, stop_at, augment):
+    extra = ["--augment"] if augment else ["--no-augment"]
+    args = base_args(cifar_dir, "--epochs", "2", *extra)
+    first = run_ok(args + ["--max-steps", str(stop_at)], tmp_path, 2)
+    partial = read_checkpoint(first.path(CKPT))
+    assert partial["attrs"]["step"] == stop_at
+    second = run_ok(args + ["--resume", CKPT], tmp_path, 2)
+    assert_unique_lines(second)
+    assert second.lines[0] == (f"resumed from {CKPT} at step {stop_at} (epoch {stop_at // STEPS_PER_EPOCH}), "
+                               "written by 2 rank(s)"), str(second)
+    resumed = read_checkpoint(second.path(CKPT))
+    base = straight_run(cached, cifar_dir, augment)
+    straight = read_checkpoint(base.path(CKPT))
+    assert not np.array_equal(partial["params"]["W2"], straight["params"]["W2"])  # the test is not vacuous
+    assert_same_state(resumed, straight, f"resume at step {stop_at}")
+    assert resumed["attrs"]["rng_states"] == straight["attrs"]["rng_states"]
+    # the metrics file goes on: the second run appended its epochs; same final accuracy
+    records = read_metrics(first.path(METRICS))
+    assert [r["step"] for r in records] == [stop_at, stop_at] + (
+        [5, 10, 10] if stop_at < STEPS_PER_EPOCH else [10, 10])
+    assert records[-1]["test_acc"] == read_metrics(base.path(METRICS))[-1]["test_acc"]
+
+
+def test_epochs_is_the_total_when_resuming(cifar_dir, tmp_path):
+    args = base_args(cifar_dir, "--epochs", "2")
+    run_ok(args + ["--max-steps", str(STEPS_PER_EPOCH)], tmp_path, 2)
+    one = read_checkpoint(tmp_path / CKPT)
+    assert (one["attrs"]["step"], one["attrs"]["epoch"]) == (STEPS_PER_EPOCH, 1)
+    second = run_ok(args + ["--resume", CKPT], tmp_path, 2)
+    two = read_checkpoint(tmp_path / CKPT)
+    assert (two["attrs"]["step"], two["attrs"]["epoch"]) == (2 * STEPS_PER_EPOCH, 2)
+    assert two["optimizer_attrs"]["t"] == 2 * STEPS_PER_EPOCH  # adam took exactly 5 more steps
+    assert [line.split(":")[0] for line in second.lines if line.startswith("epoch ")] == ["epoch 2/2"]
+    records = read_metrics(tmp_path / METRICS)
+    assert [(r.get("epoch"), r["step"]) for r in records] == [(1, 5), (None, 5), (2, 10), (None, 10)]
+    # resuming the finished run with the same --epochs trains nothing more
+    third = run_ok(args + ["--resume", CKPT], tmp_path, 2)
+    done = read_checkpoint(tmp_path / CKPT)
+    assert not [line for line in third.lines if line.startswith("epoch ")], str(third)
+    assert done["attrs"]["step"] == 10 and done["optimizer_attrs"]["t"] == 10
+    assert_same_state(done, two, "resuming a finished run")
+
+
+def test_resume_at_a_different_number_of_ranks(cached, cifar_dir, tmp_path):
+    args = base_args(cifar_dir, "--epochs", "2", "--no-augment")  # augmentation streams are per rank
+    run_ok(args + ["--max-steps", "3"], tmp_path, 2)
+    second = run_ok(args + ["--resume", CKPT], tmp_path, ranks=None)  # one rank
+    assert second.lines[0] == f"resumed from {CKPT} at step 3 (epoch 0), written by 2 rank(s)", str(second)
+    resumed = read_checkpoint(tmp_path / CKPT)
+    assert (resumed["attrs"]["step"], resumed["attrs"]["world_size"]) == (10, 1)
+    assert resumed["optimizer_attrs"]["t"] == 10
+    assert [r["step"] for r in read_metrics(tmp_path / METRICS)] == [3, 3, 5, 10, 10]
+    # sync batchnorm: the same training as 2 ranks throughout, up to float32 rounding (measured 1e-7)
+    straight = read_checkpoint(straight_run(cached, cifar_dir, False).path(CKPT))
+    for name, value in straight["params"].items():
+        assert normwise_rel_error(resumed["params"][name], value) < 1e-5, name
+
+
+# ================================================================ 4. checkpoint contents
+
+def test_checkpoint_contents_and_round_trip(cifar_dir, tmp_path):
+    # augmentation is on by default: each rank's generator state is stored
+    args = base_args(cifar_dir, "--epochs", "2", "--max-steps", "3", "--seed", "5", "--lr", "0.002",
+                     "--checkpoint", "out/ck.h5", "--metrics", "out/m.jsonl")
+    run_ok(args, tmp_path, 2)
+    path = str(tmp_path / "out" / "ck.h5")
+    ckpt = read_checkpoint(path)
+    assert ckpt["groups"] == ["batchnorm", "optimizer", "params"]
+    params = ckpt["params"]
+    assert set(params) == BN_SYNC_THREELAYER
+    shapes = {"W1": (32, 3, 7, 7), "b1": (32,), "W2": (32 * 16 * 16, 16), "b2": (16,), "W3": (16, 10),
+              "b3": (10,), "gamma1": (32,), "beta1": (32,), "gamma2": (16,), "beta2": (16,)}
+    assert {k: v.shape for k, v in params.items()} == shapes
+    assert all(v.dtype == np.float32 for v in params.values())
+    total = sum(v.size for v in params.values())
+    # adam's state: the moment arrays as datasets, its step count and hyper-parameters as attributes
+    assert set(ckpt["optimizer"]) == {"m", "v"}
+    assert all(v.size == total and np.all(np.isfinite(v)) for v in ckpt["optimizer"].values())
+    assert np.all(ckpt["optimizer"]["v"] >= 0) and np.any(ckpt["optimizer"]["m"] != 0)
+    assert ckpt["optimizer_attrs"]["t"] == 3
+    assert {"learning_rate", "beta1", "beta2", "epsilon"} <= set(ckpt["optimizer_attrs"])
+    assert set(ckpt["batchnorm"]) == {"bn0/running_mean", "bn0/running_var", "bn1/running_mean", "bn1/running_var"}
+    assert ckpt["batchnorm"]["bn0/running_mean"].shape == (32,) and ckpt["batchnorm"]["bn1/running_var"].shape == (16,)
+    attrs = ckpt["attrs"]
+    assert set(attrs) == {"epoch", "step", "world_size", "dpnet_version", "config", "rng_states"}
+    assert (attrs["epoch"], attrs["step"], attrs["world_size"]) == (0, 3, 2)
+    assert attrs["dpnet_version"] == dpnet.__version__
+    config = attrs["config"]
+    assert set(config) == set(TrainConfig.__dataclass_fields__)
+    assert {k: config[k] for k in ("data", "batch_size", "val_size", "hidden_dim", "max_steps", "epochs",
+                                   "augment", "seed", "lr", "checkpoint", "metrics", "progress", "model")} == {
+        "data": cifar_dir, "batch_size": 32, "val_size": 40, "hidden_dim": 16, "max_steps": 3, "epochs": 2,
+        "augment": True, "seed": 5, "lr": 0.002, "checkpoint": "out/ck.h5", "metrics": "out/m.jsonl",
+        "progress": False, "model": "threelayer"}
+    states = attrs["rng_states"]
+    assert len(states) == 2 and all(set(s) == {"augment"} for s in states)
+    assert states[0] != states[1]  # each rank augments with its own stream
+
+    # dpnet's loader restores the same numbers into a fresh model
+    model, _ = model_for(path)
+    assert not np.array_equal(model.params["W1"], params["W1"])
+    optim_config, loaded = load_checkpoint(path, model)
+    for name, value in params.items():
+        assert np.array_equal(model.params[name], value), name
+        assert model.params[name].dtype == value.dtype
+    for i, bn in enumerate(model.bn_params):
+        for key in ("running_mean", "running_var"):
+            assert np.array_equal(bn[key], ckpt["batchnorm"][f"bn{i}/{key}"])
+    assert np.array_equal(optim_config["m"], ckpt["optimizer"]["m"])
+    assert np.array_equal(optim_config["v"], ckpt["optimizer"]["v"])
+    assert optim_config["t"] == 3 and optim_config["learning_rate"] == ckpt["optimizer_attrs"]["learning_rate"]
+    assert (loaded["step"], loaded["epoch"], loaded["world_size"]) == (3, 0, 2)
+    assert loaded["config"] == config and loaded["rng_states"] == states
+    # and refuses a model it does not fit
+    with pytest.raises(CheckpointError, match="W2"):
+        load_checkpoint(path, build_model(TrainConfig(**{**config, "hidden_dim": 8}), SerialComm()))
+
+
+# ================================================================ 5. atomic checkpoints under SIGKILL
+
+SAVER = textwrap.dedent("""
+    import os, sys, types
+    import numpy as np
+    from dpnet.checkpoint import load_checkpoint, save_checkpoint
+
+    path, size = sys.argv[1], int(sys.argv[2])
+    model = types.SimpleNamespace(params={n: np.zeros(size) for n in ("A", "B", "C")},
+                                  bn_params=[{"running_mean": np.zeros(3), "running_var": np.ones(3)}])
+    step = load_checkpoint(path, model)[1]["step"] if os.path.exists(path) else 0
+    while True:
+        step += 1
+        for value in model.params.values():
+            value[...] = step
+        model.bn_params[0]["running_mean"][...] = step
+        save_checkpoint(path, model, {"t": step, "m": np.full(size, float(step))}, step, step,
+                        {"step": step}, 1, [{"x": step}])
+        print(step, flush=True)
+""")
+
+
+def check_saved(path, size):
+    """The file at `path` is one complete save: every number in it is its step."""
+    import types
+    model = types.SimpleNamespace(params={n: np.zeros(size) for n in ("A", "B", "C")},
+                                  bn_params=[{"running_mean": np.zeros(3), "running_var": np.zeros(3)}])
+    optim, attrs = load_checkpoint(path, model)
+    step = attrs["step"]
+    assert all(np.all(v == step) for v in model.params.values())
+    assert np.all(model.bn_params[0]["running_mean"] == step) and np.all(model.bn_params[0]["running_var"] == 1)
+    assert optim["t"] == step and np.all(optim["m"] == step)
+    assert attrs["epoch"] == step and attrs["config"] == {"step": step} and attrs["rng_states"] == [{"x": step}]
+    return step
+
+
+def test_checkpoint_survives_sigkill_while_writing(tmp_path):
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    path = tmp_path / "ck" / "checkpoint.h5"
+    size = 1_000_000  # 4 arrays of 8 MB: each save takes a while
+    rnd = random.Random(0)
+    hits = 0
+    previous = 0
+    for attempt in range(10):
+        proc = start([sys.executable, str(script), str(path), str(size)], tmp_path)
+        guard = threading.Timer(60, kill_group, [proc])  # a bound even if readline() blocks
+        guard.start()
+        try:
+            first = proc.stdout.readline()  # one complete save by this process
+            assert first.strip(), f"the saver printed nothing: {proc.stderr.read()}"
+            time.sleep(rnd.uniform(0.0, 0.35))
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            guard.cancel()
+            kill_group(proc)
+        printed = [int(s) for s in (first + out).split()]
+        assert proc.returncode == -signal.SIGKILL, err
+        assert printed[0] == previous + 1  # it continued from the file left by the last kill
+        step = check_saved(str(path), size)  # raises if the file is partial
+        # the last save reported complete, or the one after it if it got renamed just before the kill
+        assert step in (printed[-1], printed[-1] + 1), (step, printed)
+        strays = [n for n in os.listdir(path.parent) if n != path.name]
+        assert all("tmp" in n for n in strays), strays  # only temporary files beside it
+        hits += bool(strays)
+        for name in strays:
+            os.remove(path.parent / name)
+        previous = step
+    assert hits > 0, "no kill landed during a write: the test did not exercise anything"
+
+
+def test_training_survives_sigkill(cifar_dir, tmp_path):
+    """Kill -9 the real command at random moments of a run of 1-step epochs (a checkpoint
+    per epoch); the file is always a complete checkpoint and the run resumes from it."""
+    args = ["--data", cifar_dir, "--val-size", "190", "--batch-size", "32", "--hidden-dim", "16",
+            "--no-progress", "--epochs", "100000", "--check-every", "0"]  # 10 training images: 1 step / epoch
+    rnd = random.Random(1)
+    step = None
+    for attempt in range(4):
+        cmd = train_command(args + (["--resume", CKPT] if step is not None else []))
+        proc = start(cmd, tmp_path)
+        guard = threading.Timer(90, kill_group, [proc])  # a bound even if readline() blocks
+        guard.start()
+        try:
+            seen = []
+            deadline = time.monotonic() + 60
+            # two epochs printed: the first one's checkpoint is complete
+            while sum(line.startswith("epoch ") for line in seen) < 2:
+                line = proc.stdout.readline()
+                assert line and time.monotonic() < deadline, f"no epoch finished: {seen} {proc.stderr.read()}"
+                seen.append(line)
+            time.sleep(rnd.uniform(0.0, 0.3))
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            guard.cancel()
+            kill_group(proc)
+        lines = "".join(seen).splitlines() + out.splitlines()
+        if step is not None:
+            assert lines[0].startswith(f"resumed from {CKPT} at step {step} "), lines[:2]
+        last_epoch = max(int(line.split()[1].split("/")[0]) for line in lines if line.startswith("epoch "))
+        model, _ = model_for(tmp_path / CKPT)
+        _, attrs = load_checkpoint(str(tmp_path / CKPT), model)  # a complete, loadable checkpoint
+        # epoch e is printed before its checkpoint is written: the file holds epoch e - 1 or e (1 step each)
+        assert attrs["step"] in (last_epoch - 1, last_epoch), (attrs["step"], last_epoch)
+        assert attrs["step"] == attrs["epoch"]
+        assert step is None or attrs["step"] >= step
+        step = attrs["step"]
+    assert step >= 4
+
+
+# ================================================================ 6. failures end the job, in bounded time
+
+FAULT_STEP = 7  # in epoch 2, after epoch 1's checkpoint (step 5)
+
+
+def assert_epoch_one_checkpoint_kept(run):
+    model, _ = model_for(run.path(CKPT))
+    _, attrs = load_checkpoint(run.path(CKPT), model)
+    assert attrs["step"] == STEPS_PER_EPOCH, str(run)
+    records = read_metrics(run.path(METRICS))
+    assert [r.get("epoch") for r in records] == [1], records
+    assert not any(line.startswith("test accuracy") for line in run.lines), str(run)
+
+
+@pytest.mark.parametrize("kind, bound", [("raise", 20), ("exit", 20), ("hang", 30)])
+def test_fault_on_one_rank_ends_the_job(cifar_dir, tmp_path, kind, bound):
+    extra = ["--timeout", "3"] if kind == "hang" else []  # others: the default 300 s would exceed the bound
+    run = run_train(base_args(cifar_dir, "--epochs", "2", *extra), tmp_path, 2,
+                    env=clean_env(DPNET_FAULT=f"1:{FAULT_STEP}:{kind}"), timeout=bound)
+    assert run.returncode != 0, str(run)
+    assert_epoch_one_checkpoint_kept(run)
+    if kind == "raise":
+        assert "[rank 1]" in run.stderr and "Traceback" in run.stderr, str(run)
+        assert f"injected fault on rank 1 at step {FAULT_STEP}" in run.stderr, str(run)
+        assert "[rank 0]" not in run.stderr, str(run)
+    if kind == "hang":
+        assert "rank(s) [1] never reached it" in run.stderr, str(run)
+        assert f"step {FAULT_STEP} has not completed in 3 s" in run.stderr, str(run)
+        assert run.seconds >= 3
+
+
+def test_nan_loss_stops_cleanly(cifar_dir, tmp_path):
+    run = run_train(base_args(cifar_dir, "--epochs", "2"), tmp_path, 2,
+                    env=clean_env(DPNET_FAULT=f"1:{FAULT_STEP}:nan"), timeout=60)
+    assert run.returncode == 1, str(run)
+    assert run.stderr.count("loss is nan at step") == 1, str(run)
+    assert run.err_lines == [f"{ERROR_PREFIX}the loss is nan at step {FAULT_STEP} (epoch 2); "
+                             "stopping, the last checkpoint is kept"], str(run)
+    assert_epoch_one_checkpoint_kept(run)
+
+
+# ================================================================ 7. SIGTERM: stop, save, resume
+
+def test_sigterm_saves_and_resumes(cifar_dir, tmp_path):
+    epochs = 40
+    total = epochs * STEPS_PER_EPOCH
+    args = base_args(cifar_dir, "--epochs", str(epochs))
+    cmd = train_command(args, 2)
+    started = time.monotonic()
+    proc = start(cmd, tmp_path)
+    try:
+        deadline = started + 60
+        while not (os.path.exists(tmp_path / METRICS) and (tmp_path / METRICS).read_text().count("\n") >= 1):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before SIGTERM"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # to mpirun only
+        sent = time.monotonic()
+        run = finish(proc, cmd, tmp_path, sent, timeout=20)
+    finally:
+        kill_group(proc)
+    assert run.returncode == 0, str(run)
+    saved = re.findall(r"^stop requested \(SIGTERM\): checkpoint saved at step (\d+); continue with "
+                       + re.escape(f"--resume {CKPT}") + "$", run.stdout, re.M)
+    assert len(saved) == 1, str(run)
+    step = int(saved[0])
+    assert STEPS_PER_EPOCH <= step < total
+    model, _ = model_for(tmp_path / CKPT)
+    _, attrs = load_checkpoint(str(tmp_path / CKPT), model)
+    assert attrs["step"] == step and attrs["epoch"] == step // STEPS_PER_EPOCH
+    assert not any(line.startswith("test accuracy") for line in run.lines)
+    resumed = run_ok(args + ["--resume", CKPT], tmp_path, 2, timeout=120)
+    assert resumed.lines[0].startswith(f"resumed from {CKPT} at step {step} "), str(resumed)
+    assert read_checkpoint(tmp_path / CKPT)["attrs"]["step"] == total
+    final = read_metrics(tmp_path / METRICS)[-1]
+    assert final.get("final") is True and final["step"] == total
+
+
+# ================================================================ 8. bad input: exit 2, one line, once
+
+@pytest.fixture(scope="module")
+def real_checkpoint(cached, cifar_dir):
+    run = cached("real-ckpt", lambda d: run_ok(base_args(cifar_dir, "--max-steps", "1"), d))
+    return run.path(CKPT)
+
+
+def _toml(tmp_path, text):
+    path = tmp_path / "run.toml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def _truncated_checkpoint(tmp_path, real):
+    data = open(real, "rb").read()
+    (tmp_path / "truncated.h5").write_bytes(data[:len(data) // 2])
+    return ["--resume", "truncated.h5"], ["truncated.h5"]
+
+
+def _data_with(tmp_path, cifar_dir, name, content):
+    root = tmp_path / "cifar"
+    write_cifar_folder(str(root))
+    if isinstance(content, bytes):
+        (root / name).write_bytes(content)
+    else:
+        write_pickle(root / name, content)
+    return ["--data", str(root)], [str(root / name)]
+
+
+def _truncated_batch(tmp_path, cifar_dir):
+    args, fragments = _data_with(tmp_path, cifar_dir, "data_batch_3", b"")
+    full = open(os.path.join(cifar_dir, "data_batch_3"), "rb").read()
+    (tmp_path / "cifar" / "data_batch_3").write_bytes(full[:len(full) // 2])
+    return args, fragments
+
+
+def _garbage_checkpoint(tmp_path):
+    (tmp_path / "garbage.h5").write_bytes(bytes(range(256)) * 64)
+    return ["--resume", "garbage.h5"], ["garbage.h5", "unreadable checkpoint"]
+
+
+def _missing_batch(tmp_path, cifar_dir):
+    args, fragments = _data_with(tmp_path, cifar_dir, "data_batch_5", b"")
+    os.remove(tmp_path / "cifar" / "data_batch_5")
+    return args, fragments + ["file not found"]
+
+
+BAD_INPUT = {  # id -> f(tmp_path, cifar_dir, real_checkpoint, mode) -> (extra args, fragments of the message)
+    "unknown-flag": lambda t, d, c, m: (["--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
+    "batch-size-0": lambda t, d, c, m: (["--batch-size", "0"], ["--batch-size must be at least 1, got 0"]),
+    "lr-0": lambda t, d, c, m: (["--lr", "0"], ["--lr must be positive"]),
+    "lr-negative": lambda t, d, c, m: (["--lr", "-1"], ["--lr must be positive, got -1"]),
+    "batch-size-1-two-ranks": lambda t, d, c, m: (
+        ["--batch-size", "1"] + (["--simulate-ranks", "2"] if m == "serial" else []),
+        ["--batch-size 1 is smaller than the 2 ranks"]),
+    "unknown-model": lambda t, d, c, m: (["--model", "resnet50"], ["--model", "invalid choice: 'resnet50'"]),
+    "toml-unknown-key": lambda t, d, c, m: (["--config", _toml(t, "max_steps = 3\nlearning_rate = 0.1\n")],
+                                            ["run.toml", "unknown key(s) learning_rate"]),
+    "toml-syntax": lambda t, d, c, m: (["--config", _toml(t, "max_steps = \n")], ["run.toml"]),
+    "resume-missing": lambda t, d, c, m: (["--resume", "nowhere.h5"], ["nowhere.h5", "no such checkpoint file"]),
+    "resume-garbage": lambda t, d, c, m: _garbage_checkpoint(t),
+    "resume-truncated": lambda t, d, c, m: _truncated_checkpoint(t, c),
+    "resume-other-model": lambda t, d, c, m: (["--resume", c, "--hidden-dim", "8"], [c, "W2"]),
+    "data-missing": lambda t, d, c, m: (["--data", str(t / "no-such-folder")], [str(t / "no-such-folder")]),
+    "data-truncated-batch": lambda t, d, c, m: _truncated_batch(t, d),
+    "data-foreign-pickle": lambda t, d, c, m: _data_with(t, d, "data_batch_2", {b"labels": [1, 2], b"x": 0}),
+    "data-pickled-list": lambda t, d, c, m: _data_with(t, d, "test_batch", [1, 2, 3]),
+    "data-missing-batch": lambda t, d, c, m: _missing_batch(t, d),
+}
+
+
+@pytest.mark.parametrize("mode", ["serial", "mpirun-2"])
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_exits_2_with_one_message(cifar_dir, real_checkpoint, tmp_path, case, mode):
+    extra, fragments = BAD_INPUT[case](tmp_path, cifar_dir, real_checkpoint, mode)
+    run = run_train(base_args(cifar_dir, "--max-steps", "1", *extra), tmp_path,
+                    ranks=2 if mode == "mpirun-2" else None, timeout=60)
+    assert run.returncode == 2, str(run)
+    assert len(run.err_lines) == 1, f"expected one line on stderr\n{run}"
+    assert run.stderr.count(ERROR_PREFIX) == 1, f"printed more than once\n{run}"  # even if interleaved
+    line = run.err_lines[0]
+    assert line.startswith(ERROR_PREFIX), str(run)
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in the message\n{run}"
+    assert run.stdout == "", str(run)
+    assert not os.path.exists(tmp_path / CKPT)
+
+
+def test_toml_config_is_honoured_and_flags_override_it(cifar_dir, tmp_path):
+    config = _toml(tmp_path, f"""
+        data = "{cifar_dir}"
+        max_steps = 3
+        batch_size = 32
+        val_size = 40
+        hidden_dim = 16
+        progress = false
+        checkpoint = "from_toml/ck.h5"
+    """)
+    run_ok(["--config", config], tmp_path)
+    ckpt = read_checkpoint(tmp_path / "from_toml" / "ck.h5")
+    assert ckpt["attrs"]["step"] == 3 and ckpt["params"]["W3"].shape == (16, 10)
+    assert ckpt["attrs"]["config"]["max_steps"] == 3 and ckpt["attrs"]["config"]["data"] == cifar_dir
+    run = run_ok(["--config", config, "--max-steps", "2", "--hidden-dim", "12"], tmp_path)
+    ckpt = read_checkpoint(tmp_path / "from_toml" / "ck.h5")
+    assert ckpt["attrs"]["step"] == 2 and ckpt["params"]["W3"].shape == (12, 10)
+    assert "160 train / 40 val / 40 test" in run.lines[0]
+
+
+@pytest.mark.parametrize("mode", ["serial", "mpirun-2"])
+def test_toml_value_of_the_wrong_type_is_a_config_error(cifar_dir, tmp_path, mode):
+    config = _toml(tmp_path, 'max_steps = "3"\n')
+    run = run_train(base_args(cifar_dir, "--config", config), tmp_path, ranks=2 if mode == "mpirun-2" else None,
+                    timeout=60)
+    assert run.returncode == 2, str(run)
+    assert len(run.err_lines) == 1 and run.err_lines[0].startswith(ERROR_PREFIX), str(run)
+    assert "max_steps" in run.err_lines[0] or "max-steps" in run.err_lines[0], str(run)
+
+
+def test_toml_float_for_an_integer_option_is_a_config_error(cifar_dir, tmp_path):
+    config = _toml(tmp_path, "epochs = 1.5\n")
+    run = run_train(base_args(cifar_dir, "--config", config, "--max-steps", "2"), tmp_path, timeout=60)
+    assert run.returncode == 2, str(run)
+    assert len(run.err_lines) == 1 and "epochs" in run.err_lines[0], str(run)
+
+
+# ================================================================ 10. where the data comes from
+
+def test_dpnet_data_naming_a_missing_path_is_an_error(tmp_path):
+    """DPNET_DATA is the user's explicit choice, like --data: a missing path is exit 2, not synthetic data."""
+    missing = str(tmp_path / "nowhere")
+    run = run_train([*TINY, "--max-steps", "2"], tmp_path, env=clean_env(DPNET_DATA=missing), timeout=60)
+    assert run.returncode == 2, str(run)
+    assert len(run.err_lines) == 1 and "nowhere" in run.err_lines[0], str(run)
+    assert "SYNTHETIC" not in run.stdout, str(run)
+
+def test_without_data_it_trains_on_synthetic_data_and_says_so(tmp_path):
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    run = run_ok([*TINY, "--max-steps", "2", "--epochs", "1"], tmp_path, env=clean_env(XDG_CACHE_HOME=str(cache)))
+    head = run.lines[:4]
+    assert head[0].startswith("=" * 20) and "SYNTHETIC" in head[1], str(run)
+    assert "not real images" in head[1], str(run)
+    assert "--data" in head[2] and "DPNET_DATA" in head[2], str(run)
+    assert head[3].startswith("=" * 20), str(run)
+    assert "SYNTHETIC data (no CIFAR-10 found)" in run.lines[4], str(run)  # the header line
+    records = read_metrics(tmp_path / METRICS)
+    assert len(records) == 2 and all(r["synthetic"] is True for r in records), records
+    assert run.lines[-1].startswith("test accuracy") and "(synthetic data)" in run.lines[-1]
+    assert read_checkpoint(tmp_path / CKPT)["attrs"]["config"]["data"] is None
+    assert_unique_lines(run)
+
+
+@pytest.mark.parametrize("how", ["DPNET_DATA", "XDG_CACHE_HOME"])
+def test_data_found_without_the_flag(cifar_dir, tmp_path, how):
+    cache = tmp_path / "cache"
+    if how == "DPNET_DATA":
+        cache.mkdir()
+        env, where = clean_env(DPNET_DATA=cifar_dir, XDG_CACHE_HOME=str(cache)), cifar_dir
+    else:
+        where = str(cache / "dpnet" / "cifar-10-batches-py")
+        os.makedirs(os.path.dirname(where))
+        os.symlink(cifar_dir, where)
+        env = clean_env(XDG_CACHE_HOME=str(cache))
+    run = run_ok([*TINY, "--max-steps", "2", "--epochs", "1"], tmp_path, ranks=2, env=env)
+    assert "SYNTHETIC" not in run.stdout, str(run)
+    assert f"CIFAR-10 from {where}: 160 train / 40 val / 40 test" in run.lines[0], str(run)
+    records = read_metrics(tmp_path / METRICS)
+    assert len(records) == 2 and all(r["synthetic"] is False for r in records), records
+    assert_unique_lines(run)
