@@ -17,13 +17,16 @@ class FlatParams:
       in place by views, so update `params[name][...]`, never rebind it.
     - extra: slots appended after the gradients in `buffer` (= grad + tail), so other
       values (a loss) can ride along in the same reduction.
+    - order: the parameter names in buffer order (default: the dict's order)
     """
 
-    def __init__(self, params, extra=0):
+    def __init__(self, params, extra=0, order=None):
         dtypes = {np.asarray(v).dtype for v in params.values()}
         if len(dtypes) != 1:
             raise ValueError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
-        self.names = list(params)
+        self.names = list(params) if order is None else list(order)
+        if sorted(self.names) != sorted(params):
+            raise ValueError(f"order {self.names} must name each parameter {sorted(params)} once")
         self.shapes = {k: np.shape(params[k]) for k in self.names}
         sizes = [int(np.prod(self.shapes[k])) for k in self.names]
         self.offsets = dict(zip(self.names, np.cumsum([0] + sizes[:-1]).tolist()))

@@ -13,6 +13,9 @@ from dpnet.optim import adam
 from dpnet.parallel import DataParallel, ParameterDriftError, shard_bounds
 
 INPUT = (3, 8, 8)
+# Small buckets, so these tiny models' gradients are reduced in many buckets, overlapped with
+# backward under MPI, as a large model's are.
+BUCKET_BYTES = 256
 
 
 def make_model(kind, bn_mode="sync", seed=0, dtype=np.float64):
@@ -45,6 +48,11 @@ def grad_errors(grads, ref):
     return errors
 
 
+def by_name(params):
+    """Every parameter flattened into one vector, in name order (independent of buffer layouts)."""
+    return np.concatenate([params[k].ravel() for k in sorted(params)])
+
+
 def copies(grads):
     return {k: np.array(v, copy=True) for k, v in grads.items()}
 
@@ -52,7 +60,7 @@ def copies(grads):
 def dp_grads(comm, kind, bn_mode, X, y, bounds=None, seed=None):
     """Gradients from DataParallel with rank r taking X[bounds[r]] (default: even shards)."""
     model = make_model(kind, bn_mode, seed=comm.rank if seed is None else seed)
-    dp = DataParallel(model, comm)
+    dp = DataParallel(model, comm, bucket_bytes=BUCKET_BYTES)
     lo, hi = bounds[comm.rank] if bounds else shard_bounds(len(X), comm.size, comm.rank)
     loss, grads = dp.loss(X[lo:hi], y[lo:hi])
     return loss, copies(grads)
@@ -120,16 +128,16 @@ def case_unequal_and_empty_shards(comm, kind):
 
 
 def train_steps(comm, kind, bn_mode, steps=5, batch=10):
-    """Run `steps` Adam steps on even shards of fresh batches; return the flat parameters."""
+    """Run `steps` Adam steps on even shards of fresh batches; return the parameters by_name."""
     model = make_model(kind, bn_mode, seed=comm.rank)
-    dp = DataParallel(model, comm, check_every=1)
+    dp = DataParallel(model, comm, check_every=1, bucket_bytes=BUCKET_BYTES)
     config = {"learning_rate": 1e-2}
     for step in range(steps):
         X, y = make_batch(batch, seed=100 + step)
         lo, hi = shard_bounds(batch, comm.size, comm.rank)
         dp.loss(X[lo:hi], y[lo:hi])
         dp.step(adam, config)
-    return dp.flat.data.copy()
+    return by_name(model.params)
 
 
 def one_process_trajectory(kind, bn_mode, steps=5, batch=10):
@@ -141,7 +149,7 @@ def one_process_trajectory(kind, bn_mode, steps=5, batch=10):
         X, y = make_batch(batch, seed=100 + step)
         _, grads = model.loss(X, y)
         adam(flat.data, flat.pack_grads(grads), config)
-    return flat.data.copy()
+    return by_name(model.params)
 
 
 def case_adam_trajectory(comm, kind):

@@ -522,3 +522,44 @@ def test_drift_check_names_the_step_and_rank():
         SimComm(2).run(fn, True)
     msg = str(info.value)
     assert "step 2" in msg and "[1]" in msg, msg
+
+
+# ---------------------------------------------------------------- gradient buckets
+
+@pytest.mark.parametrize("bucket_bytes", [1, 256, 4096, 1 << 30])
+def test_buckets_tile_the_flat_buffer_in_backward_order(bucket_bytes):
+    from dpnet.parallel import DataParallel, SerialComm
+    model = make_model("convnet", "sync")
+    dp = DataParallel(model, SerialComm(), bucket_bytes=bucket_bytes)
+    assert dp.flat.names == model.backward_order()
+    starts = [b[0] for b in dp.buckets]
+    stops = [b[1] for b in dp.buckets]
+    assert starts[0] == 0 and stops[-1] == len(dp.flat.buffer)  # last bucket carries the tail
+    assert starts[1:] == stops[:-1]  # contiguous, no gaps or overlaps
+    assert [n for _, _, names in dp.buckets for n in names] == dp.flat.names
+    itemsize = dp.flat.data.itemsize
+    assert all((stop - start) * itemsize >= bucket_bytes for start, stop, _ in dp.buckets[:-1])
+    if bucket_bytes == 1 << 30:
+        assert len(dp.buckets) == 1
+
+
+def test_backward_order_puts_the_last_layer_first():
+    model = make_model("threelayer", "sync")
+    assert model.backward_order() == ["W3", "b3", "W2", "b2", "gamma2", "beta2", "W1", "b1", "gamma1", "beta1"]
+
+
+def test_a_gradient_stored_twice_is_an_error_not_a_skipped_bucket():
+    from dpnet.parallel import DataParallel, SerialComm
+    model = make_model("threelayer", "sync")
+    backward = model._backward
+
+    def twice(dscores, caches, grads):
+        backward(dscores, caches, grads)
+        grads["W3"] = grads["W3"]  # stored again: the bucket counts would be off
+    model._backward = twice
+    dp = DataParallel(model, SerialComm(), bucket_bytes=256)
+    X, y = make_batch(4)
+    with pytest.raises(RuntimeError, match="each must be stored once"):
+        dp.loss(X, y)
+    model._backward = backward  # control: the real backward passes
+    dp.loss(X, y)

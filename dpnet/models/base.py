@@ -20,10 +20,23 @@ def init_weight(rng, shape, fan_in, weight_scale, dtype):
     return (std * rng.standard_normal(shape)).astype(dtype)
 
 
+class _ReportingDict(dict):
+    """A dict that calls on_grad(name, value) whenever an entry is stored."""
+
+    def __init__(self, on_grad):
+        super().__init__()
+        self.on_grad = on_grad
+
+    def __setitem__(self, name, value):
+        super().__setitem__(name, value)
+        self.on_grad(name, value)
+
+
 class Model:
     """Base class. A subclass fills `params` (weights named 'W<i>' are L2-regularised),
     `bn_params` (one dict per batchnorm layer) and implements `_forward(X) ->
-    (scores, caches)` and `_backward(dscores, caches) -> grads`.
+    (scores, caches)` and `_backward(dscores, caches, grads)`, which stores each gradient
+    into `grads[name]` once, as soon as it is final.
 
     Keyword arguments shared by every model:
     - reg: L2 strength; the loss adds 0.5 * reg * sum(W^2) over the weights
@@ -73,19 +86,32 @@ class Model:
         scores, _ = self._forward(X)
         return scores
 
-    def data_loss(self, X, y, batch_size=None):
+    def data_loss(self, X, y, batch_size=None, on_grad=None):
         """Train-mode softmax loss of (X, y) and its gradients, without regularisation.
 
         batch_size: the number of examples the loss is averaged over (default len(X));
         a data-parallel rank passes the global batch size so shard results sum to the
         global batch's.
+        on_grad: optional callable on_grad(name, grad), called as each gradient becomes
+        final during the backward pass (last layer first), so its reduction can start
+        while the earlier layers are still being differentiated.
         Returns (loss, grads) with grads a dict named like params.
         """
         X = self._check_input(X)
         self._set_mode("train")
         scores, caches = self._forward(X)
         loss, dscores = softmax_loss(scores, y, batch_size)
-        return loss, self._backward(dscores, caches)
+        grads = {} if on_grad is None else _ReportingDict(on_grad)
+        self._backward(dscores, caches, grads)
+        return loss, {name: grads[name] for name in self.params}
+
+    def backward_order(self):
+        """Parameter names in the order the backward pass finishes them: layers are numbered
+        in forward order (W<i>, b<i>, gamma<i>, beta<i>), so the highest number comes first."""
+        def layer(name):
+            digits = name[len(name.rstrip("0123456789")):]
+            return int(digits) if digits else 0
+        return sorted(self.params, key=layer, reverse=True)
 
     def add_regularization(self, grads):
         """Add reg * W to the weights' gradients in place; return 0.5 * reg * sum(W^2)."""

@@ -74,9 +74,8 @@ class ThreeLayerConvNet(Model):
         scores, c3 = affine_forward(h2, p["W3"], p["b3"])  # (N, classes)
         return scores, (c1, c2, c3)
 
-    def _backward(self, dscores, caches):
+    def _backward(self, dscores, caches, grads):
         c1, c2, c3 = caches
-        grads = {}
         dh2, grads["W3"], grads["b3"] = affine_backward(dscores, c3)
         if self.use_batchnorm:
             dh1, grads["W2"], grads["b2"], grads["gamma2"], grads["beta2"] = affine_bn_relu_backward(dh2, c2)
@@ -85,4 +84,3 @@ class ThreeLayerConvNet(Model):
         else:
             dh1, grads["W2"], grads["b2"] = affine_relu_backward(dh2, c2)
             _, grads["W1"], grads["b1"] = conv_relu_pool_backward(dh1, c1, compute_dx=False)
-        return {name: grads[name] for name in self.params}

@@ -88,9 +88,8 @@ class ConvNet(Model):
         scores, head_caches = affine_stack_forward(self, x, self.num_conv + 1, self.num_hidden, bn_offset)
         return scores, (caches, head_caches)
 
-    def _backward(self, dscores, all_caches):
+    def _backward(self, dscores, all_caches, grads):
         caches, head_caches = all_caches
-        grads = {}
         dx = affine_stack_backward(self, dscores, head_caches, self.num_conv + 1, grads)
         for i in range(self.num_conv, 0, -1):
             pool, first = self.pool_after[i - 1], i == 1
@@ -101,4 +100,3 @@ class ConvNet(Model):
             else:
                 backward = conv_relu_pool_backward if pool else conv_relu_backward
                 dx, grads[f"W{i}"], grads[f"b{i}"] = backward(dx, caches[i - 1], compute_dx=not first)
-        return {name: grads[name] for name in self.params}

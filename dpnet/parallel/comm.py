@@ -101,6 +101,15 @@ class MPIComm:
     def barrier(self):
         self.comm.Barrier()
 
+    def dup(self):
+        """A new communicator over the same ranks whose collectives never mix with these
+        (another thread may use it concurrently under MPI_THREAD_MULTIPLE)."""
+        return MPIComm(self.comm.Dup())
+
+    @property
+    def thread_multiple(self):
+        return self.MPI.Query_thread() == self.MPI.THREAD_MULTIPLE
+
     def abort(self, code=1):
         self.comm.Abort(code)
 

@@ -6,6 +6,8 @@ are broadcast from rank 0 anyway; whatever must differ per rank (dropout masks,
 augmentation) comes from generators seeded with (seed, rank).
 """
 
+import queue
+import threading
 import time
 
 import numpy as np
@@ -32,9 +34,15 @@ class DataParallel:
 
     The global-batch gradient is sum_r (n_r / N) g_r, exact for unequal and empty
     shards: each rank averages its shard's loss over the global count N (so batchnorm
-    backward receives the global loss's gradient), and one Allreduce sums the packed
+    backward receives the global loss's gradient), and Allreduce sums the packed
     gradients and losses; the L2 term is added once, after the reduction. With
     bn_mode 'sync' the model's batchnorm layers reduce over `comm`.
+
+    The flat gradient buffer is laid out in the order backward finishes the parameters
+    and cut into buckets of about bucket_bytes. Under MPI (with MPI_THREAD_MULTIPLE) a
+    bucket is reduced by a worker thread, on a duplicate communicator, as soon as its
+    last gradient is ready, while backward goes on with earlier layers; the last bucket
+    carries the loss. Elsewhere (one process, SimComm) the whole buffer is one Allreduce.
 
     Inputs:
     - model: a dpnet.models.Model; its params are rebound to views of one flat buffer
@@ -47,7 +55,7 @@ class DataParallel:
       that never reached it (dpnet.parallel.watchdog); None: wait forever
     """
 
-    def __init__(self, model, comm, seed=0, check_every=0, timeout=None):
+    def __init__(self, model, comm, seed=0, check_every=0, timeout=None, bucket_bytes=1 << 20):
         self.model = model
         self.comm = comm
         self.check_every = check_every
@@ -59,7 +67,16 @@ class DataParallel:
             model.comm = comm
         if model.dropout_param is not None:
             model.dropout_param["rng"] = np.random.default_rng([seed, comm.rank])
-        self.flat = FlatParams(model.params, extra=2)  # gradients, then [loss, stop votes]
+        # gradients in the order backward finishes them, then [loss, stop votes]
+        self.flat = FlatParams(model.params, extra=2, order=model.backward_order())
+        self.buckets = self._make_buckets(bucket_bytes)
+        self._bucket_of = {name: b for b, (_, _, names) in enumerate(self.buckets) for name in names}
+        self._overlap = comm.size > 1 and getattr(comm, "thread_multiple", False)
+        if self._overlap:
+            self._bucket_comm = comm.dup()
+            self._queue = queue.Queue()
+            self._failure = None
+            threading.Thread(target=self._reduce_buckets, name="dpnet-allreduce", daemon=True).start()
         self.watchdog = None
         if timeout and comm.size > 1 and hasattr(comm, "MPI"):
             from .watchdog import Watchdog
@@ -97,13 +114,30 @@ class DataParallel:
             total = int(self.comm.allreduce(np.array([len(X)], dtype=np.int64))[0])
         if total < 1:
             raise ValueError("the global batch is empty: every rank passed an empty shard")
-        data_loss, grads = self.model.data_loss(X, y, batch_size=total)
         buffer = self.flat.buffer
-        self.flat.pack_grads(grads)
+        pending = [len(names) for _, _, names in self.buckets]
+
+        def on_grad(name, grad):  # pack each gradient as it is made; send full buckets off
+            self.flat.grads[name][...] = grad
+            b = self._bucket_of[name]
+            pending[b] -= 1
+            if pending[b] == 0 and b < len(self.buckets) - 1 and self._overlap:
+                self._queue.put(self.buckets[b])
+
+        data_loss, _ = self.model.data_loss(X, y, batch_size=total, on_grad=on_grad)
+        if any(pending):  # a gradient stored twice or never: its bucket would go unreduced
+            raise RuntimeError(f"backward stored {sum(len(n) for _, _, n in self.buckets) - sum(pending)} "
+                               f"gradients for {len(self.flat.names)} parameters; each must be stored once")
         buffer[-2] = data_loss
         buffer[-1] = float(self.stop_requested)
         start = time.perf_counter()
-        self.comm.allreduce(buffer)
+        if self._overlap:
+            self._queue.put(self.buckets[-1])
+            self._queue.join()  # every bucket of this step reduced
+            if self._failure is not None:
+                raise self._failure
+        else:
+            self.comm.allreduce(buffer)
         if self.watchdog:
             self.watchdog.leave(self.steps)
         self.comm_seconds += time.perf_counter() - start
@@ -113,6 +147,35 @@ class DataParallel:
         if self.check_every and self.steps % self.check_every == 0:
             self.check_consistency()
         return loss, self.flat.grads
+
+    def _make_buckets(self, bucket_bytes):
+        """[(start, stop, names)] slices of the flat buffer in backward order, each at least
+        bucket_bytes except the last, which also takes the [loss, stop] tail."""
+        buckets, names, start = [], [], 0
+        itemsize = self.flat.data.itemsize
+        for name in self.flat.names:
+            names.append(name)
+            stop = self.flat.offsets[name] + self.flat.sizes[name]
+            if (stop - start) * itemsize >= bucket_bytes:
+                buckets.append((start, stop, names))
+                names, start = [], stop
+        if names or not buckets:
+            buckets.append((start, len(self.flat.buffer), names))
+        else:  # the last parameter closed a bucket: give it the tail
+            start, _, names = buckets.pop()
+            buckets.append((start, len(self.flat.buffer), names))
+        return buckets
+
+    def _reduce_buckets(self):
+        while True:
+            start, stop, _ = self._queue.get()
+            try:
+                if self._failure is None:
+                    self._bucket_comm.allreduce(self.flat.buffer[start:stop])
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+                self._failure = exc
+            finally:
+                self._queue.task_done()
 
     def request_stop(self):
         """Vote to stop; after the next loss() every rank sees stop_agreed at the same step."""

@@ -65,3 +65,10 @@ def test_simcomm_reproduces_mpi(comm, kind):
     perturbed = expected.copy()
     perturbed[0] += 1e-9 * scale
     assert np.abs(mine - perturbed).max() > 1e-12 * scale
+
+
+def test_buckets_are_reduced_overlapped_under_mpi(comm):
+    """Under mpirun the cases above run the overlapped, multi-bucket reduction path."""
+    from dpnet.parallel import DataParallel
+    dp = DataParallel(cases.make_model("convnet"), comm, bucket_bytes=cases.BUCKET_BYTES)
+    assert dp._overlap and len(dp.buckets) > 1
