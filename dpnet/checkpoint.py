@@ -3,7 +3,9 @@ flushed and fsynced, then renamed over it, so a crash at any moment leaves the p
 checkpoint whole.
 
 Layout: group `params` (one dataset per model.params entry), group `optimizer`
-(the update rule's state arrays as datasets, its scalars as attributes), group
+(its scalars as attributes; each state array that spans the flat parameter buffer, such
+as Adam's m and v, as a group with one dataset per parameter, so the file does not
+depend on the buffer's layout), group
 `batchnorm` (bn<i>/running_mean, bn<i>/running_var), and file attributes epoch
 (completed epochs), step (optimizer steps taken; the sampler resumes from it), world_size,
 dpnet_version, config (JSON) and rng_states (JSON: each rank's generator states).
@@ -22,7 +24,9 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, truncated or does not fit the model."""
 
 
-def save_checkpoint(path, model, optim_config, epoch, step, config, world_size, rng_states=()):
+def save_checkpoint(path, model, optim_config, epoch, step, config, world_size, rng_states=(), flat=None):
+    """Write a checkpoint atomically. flat: the dpnet.flat.FlatParams the optimizer state is
+    laid out in (needed when optim_config holds state arrays)."""
     import h5py
 
     with atomic_path(path) as tmp:
@@ -35,7 +39,11 @@ def save_checkpoint(path, model, optim_config, epoch, step, config, world_size, 
                 if key.startswith("_"):
                     continue  # scratch space, not state
                 if isinstance(value, np.ndarray):
-                    opt.create_dataset(key, data=value)
+                    if flat is None or value.shape != flat.data.shape:
+                        raise ValueError(f"optimizer state {key!r} must span the flat parameter buffer")
+                    group = opt.create_group(key)
+                    for name in flat.names:
+                        group.create_dataset(name, data=flat.view(value, name))
                 else:
                     opt.attrs[key] = value
             bn = f.create_group("batchnorm")
@@ -49,9 +57,11 @@ def save_checkpoint(path, model, optim_config, epoch, step, config, world_size, 
             f.flush()
 
 
-def load_checkpoint(path, model):
+def load_checkpoint(path, model, flat=None):
     """Load params and batchnorm statistics into `model` (in place) and return
-    (optim_config, attrs) where attrs has epoch, step, world_size, dpnet_version, config."""
+    (optim_config, attrs) where attrs has epoch, step, world_size, dpnet_version, config and
+    rng_states. Optimizer state arrays are laid out for `flat` (a dpnet.flat.FlatParams), or
+    given as {parameter name: array} when flat is None."""
     import h5py
 
     if not os.path.isfile(path):
@@ -77,7 +87,17 @@ def load_checkpoint(path, model):
             for i, bn_param in enumerate(model.bn_params):
                 for key in ("running_mean", "running_var"):
                     bn_param[key][...] = f["batchnorm"][f"bn{i}"][key][()]
-            optim_config = {k: v[()] for k, v in f["optimizer"].items()}
+            optim_config = {}
+            for key, group in f["optimizer"].items():
+                if set(group) != set(model.params):
+                    raise CheckpointError(f"{path}: optimizer state {key} does not match the parameters")
+                if flat is None:  # for inspection: one array per parameter
+                    optim_config[key] = {name: group[name][()] for name in group}
+                    continue
+                state = np.empty_like(flat.data)
+                for name in flat.names:
+                    flat.view(state, name)[...] = group[name][()]
+                optim_config[key] = state
             optim_config.update({k: v.item() if hasattr(v, "item") else v
                                  for k, v in f["optimizer"].attrs.items()})
             keys = ("epoch", "step", "world_size", "dpnet_version", "config", "rng_states")

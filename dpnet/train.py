@@ -236,7 +236,7 @@ def train(config, comm):
     total_steps = min(schedule_steps, config.max_steps or schedule_steps)
     step = 0
     if config.resume:
-        optim_config, attrs = load_checkpoint(config.resume, model)
+        optim_config, attrs = load_checkpoint(config.resume, model, dp.flat)
         dp.broadcast_state()
         step = attrs["step"]
         if attrs["world_size"] == comm.size and len(attrs["rng_states"]) == comm.size:
@@ -257,7 +257,7 @@ def train(config, comm):
         states = comm.allgather_obj({k: r.bit_generator.state for k, r in rngs.items()})
         if comm.rank == 0 and config.checkpoint:
             save_checkpoint(config.checkpoint, model, optim_config, step // per_epoch, step,
-                            dataclasses.asdict(config), comm.size, states)
+                            dataclasses.asdict(config), comm.size, states, dp.flat)
 
     summary, stopped = {}, False
     with threadpool_limits(threads, user_api="blas"):

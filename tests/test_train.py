@@ -22,6 +22,7 @@ import pytest
 
 import dpnet
 from dpnet.checkpoint import CheckpointError, load_checkpoint
+from dpnet.flat import FlatParams
 from dpnet.parallel import SerialComm
 from dpnet.train import TrainConfig, build_model
 from train_helpers import (STEPS_PER_EPOCH, TINY, assert_same_state, cifar_dir, clean_env,  # noqa: F401
@@ -257,10 +258,15 @@ def test_checkpoint_contents_and_round_trip(cifar_dir, tmp_path):
     assert {k: v.shape for k, v in params.items()} == shapes
     assert all(v.dtype == np.float32 for v in params.values())
     total = sum(v.size for v in params.values())
-    # adam's state: the moment arrays as datasets, its step count and hyper-parameters as attributes
-    assert set(ckpt["optimizer"]) == {"m", "v"}
-    assert all(v.size == total and np.all(np.isfinite(v)) for v in ckpt["optimizer"].values())
-    assert np.all(ckpt["optimizer"]["v"] >= 0) and np.any(ckpt["optimizer"]["m"] != 0)
+    # adam's state: each moment array as one dataset per parameter (optimizer/m/W1, ...), shaped like
+    # the parameter; its step count and hyper-parameters as attributes
+    assert set(ckpt["optimizer"]) == {f"{key}/{name}" for key in ("m", "v") for name in params}
+    assert all(ckpt["optimizer"][f"{key}/{name}"].shape == params[name].shape
+               for key in ("m", "v") for name in params)
+    moments = ckpt["optimizer"].values()
+    assert sum(v.size for v in moments) == 2 * total and all(np.all(np.isfinite(v)) for v in moments)
+    assert all(np.all(ckpt["optimizer"][f"v/{name}"] >= 0) for name in params)
+    assert any(np.any(ckpt["optimizer"][f"m/{name}"] != 0) for name in params)
     assert ckpt["optimizer_attrs"]["t"] == 3
     assert {"learning_rate", "beta1", "beta2", "epsilon"} <= set(ckpt["optimizer_attrs"])
     assert set(ckpt["batchnorm"]) == {"bn0/running_mean", "bn0/running_var", "bn1/running_mean", "bn1/running_var"}
@@ -283,21 +289,24 @@ def test_checkpoint_contents_and_round_trip(cifar_dir, tmp_path):
     # dpnet's loader restores the same numbers into a fresh model
     model, _ = model_for(path)
     assert not np.array_equal(model.params["W1"], params["W1"])
-    optim_config, loaded = load_checkpoint(path, model)
+    flat = FlatParams(model.params)
+    optim_config, loaded = load_checkpoint(path, model, flat)
     for name, value in params.items():
         assert np.array_equal(model.params[name], value), name
         assert model.params[name].dtype == value.dtype
     for i, bn in enumerate(model.bn_params):
         for key in ("running_mean", "running_var"):
             assert np.array_equal(bn[key], ckpt["batchnorm"][f"bn{i}/{key}"])
-    assert np.array_equal(optim_config["m"], ckpt["optimizer"]["m"])
-    assert np.array_equal(optim_config["v"], ckpt["optimizer"]["v"])
+    for key in ("m", "v"):
+        for name in params:
+            assert np.array_equal(flat.view(optim_config[key], name), ckpt["optimizer"][f"{key}/{name}"])
     assert optim_config["t"] == 3 and optim_config["learning_rate"] == ckpt["optimizer_attrs"]["learning_rate"]
     assert (loaded["step"], loaded["epoch"], loaded["world_size"]) == (3, 0, 2)
     assert loaded["config"] == config and loaded["rng_states"] == states
     # and refuses a model it does not fit
     with pytest.raises(CheckpointError, match="W2"):
-        load_checkpoint(path, build_model(TrainConfig(**{**config, "hidden_dim": 8}), SerialComm()))
+        other = build_model(TrainConfig(**{**config, "hidden_dim": 8}), SerialComm())
+        load_checkpoint(path, other, FlatParams(other.params))
 
 
 # ================================================================ 5. atomic checkpoints under SIGKILL
@@ -306,18 +315,20 @@ SAVER = textwrap.dedent("""
     import os, sys, types
     import numpy as np
     from dpnet.checkpoint import load_checkpoint, save_checkpoint
+    from dpnet.flat import FlatParams
 
     path, size = sys.argv[1], int(sys.argv[2])
     model = types.SimpleNamespace(params={n: np.zeros(size) for n in ("A", "B", "C")},
                                   bn_params=[{"running_mean": np.zeros(3), "running_var": np.ones(3)}])
-    step = load_checkpoint(path, model)[1]["step"] if os.path.exists(path) else 0
+    flat = FlatParams(model.params)
+    step = load_checkpoint(path, model, flat)[1]["step"] if os.path.exists(path) else 0
     while True:
         step += 1
         for value in model.params.values():
             value[...] = step
         model.bn_params[0]["running_mean"][...] = step
-        save_checkpoint(path, model, {"t": step, "m": np.full(size, float(step))}, step, step,
-                        {"step": step}, 1, [{"x": step}])
+        save_checkpoint(path, model, {"t": step, "m": np.full(flat.data.size, float(step))}, step, step,
+                        {"step": step}, 1, [{"x": step}], flat)
         print(step, flush=True)
 """)
 
@@ -327,7 +338,7 @@ def check_saved(path, size):
     import types
     model = types.SimpleNamespace(params={n: np.zeros(size) for n in ("A", "B", "C")},
                                   bn_params=[{"running_mean": np.zeros(3), "running_var": np.zeros(3)}])
-    optim, attrs = load_checkpoint(path, model)
+    optim, attrs = load_checkpoint(path, model, FlatParams(model.params))
     step = attrs["step"]
     assert all(np.all(v == step) for v in model.params.values())
     assert np.all(model.bn_params[0]["running_mean"] == step) and np.all(model.bn_params[0]["running_var"] == 1)

@@ -204,7 +204,7 @@ def read_checkpoint(path):
     with h5py.File(path, "r") as f:
         out = {
             "params": {k: v[()] for k, v in f["params"].items()},
-            "optimizer": {k: v[()] for k, v in f["optimizer"].items()},
+            "optimizer": {f"{k}/{name}": v[name][()] for k, v in f["optimizer"].items() for name in v},
             "optimizer_attrs": {k: (v.item() if hasattr(v, "item") else v) for k, v in f["optimizer"].attrs.items()},
             "batchnorm": {f"{g}/{k}": v[()] for g in f["batchnorm"] for k, v in f["batchnorm"][g].items()},
             "attrs": dict(f.attrs),
