@@ -334,7 +334,9 @@ def _progress(config, comm, total, done, epoch, epochs):
     if not config.progress or comm.rank != 0:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr)
+    # disable=None: no bar when stderr is not a terminal (a log file, a batch job)
+    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr,
+                disable=None)
 
 
 FAULT_ENV = "DPNET_FAULT"
