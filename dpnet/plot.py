@@ -11,8 +11,11 @@ import json
 import os
 import sys
 
+import numpy as np
+
 PROG = "python -m dpnet.plot"
 EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "val_acc")
+OPTIONAL_KEYS = ("train_acc", "val_acc")
 
 
 class PlotError(ValueError):
@@ -40,7 +43,9 @@ def read_metrics(path):
         if record.get("final"):
             final = record
             continue
-        missing = [k for k in EPOCH_KEYS if not isinstance(record.get(k), (int, float))]
+        # accuracies may be null (an empty validation set: --val-size 0), drawn as gaps
+        missing = [k for k in EPOCH_KEYS if not isinstance(record.get(k), (int, float))
+                   and not (k in OPTIONAL_KEYS and k in record and record[k] is None)]
         if missing:
             raise PlotError(f"{path}:{number}: missing or non-numeric {', '.join(missing)} "
                             "(not a dpnet.train metrics file?)")
@@ -69,8 +74,8 @@ def plot_metrics(path, out):
     loss_ax, acc_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, [r["train_loss"] for r in records], "o-", label="train loss")
     loss_ax.set(xlabel="epoch", ylabel="loss", title="training loss")
-    acc_ax.plot(epochs, [r["train_acc"] for r in records], "o-", label="train")
-    acc_ax.plot(epochs, [r["val_acc"] for r in records], "s-", label="validation")
+    for key, style, label in (("train_acc", "o-", "train"), ("val_acc", "s-", "validation")):
+        acc_ax.plot(epochs, [np.nan if r[key] is None else r[key] for r in records], style, label=label)
     if final is not None and isinstance(final.get("test_acc"), (int, float)):
         acc_ax.plot([epochs[-1]], [final["test_acc"]], "*", markersize=14, color="tab:red",
                     label=f"test {final['test_acc']:.3f}")

@@ -170,7 +170,7 @@ def evaluate(model, comm, x, y, to_input, chunk=500):
         stop = min(i + chunk, hi)
         correct += int((model.scores(to_input(x[i:stop])).argmax(axis=1) == y[i:stop]).sum())
     counts = comm.allreduce(np.array([correct, hi - lo], dtype=np.int64))
-    return float(counts[0] / counts[1]) if counts[1] else float("nan")
+    return float(counts[0] / counts[1]) if counts[1] else None  # None: an empty set (--val-size 0)
 
 
 def learning_rate(config, step, total_steps, epoch):
@@ -305,8 +305,8 @@ def train(config, comm):
                        "train_acc": train_acc, "val_acc": val_acc, "images_per_s": seen / seconds,
                        "comm_fraction": (dp.comm_seconds - comm_before) / seconds, "seconds": seconds,
                        "synthetic": synthetic}
-            say(f"epoch {epoch + 1}/{epochs}: loss {summary['train_loss']:.4f}, train acc {train_acc:.3f}, "
-                f"val acc {val_acc:.3f}, {summary['images_per_s']:.0f} img/s, "
+            say(f"epoch {epoch + 1}/{epochs}: loss {summary['train_loss']:.4f}, train acc {_fraction(train_acc)}, "
+                f"val acc {_fraction(val_acc)}, {summary['images_per_s']:.0f} img/s, "
                 f"comm {100 * summary['comm_fraction']:.1f}%")
             if metrics_file:
                 metrics_file.write(json.dumps(summary) + "\n")
@@ -328,6 +328,10 @@ def train(config, comm):
         metrics_file.write(json.dumps(final) + "\n")
         metrics_file.close()
     return {**summary, **final}
+
+
+def _fraction(value):
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _progress(config, comm, total, done, epoch, epochs):

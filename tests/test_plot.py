@@ -77,3 +77,16 @@ def test_missing_matplotlib_message(tmp_path, monkeypatch, capsys):
     with pytest.raises(PlotError, match="matplotlib"):
         from dpnet.plot import plot_metrics
         plot_metrics(str(metrics), str(tmp_path / "c.png"))
+
+
+def test_null_accuracy_from_an_empty_validation_set_is_drawn_as_a_gap(tmp_path):
+    pytest.importorskip("matplotlib")
+    from dpnet.plot import main
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"epoch": 1, "step": 3, "train_loss": 2.0, "train_acc": 0.3, "val_acc": None},
+        {"epoch": 2, "step": 6, "train_loss": 1.5, "train_acc": 0.5, "val_acc": None},
+        {"final": True, "step": 6, "test_acc": 0.4}]) + "\n")
+    out = tmp_path / "c.png"
+    assert main([str(metrics), "--out", str(out)]) in (0, None)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -670,3 +670,12 @@ def test_data_found_without_the_flag(cifar_dir, tmp_path, how):
     records = read_metrics(tmp_path / METRICS)
     assert len(records) == 2 and all(r["synthetic"] is False for r in records), records
     assert_unique_lines(run)
+
+
+def test_empty_validation_set_gives_null_accuracy_in_strict_json(cifar_dir, tmp_path):
+    """--val-size 0 is allowed: val_acc is null (not NaN, which strict JSON parsers reject)."""
+    run = run_ok(base_args(cifar_dir, "--epochs", "1", "--val-size", "0"), tmp_path)  # the last flag wins
+    assert "val acc n/a" in run.stdout, str(run)
+    strict = lambda const: (_ for _ in ()).throw(AssertionError(f"non-standard JSON constant {const}"))
+    records = [json.loads(line, parse_constant=strict) for line in open(run.path(METRICS))]
+    assert records[0]["val_acc"] is None and 0 <= records[0]["train_acc"] <= 1
