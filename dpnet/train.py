@@ -72,6 +72,7 @@ class TrainConfig:
     metrics: str = "dpnet_run/metrics.jsonl"
     simulate_ranks: Optional[int] = None
     check_every: int = 50  # parameter-consistency check period in steps (0: never)
+    bucket_mb: float = 0.0  # reduce gradients in buckets of this many MiB during backward (0: once, after)
     timeout: float = 300.0  # seconds one step may take (waiting for other ranks included) before the job is aborted
     progress: bool = True
 
@@ -107,6 +108,8 @@ def validate(config, world_size):
         raise ConfigError(f"--lr-decay must be positive, got {config.lr_decay}")
     if config.reg < 0 or config.val_size < 0 or config.check_every < 0:
         raise ConfigError("--reg, --val-size and --check-every must not be negative")
+    if config.bucket_mb < 0:
+        raise ConfigError(f"--bucket-mb must not be negative, got {config.bucket_mb}")
     if not config.timeout > 0:
         raise ConfigError(f"--timeout must be positive, got {config.timeout}")
     if config.resume and not os.path.isfile(config.resume):
@@ -225,7 +228,7 @@ def train(config, comm):
 
     model = build_model(config, comm)
     dp = DataParallel(model, comm, seed=config.seed, check_every=config.check_every,
-                      timeout=config.timeout)
+                      timeout=config.timeout, bucket_bytes=int(config.bucket_mb * 2**20) or None)
     update_rule = get_update_rule(OPTIMIZERS[config.optimizer])
     optim_config = {"learning_rate": config.lr}
     rngs = {"augment": np.random.default_rng([config.seed, comm.rank, 1])}

@@ -526,7 +526,7 @@ def test_drift_check_names_the_step_and_rank():
 
 # ---------------------------------------------------------------- gradient buckets
 
-@pytest.mark.parametrize("bucket_bytes", [1, 256, 4096, 1 << 30])
+@pytest.mark.parametrize("bucket_bytes", [None, 1, 256, 4096, 1 << 30])
 def test_buckets_tile_the_flat_buffer_in_backward_order(bucket_bytes):
     from dpnet.parallel import DataParallel, SerialComm
     model = make_model("convnet", "sync")
@@ -538,9 +538,9 @@ def test_buckets_tile_the_flat_buffer_in_backward_order(bucket_bytes):
     assert starts[1:] == stops[:-1]  # contiguous, no gaps or overlaps
     assert [n for _, _, names in dp.buckets for n in names] == dp.flat.names
     itemsize = dp.flat.data.itemsize
-    assert all((stop - start) * itemsize >= bucket_bytes for start, stop, _ in dp.buckets[:-1])
-    if bucket_bytes == 1 << 30:
-        assert len(dp.buckets) == 1
+    assert all((stop - start) * itemsize >= (bucket_bytes or 0) for start, stop, _ in dp.buckets[:-1])
+    if bucket_bytes in (None, 1 << 30):  # the default: one Allreduce after backward, no worker
+        assert len(dp.buckets) == 1 and not dp._overlap
 
 
 def test_backward_order_puts_the_last_layer_first():

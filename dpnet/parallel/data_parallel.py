@@ -38,11 +38,14 @@ class DataParallel:
     gradients and losses; the L2 term is added once, after the reduction. With
     bn_mode 'sync' the model's batchnorm layers reduce over `comm`.
 
-    The flat gradient buffer is laid out in the order backward finishes the parameters
-    and cut into buckets of about bucket_bytes. Under MPI (with MPI_THREAD_MULTIPLE) a
-    bucket is reduced by a worker thread, on a duplicate communicator, as soon as its
-    last gradient is ready, while backward goes on with earlier layers; the last bucket
-    carries the loss. Elsewhere (one process, SimComm) the whole buffer is one Allreduce.
+    The flat gradient buffer is laid out in the order backward finishes the parameters.
+    By default it is reduced in one Allreduce after backward. With bucket_bytes set, it is
+    cut into buckets of about that size and, under MPI (with MPI_THREAD_MULTIPLE), a
+    worker thread reduces each bucket on a duplicate communicator as soon as its last
+    gradient is ready, while backward goes on with earlier layers; the last bucket carries
+    the loss. Overlap pays where the reduction does not compete with backward for the
+    same cores and memory bandwidth (other nodes, a network); on one 2-core machine it
+    measured slower (benchmarks/bench_parallel.py prints both).
 
     Inputs:
     - model: a dpnet.models.Model; its params are rebound to views of one flat buffer
@@ -50,12 +53,14 @@ class DataParallel:
     - seed: seeds per-rank dropout streams, as (seed, rank)
     - check_every: verify every k steps that all ranks hold identical parameters
       (0: never); a drift raises ParameterDriftError naming the step and ranks
+    - bucket_bytes: reduce gradients in buckets of about this many bytes, overlapped with
+      backward under MPI; None: one Allreduce after backward
     - timeout: with an MPI communicator, abort the job when one step (its forward,
       backward and collectives) takes longer than this many seconds, naming the rank(s)
       that never reached it (dpnet.parallel.watchdog); None: wait forever
     """
 
-    def __init__(self, model, comm, seed=0, check_every=0, timeout=None, bucket_bytes=1 << 20):
+    def __init__(self, model, comm, seed=0, check_every=0, timeout=None, bucket_bytes=None):
         self.model = model
         self.comm = comm
         self.check_every = check_every
@@ -69,9 +74,10 @@ class DataParallel:
             model.dropout_param["rng"] = np.random.default_rng([seed, comm.rank])
         # gradients in the order backward finishes them, then [loss, stop votes]
         self.flat = FlatParams(model.params, extra=2, order=model.backward_order())
-        self.buckets = self._make_buckets(bucket_bytes)
+        self.buckets = self._make_buckets(bucket_bytes or len(self.flat.buffer) * self.flat.data.itemsize)
         self._bucket_of = {name: b for b, (_, _, names) in enumerate(self.buckets) for name in names}
-        self._overlap = comm.size > 1 and getattr(comm, "thread_multiple", False)
+        self._overlap = (len(self.buckets) > 1 and comm.size > 1
+                         and getattr(comm, "thread_multiple", False))
         if self._overlap:
             self._bucket_comm = comm.dup()
             self._queue = queue.Queue()
