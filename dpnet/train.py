@@ -81,6 +81,28 @@ class ConfigError(ValueError):
     """An option has an impossible value."""
 
 
+class StartupError(ValueError):
+    """Some rank could not start (bad data or checkpoint on that rank); every rank raises it."""
+
+
+def on_every_rank(comm, fn):
+    """Run fn() on every rank. If it fails on any rank with a user error (bad config, data or
+    checkpoint), every rank raises StartupError naming the ranks, so none is left waiting in a
+    collective the failed rank will never join."""
+    try:
+        result, error = fn(), None
+    except (ConfigError, DataError, CheckpointError) as exc:
+        result, error = None, str(exc)
+    errors = comm.allgather_obj(error)
+    failed = [rank for rank, message in enumerate(errors) if message is not None]
+    if failed:
+        message = errors[failed[0]]
+        if len(failed) < comm.size:
+            message = f"on rank(s) {failed}: {message}"
+        raise StartupError(message)
+    return result
+
+
 class NonFiniteLoss(FloatingPointError):
     """The global loss became inf or nan (every rank sees it at the same step)."""
 
@@ -207,15 +229,16 @@ def train(config, comm):
     """Train as `config` says on the ranks of `comm`; returns the final metrics dict."""
     from threadpoolctl import threadpool_limits
 
-    validate(config, comm.size)
+    on_every_rank(comm, lambda: validate(config, comm.size))  # e.g. --resume missing on one node
     say = Printer(comm)
-    data, source, synthetic = load_data(config)
+    data, source, synthetic = on_every_rank(comm, lambda: load_data(config))
     epochs = config.epochs or (3 if synthetic else 10)
     if synthetic:
         say("=" * 72 + f"\n  {source}: training on a synthetic CIFAR-shaped set, not real images.\n"
             f"  Pass --data PATH or set {DATA_ENV}; `python -m dpnet.data download` fetches CIFAR-10.\n"
             + "=" * 72)
-    (x_train, y_train), (x_val, y_val) = split_train_val(data, config.val_size, config.seed)
+    (x_train, y_train), (x_val, y_val) = on_every_rank(
+        comm, lambda: split_train_val(data, config.val_size, config.seed))
     mean, std = channel_stats(x_train)
     dtype = np.dtype(config.dtype)
     shift, scale = mean.astype(dtype)[:, None, None], (1 / std).astype(dtype)[:, None, None]
@@ -239,7 +262,7 @@ def train(config, comm):
     total_steps = min(schedule_steps, config.max_steps or schedule_steps)
     step = 0
     if config.resume:
-        optim_config, attrs = load_checkpoint(config.resume, model, dp.flat)
+        optim_config, attrs = on_every_rank(comm, lambda: load_checkpoint(config.resume, model, dp.flat))
         dp.broadcast_state()
         step = attrs["step"]
         if attrs["world_size"] == comm.size and len(attrs["rng_states"]) == comm.size:
@@ -466,7 +489,7 @@ def main(argv=None):
             install_abort_hook(comm)
         train(config, comm)
         return 0
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, StartupError) as exc:
         if launcher_rank() == 0:
             print(f"python -m dpnet.train: error: {exc}", file=sys.stderr)
         return 2

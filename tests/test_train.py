@@ -26,7 +26,8 @@ from dpnet.flat import FlatParams
 from dpnet.parallel import SerialComm
 from dpnet.train import TrainConfig, build_model
 from train_helpers import (STEPS_PER_EPOCH, TINY, assert_same_state, cifar_dir, clean_env,  # noqa: F401
-                           finish, kill_group, normwise_rel_error, read_checkpoint, read_metrics, run_ok,
+                           finish, kill_group, mpirun_path, normwise_rel_error, read_checkpoint,
+                           read_metrics, run_ok,
                            run_train, start, train_command, write_cifar_folder, write_pickle)
 
 CKPT = os.path.join("dpnet_run", "checkpoint.h5")  # the documented default paths, relative to cwd
@@ -679,3 +680,25 @@ def test_empty_validation_set_gives_null_accuracy_in_strict_json(cifar_dir, tmp_
     strict = lambda const: (_ for _ in ()).throw(AssertionError(f"non-standard JSON constant {const}"))
     records = [json.loads(line, parse_constant=strict) for line in open(run.path(METRICS))]
     assert records[0]["val_acc"] is None and 0 <= records[0]["train_acc"] <= 1
+
+
+@pytest.mark.parametrize("missing", ["data", "resume"])
+def test_a_file_missing_on_one_rank_ends_every_rank_at_start(cifar_dir, tmp_path, missing):
+    """A data folder (or checkpoint) that exists for rank 0 but not for rank 1, as on a node without
+    the shared file system: all ranks exit 2 at once with one message naming rank 1, none hangs."""
+    good = ["-env", "DPNET_DATA", cifar_dir] if missing == "data" else []
+    bad = ["-env", "DPNET_DATA", str(tmp_path / "nowhere")] if missing == "data" else []
+    args = [*TINY, "--max-steps", "2"]
+    if missing == "resume":
+        ckpt = tmp_path / "ck.h5"
+        run_ok(base_args(cifar_dir, "--max-steps", "1", "--checkpoint", str(ckpt)), tmp_path)
+        good_args = ["--data", cifar_dir, *args, "--resume", str(ckpt)]
+        bad_args = ["--data", cifar_dir, *args, "--resume", str(tmp_path / "absent.h5")]
+    else:
+        good_args = bad_args = args
+    cmd = [mpirun_path(), "-n", "1", *good, sys.executable, "-m", "dpnet.train", *good_args, ":",
+           "-n", "1", *bad, sys.executable, "-m", "dpnet.train", *bad_args]
+    run = finish(start(cmd, tmp_path), cmd, tmp_path, time.monotonic(), 60)
+    assert run.returncode == 2, str(run)
+    errors = [line for line in run.stderr.splitlines() if ERROR_PREFIX in line]
+    assert len(errors) == 1 and "rank(s) [1]" in errors[0], str(run)
