@@ -415,9 +415,7 @@ def parse_args(argv):
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            kind = {"float": float, "int": int, "str": str}.get(
-                type(default).__name__ if default is not None else _optional_type(f), str)
-            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+            parser.add_argument(flag, type=_option_type(f, default), default=None, metavar=f.name.upper(),
                                 choices=CHOICES.get(f.name))
     args = parser.parse_args(argv)
     values = {}
@@ -427,8 +425,11 @@ def parse_args(argv):
     return TrainConfig(**values)
 
 
-def _optional_type(f):
-    return str(f.type).replace("typing.Optional[", "").rstrip("]").replace("Optional[", "")
+def _option_type(field, default):
+    """The Python type of a TrainConfig field (int, float, str or bool), Optional[...] unwrapped."""
+    name = (type(default).__name__ if default is not None else
+            str(field.type).replace("typing.Optional[", "").rstrip("]").replace("Optional[", ""))
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(name, str)
 
 
 def _read_toml(path):
@@ -448,8 +449,7 @@ def _read_toml(path):
         raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}")
     defaults = TrainConfig()
     for key, value in values.items():
-        kind = type(getattr(defaults, key)) if getattr(defaults, key) is not None else _optional_type(fields[key])
-        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(getattr(kind, "__name__", kind), str)
+        kind = _option_type(fields[key], getattr(defaults, key))
         ok = (isinstance(value, bool) if kind is bool else
               isinstance(value, int) and not isinstance(value, bool) if kind is int else
               isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
