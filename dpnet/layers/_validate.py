@@ -12,11 +12,6 @@ def require_ndim(name, array, ndim, layout):
         )
 
 
-def require_float(name, array):
-    if not np.issubdtype(np.asarray(array).dtype, np.floating):
-        raise ValueError(f"{name} must be a floating-point array, got dtype {np.asarray(array).dtype}")
-
-
 def require_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -18,8 +18,8 @@ from ._validate import require_ndim
 
 def _shard_moments(x, axes):
     """Count, mean and M2 of x over `axes`, per channel, as one float64 row [n, mean.., m2..]."""
-    count = x.size // (x.shape[1] if x.ndim > 1 else 1)
     channels = x.shape[1]
+    count = x.size // channels
     row = np.zeros(1 + 2 * channels, dtype=np.float64)
     row[0] = count
     if count:

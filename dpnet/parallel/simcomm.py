@@ -18,6 +18,7 @@ run() returns the ranks' results in rank order or re-raises the first rank's own
 exception (a SimCommError only if no rank raised anything else).
 """
 
+import copy
 import os
 import sys
 import threading
@@ -160,12 +161,10 @@ class SimRankComm:
         return array
 
     def bcast_obj(self, obj, root=0):
-        import copy
         parts = self._collective("bcast_obj", obj if self.rank == root else None, root=root)
         return copy.deepcopy(parts[root])
 
     def allgather_obj(self, obj):
-        import copy
         return copy.deepcopy(self._collective("allgather_obj", obj))
 
     def barrier(self):
