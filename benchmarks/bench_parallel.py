@@ -9,9 +9,11 @@ In one run it measures, each in fresh processes launched with mpirun:
   the batch without communicating (what 2 ranks could reach if the allreduce were free);
 - the exposed communication (time the step waits for the gradient allreduce after
   backward) as a share of step time, and the allreduce bytes per step;
-- all of it with one Allreduce after backward (the default) and with 1 MiB gradient
-  buckets reduced during backward (overlap), alternated; each figure is the best of
-  REPEATS runs, since this machine's throughput drifts by about 10% from run to run.
+- all of it for each way of summing gradients (DataParallel's `reduction`): through
+  node-local shared memory after backward (the default under mpirun), one MPI Allreduce
+  after backward, and 1 MiB Allreduce buckets overlapped with backward. Runs alternate,
+  and each figure is the best of REPEATS runs, since this machine's throughput drifts
+  by about 10% from run to run.
 """
 
 import json
@@ -20,10 +22,14 @@ import subprocess
 import sys
 
 STEPS, WARMUP, BATCH, REPEATS = 30, 5, 128, 3
-OVERLAP_BUCKET = 1 << 20  # bucket_bytes for the overlapped variant; 0 below means None (one Allreduce)
+VARIANTS = {  # label: DataParallel options
+    "shared memory after backward (default)": {"reduction": "shared-memory"},
+    "one Allreduce after backward": {"reduction": "allreduce"},
+    "1 MiB Allreduce buckets overlapped with backward": {"reduction": "allreduce", "bucket_bytes": 1 << 20},
+}
 
 
-def worker(no_comm, bucket_bytes):
+def worker(no_comm, options):
     os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = "1"
     import time
 
@@ -40,7 +46,7 @@ def worker(no_comm, bucket_bytes):
     X = rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, BATCH)
     model = ThreeLayerConvNet(hidden_dim=500, weight_scale="he", dtype=np.float32)
-    dp = DataParallel(model, comm, bucket_bytes=bucket_bytes or None)
+    dp = DataParallel(model, comm, **options)
     lo, hi = shard_bounds(BATCH, size, 0 if no_comm else comm.rank)
     config = {"learning_rate": 1e-4}
     with threadpool_limits(1, user_api="blas"):
@@ -59,14 +65,14 @@ def worker(no_comm, bucket_bytes):
                           "allreduce_bytes": int(dp.flat.buffer.nbytes)}))
 
 
-def launch(ranks, bucket_bytes=0):
-    out = subprocess.run(["mpirun", "-n", str(ranks), sys.executable, __file__, "--worker", str(bucket_bytes)],
+def launch(ranks, options):
+    out = subprocess.run(["mpirun", "-n", str(ranks), sys.executable, __file__, "--worker", json.dumps(options)],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def launch_independent(copies=2):
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", "0", "--no-comm"], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", "{}", "--no-comm"], stdout=subprocess.PIPE,
                               text=True) for _ in range(copies)]
     results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     return sum(r["images_per_s"] for r in results)
@@ -77,31 +83,30 @@ def best(runs):
 
 
 def main():
-    ones, twos, overlapped, ceilings = [], [], [], []
+    ones, ceilings, twos = [], [], {label: [] for label in VARIANTS}
     for _ in range(REPEATS):
-        ones.append(launch(1))
-        twos.append(launch(2))
-        overlapped.append(launch(2, OVERLAP_BUCKET))
+        ones.append(launch(1, {}))
+        for label, options in VARIANTS.items():
+            twos[label].append(launch(2, options))
         ceilings.append(launch_independent())
-    one, two, over, ceiling = best(ones), best(twos), best(overlapped), max(ceilings)
+    one, ceiling = best(ones), max(ceilings)
     print(f"ThreeLayerConvNet training step, hidden 500, float32, global batch {BATCH}, "
           f"1 BLAS thread per rank, {STEPS} timed steps, best of {REPEATS} runs")
-    print(f"  1 rank:                          {one['images_per_s']:7.0f} images/s  ({one['step_ms']:.1f} ms/step)")
-    print(f"  2 ranks:                         {two['images_per_s']:7.0f} images/s  ({two['step_ms']:.1f} ms/step)")
-    print(f"  2 independent processes (no comm): {ceiling:5.0f} images/s")
-    print(f"  scaling 2 ranks / 1 rank:        {two['images_per_s'] / one['images_per_s']:7.2f}x")
-    print(f"  ceiling 2 independent / 1 rank:  {ceiling / one['images_per_s']:7.2f}x")
-    print(f"  2 ranks as share of the ceiling: {two['images_per_s'] / ceiling:7.1%}")
-    print(f"  gradient allreduce: {two['allreduce_bytes'] / 2**20:.1f} MiB per step")
-    print(f"  exposed communication at 2 ranks, one Allreduce after backward (default): "
-          f"{two['comm_fraction']:5.1%} of step time")
-    print(f"  exposed communication at 2 ranks, 1 MiB buckets overlapped with backward: "
-          f"{over['comm_fraction']:5.1%} of step time ({over['images_per_s']:.0f} images/s, "
-          f"{over['step_ms']:.1f} ms/step, {over['images_per_s'] / one['images_per_s']:.2f}x one rank)")
+    print(f"  1 rank:                              {one['images_per_s']:6.0f} images/s  ({one['step_ms']:.1f} ms/step)")
+    print(f"  2 independent processes (no comm):  {ceiling:6.0f} images/s  "
+          f"= {ceiling / one['images_per_s']:.2f}x one rank: the ceiling")
+    print(f"  gradient sum: {one['allreduce_bytes'] / 2**20:.1f} MiB per step")
+    for label, runs in twos.items():
+        two = best(runs)
+        print(f"  2 ranks, {label}:")
+        print(f"      {two['images_per_s']:6.0f} images/s ({two['step_ms']:.1f} ms/step) = "
+              f"{two['images_per_s'] / one['images_per_s']:.2f}x one rank = "
+              f"{two['images_per_s'] / ceiling:.1%} of the ceiling; "
+              f"exposed communication {two['comm_fraction']:.1%} of step time")
 
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
-        worker(no_comm="--no-comm" in sys.argv, bucket_bytes=int(sys.argv[sys.argv.index("--worker") + 1]))
+        worker(no_comm="--no-comm" in sys.argv, options=json.loads(sys.argv[sys.argv.index("--worker") + 1]))
     else:
         main()

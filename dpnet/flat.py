@@ -18,9 +18,11 @@ class FlatParams:
     - extra: slots appended after the gradients in `buffer` (= grad + tail), so other
       values (a loss) can ride along in the same reduction.
     - order: the parameter names in buffer order (default: the dict's order)
+    - buffer: storage to use as `buffer` (length: parameters + extra, the parameters'
+      dtype), e.g. shared memory; default: a new zeroed array
     """
 
-    def __init__(self, params, extra=0, order=None):
+    def __init__(self, params, extra=0, order=None, buffer=None):
         dtypes = {np.asarray(v).dtype for v in params.values()}
         if len(dtypes) != 1:
             raise ValueError(f"all parameters must share one dtype, got {sorted(map(str, dtypes))}")
@@ -33,7 +35,12 @@ class FlatParams:
         self.sizes = dict(zip(self.names, sizes))
         dtype = dtypes.pop()
         self.data = np.empty(sum(sizes), dtype=dtype)
-        self.buffer = np.zeros(sum(sizes) + extra, dtype=dtype)
+        if buffer is None:
+            buffer = np.zeros(sum(sizes) + extra, dtype=dtype)
+        elif buffer.shape != (sum(sizes) + extra,) or buffer.dtype != dtype:
+            raise ValueError(f"buffer must have shape ({sum(sizes) + extra},) and dtype {dtype}, "
+                             f"got {buffer.shape} {buffer.dtype}")
+        self.buffer = buffer
         self.grad = self.buffer[:sum(sizes)]
         self.params = params
         self.grads = {}

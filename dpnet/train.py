@@ -29,7 +29,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataError, load_dataset, make_synthetic
 from .models import ConvNet, ThreeLayerConvNet
 from .optim import get_update_rule
-from .parallel import (DataParallel, SimComm, get_comm, launcher_rank, shard_bounds, shard_indices,
+from .parallel import (REDUCTIONS, DataParallel, SimComm, get_comm, launcher_rank, shard_bounds, shard_indices,
                        steps_per_epoch)
 
 OPTIMIZERS = {"sgd": "sgd", "momentum": "sgd_momentum", "nesterov": "sgd_nesterov_momentum",
@@ -72,7 +72,8 @@ class TrainConfig:
     metrics: str = "dpnet_run/metrics.jsonl"
     simulate_ranks: Optional[int] = None
     check_every: int = 50  # parameter-consistency check period in steps (0: never)
-    bucket_mb: float = 0.0  # reduce gradients in buckets of this many MiB during backward (0: once, after)
+    reduction: str = "auto"  # how ranks sum gradients: auto | shared-memory | allreduce
+    bucket_mb: float = 0.0  # with allreduce: buckets of this many MiB reduced during backward (0: once, after)
     timeout: float = 300.0  # seconds one step may take (waiting for other ranks included) before the job is aborted
     progress: bool = True
 
@@ -109,7 +110,7 @@ class NonFiniteLoss(FloatingPointError):
 
 CHOICES = {"model": ("threelayer", "convnet"), "bn_mode": ("none", "local", "sync"),
            "lr_schedule": ("cosine", "step"), "optimizer": tuple(OPTIMIZERS),
-           "dtype": ("float32", "float64")}
+           "dtype": ("float32", "float64"), "reduction": REDUCTIONS}
 
 
 def validate(config, world_size):
@@ -132,6 +133,8 @@ def validate(config, world_size):
         raise ConfigError("--reg, --val-size and --check-every must not be negative")
     if config.bucket_mb < 0:
         raise ConfigError(f"--bucket-mb must not be negative, got {config.bucket_mb}")
+    if config.bucket_mb and config.reduction == "shared-memory":
+        raise ConfigError("--bucket-mb applies to --reduction allreduce (or auto) only")
     if not config.timeout > 0:
         raise ConfigError(f"--timeout must be positive, got {config.timeout}")
     if config.resume and not os.path.isfile(config.resume):
@@ -251,7 +254,8 @@ def train(config, comm):
 
     model = build_model(config, comm)
     dp = DataParallel(model, comm, seed=config.seed, check_every=config.check_every,
-                      timeout=config.timeout, bucket_bytes=int(config.bucket_mb * 2**20) or None)
+                      timeout=config.timeout, bucket_bytes=int(config.bucket_mb * 2**20) or None,
+                      reduction=config.reduction)
     update_rule = get_update_rule(OPTIMIZERS[config.optimizer])
     optim_config = {"learning_rate": config.lr}
     rngs = {"augment": np.random.default_rng([config.seed, comm.rank, 1])}
@@ -274,6 +278,9 @@ def train(config, comm):
     say(f"dpnet {__version__}: {config.model} (bn {config.bn_mode}), {comm.size} rank(s) x {threads} "
         f"BLAS thread(s); {source}: {len(x_train)} train / {len(x_val)} val / {len(data['x_test'])} test; "
         f"{epochs} epochs of {per_epoch} steps, global batch {config.batch_size}")
+    if comm.size > 1:
+        fallback = f" (shared memory unavailable: {dp.why_not_shared_memory})" if dp.why_not_shared_memory else ""
+        say(f"gradients: {dp.flat.buffer.nbytes / 2**20:.1f} MiB per step, summed by {dp.reduction}{fallback}")
     metrics_file = None
     if comm.rank == 0 and config.metrics:
         os.makedirs(os.path.dirname(os.path.abspath(config.metrics)), exist_ok=True)
@@ -340,6 +347,7 @@ def train(config, comm):
             save()
         dp.average_running_stats()
         save()
+        dp.close()
         if stopped:
             say(f"stop requested (SIGTERM): checkpoint saved at step {step}; continue with "
                 f"--resume {config.checkpoint}")

@@ -16,6 +16,12 @@ INPUT = (3, 8, 8)
 # Small buckets, so these tiny models' gradients are reduced in many buckets, overlapped with
 # backward under MPI, as a large model's are.
 BUCKET_BYTES = 256
+# DataParallel options of each gradient reduction path; every case takes one by name.
+# SimComm runs 'buckets' (without MPI the buckets are reduced one after another).
+PATHS = {
+    "buckets": {"reduction": "allreduce", "bucket_bytes": BUCKET_BYTES},
+    "shared-memory": {"reduction": "shared-memory"},
+}
 
 
 def make_model(kind, bn_mode="sync", seed=0, dtype=np.float64):
@@ -57,30 +63,32 @@ def copies(grads):
     return {k: np.array(v, copy=True) for k, v in grads.items()}
 
 
-def dp_grads(comm, kind, bn_mode, X, y, bounds=None, seed=None):
+def dp_grads(comm, kind, bn_mode, X, y, bounds=None, seed=None, path="buckets"):
     """Gradients from DataParallel with rank r taking X[bounds[r]] (default: even shards)."""
     model = make_model(kind, bn_mode, seed=comm.rank if seed is None else seed)
-    dp = DataParallel(model, comm, bucket_bytes=BUCKET_BYTES)
+    dp = DataParallel(model, comm, **PATHS[path])
     lo, hi = bounds[comm.rank] if bounds else shard_bounds(len(X), comm.size, comm.rank)
     loss, grads = dp.loss(X[lo:hi], y[lo:hi])
-    return loss, copies(grads)
+    grads = copies(grads)  # before close() releases the shared memory they may live in
+    dp.close()
+    return loss, grads
 
 
-def case_sync_equals_full_batch(comm, kind):
+def case_sync_equals_full_batch(comm, kind, path="buckets"):
     """1. sync BN: N-rank gradients == one-process full batch to 1e-10; local BN differs."""
     X, y = make_batch(12)
     ref_loss, ref = make_model(kind, "sync").loss(X, y)
-    loss, grads = dp_grads(comm, kind, "sync", X, y)
+    loss, grads = dp_grads(comm, kind, "sync", X, y, path=path)
     errors = grad_errors(grads, ref)
     assert max(errors.values()) <= 1e-10, errors
     assert abs(loss - ref_loss) <= 1e-12 * abs(ref_loss)
     if comm.size > 1:  # control: per-rank statistics are not the global batch's
-        _, local = dp_grads(comm, kind, "local", X, y)
+        _, local = dp_grads(comm, kind, "local", X, y, path=path)
         assert max(grad_errors(local, ref).values()) > 1e-3
     return loss, grads
 
 
-def case_local_equals_weighted_shards(comm, kind):
+def case_local_equals_weighted_shards(comm, kind, path="buckets"):
     """2. local BN: N-rank gradients == count-weighted mean of per-shard one-process gradients."""
     X, y = make_batch(11)
     model = make_model(kind, "local")
@@ -92,7 +100,7 @@ def case_local_equals_weighted_shards(comm, kind):
             for k in ref:
                 ref[k] += (hi - lo) / len(X) * g[k]
     model.add_regularization(ref)
-    _, grads = dp_grads(comm, kind, "local", X, y)
+    _, grads = dp_grads(comm, kind, "local", X, y, path=path)
     errors = grad_errors(grads, ref)
     assert max(errors.values()) <= 1e-10, errors
     _, full = make_model(kind, "local").loss(X, y)  # control: not the full-batch gradient
@@ -100,19 +108,19 @@ def case_local_equals_weighted_shards(comm, kind):
     return grads
 
 
-def case_unequal_and_empty_shards(comm, kind):
+def case_unequal_and_empty_shards(comm, kind, path="buckets"):
     """3. unequal and empty shards stay exact: global batches of 2 * size + 2 and size - 1
     (10 and 3 over 4 ranks), and a caller's own lopsided split."""
     for n in (2 * comm.size + 2, max(comm.size - 1, 1)):
         X, y = make_batch(n)
         _, ref = make_model(kind, "sync").loss(X, y)
-        _, grads = dp_grads(comm, kind, "sync", X, y)
+        _, grads = dp_grads(comm, kind, "sync", X, y, path=path)
         assert max(grad_errors(grads, ref).values()) <= 1e-10, (n, grad_errors(grads, ref))
     X, y = make_batch(9)
     _, ref = make_model(kind, "sync").loss(X, y)
     cuts = [0] + [min(9, 5 + 2 * r) for r in range(comm.size - 1)] + [9]  # rank 0 takes 5
     bounds = list(zip(cuts[:-1], cuts[1:]))
-    _, grads = dp_grads(comm, kind, "sync", X, y, bounds=bounds)
+    _, grads = dp_grads(comm, kind, "sync", X, y, bounds=bounds, path=path)
     assert max(grad_errors(grads, ref).values()) <= 1e-10
     # control: the mean of per-rank means is not the global gradient for unequal shards
     wrong = {k: np.zeros_like(v) for k, v in ref.items()}
@@ -127,16 +135,17 @@ def case_unequal_and_empty_shards(comm, kind):
         assert max(grad_errors(wrong, ref).values()) > 1e-3
 
 
-def train_steps(comm, kind, bn_mode, steps=5, batch=10):
+def train_steps(comm, kind, bn_mode, steps=5, batch=10, path="buckets"):
     """Run `steps` Adam steps on even shards of fresh batches; return the parameters by_name."""
     model = make_model(kind, bn_mode, seed=comm.rank)
-    dp = DataParallel(model, comm, check_every=1, bucket_bytes=BUCKET_BYTES)
+    dp = DataParallel(model, comm, check_every=1, **PATHS[path])
     config = {"learning_rate": 1e-2}
     for step in range(steps):
         X, y = make_batch(batch, seed=100 + step)
         lo, hi = shard_bounds(batch, comm.size, comm.rank)
         dp.loss(X[lo:hi], y[lo:hi])
         dp.step(adam, config)
+    dp.close()
     return by_name(model.params)
 
 
@@ -152,16 +161,16 @@ def one_process_trajectory(kind, bn_mode, steps=5, batch=10):
     return by_name(model.params)
 
 
-def case_adam_trajectory(comm, kind):
+def case_adam_trajectory(comm, kind, path="buckets"):
     """4. after 5 Adam steps parameters are bit-identical across ranks and equal the
     one-process trajectory to 1e-9; with local BN they leave it (control)."""
-    params = train_steps(comm, kind, "sync")
+    params = train_steps(comm, kind, "sync", path=path)
     everyone = comm.allgather(params)
     assert all(np.array_equal(everyone[0], p) for p in everyone)
     ref = one_process_trajectory(kind, "sync")
     assert np.abs(params - ref).max() <= 1e-9 * np.abs(ref).max()
     if comm.size > 1:
-        local = train_steps(comm, kind, "local")
+        local = train_steps(comm, kind, "local", path=path)
         assert np.abs(local - ref).max() > 1e-6 * np.abs(ref).max()
     return params
 

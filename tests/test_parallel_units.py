@@ -563,3 +563,40 @@ def test_a_gradient_stored_twice_is_an_error_not_a_skipped_bucket():
         dp.loss(X, y)
     model._backward = backward  # control: the real backward passes
     dp.loss(X, y)
+
+
+# ---------------------------------------------------------------- choosing the reduction
+
+def test_reduction_choice_without_mpi():
+    """Without MPI there is no shared memory: 'auto' sums with the communicator's allreduce,
+    and asking for 'shared-memory' at more than one rank is an error that says why."""
+    from dpnet.parallel import DataParallel, SerialComm, SimComm
+    dp = DataParallel(make_model("threelayer", "sync"), SerialComm(), reduction="shared-memory")
+    assert dp.reduction == "allreduce"  # one rank: nothing to sum
+    assert SimComm(2).run(lambda c: DataParallel(make_model("threelayer"), c).reduction) == ["allreduce"] * 2
+    with pytest.raises(ValueError, match="'shared-memory' needs an MPI communicator, got SimRankComm"):
+        SimComm(2).run(lambda c: DataParallel(make_model("threelayer"), c, reduction="shared-memory"))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        DataParallel(make_model("threelayer"), SerialComm(), reduction="nccl")
+    with pytest.raises(ValueError, match="bucket_bytes applies to reduction 'allreduce' only"):
+        DataParallel(make_model("threelayer"), SerialComm(), reduction="shared-memory", bucket_bytes=256)
+
+
+def test_regularized_slices_add_l2_once_per_entry():
+    """The shared-memory path adds reg * W slice by slice; the slices of any tiling give
+    exactly add_regularization's gradients."""
+    from dpnet.parallel import DataParallel, SerialComm
+    model = make_model("threelayer", "sync")
+    dp = DataParallel(model, SerialComm())
+    rng = np.random.default_rng(0)
+    grad = rng.standard_normal(len(dp.flat.buffer))
+    expected = {name: dp.flat.view(grad, name).copy() for name in dp.flat.names}
+    model.add_regularization(expected)
+    before = grad.copy()
+    cuts = [0, 1, 7, 100, len(grad) // 2, len(grad) - 1, len(grad)]
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        dp._regularize_slice(grad, lo, hi)
+    for name in dp.flat.names:
+        assert np.array_equal(dp.flat.view(grad, name), expected[name]), name
+    assert model.reg > 0 and all(not np.array_equal(dp.flat.view(before, n), expected[n])
+                                 for n in model.weight_names())  # control: L2 changes every weight

@@ -112,6 +112,8 @@ def test_main_command(cached, cifar_dir, ranks):
     # only rank 0 prints: the header, one line per epoch and the result, each exactly once
     assert_unique_lines(run)
     lines = run.lines
+    if world > 1:  # under mpirun, how gradients are summed: shared memory, all ranks on this node
+        assert lines.pop(1) == f"gradients: {(sum(p.nbytes for p in ckpt['params'].values()) + 8) / 2**20:.1f} MiB per step, summed by shared-memory"
     assert len(lines) == 4, str(run)
     assert lines[0].startswith(f"dpnet {dpnet.__version__}: threelayer (bn sync), {world} rank(s) x "), lines[0]
     assert lines[0].endswith(f"CIFAR-10 from {cifar_dir}: 160 train / 40 val / 40 test; "
@@ -557,6 +559,9 @@ BAD_INPUT = {  # id -> f(tmp_path, cifar_dir, real_checkpoint, mode) -> (extra a
     "batch-size-1-two-ranks": lambda t, d, c, m: (
         ["--batch-size", "1"] + (["--simulate-ranks", "2"] if m == "serial" else []),
         ["--batch-size 1 is smaller than the 2 ranks"]),
+    "buckets-with-shared-memory": lambda t, d, c, m: (["--reduction", "shared-memory", "--bucket-mb", "1"],
+                                                      ["--bucket-mb applies to --reduction allreduce"]),
+    "unknown-reduction": lambda t, d, c, m: (["--reduction", "nccl"], ["--reduction", "invalid choice: 'nccl'"]),
     "unknown-model": lambda t, d, c, m: (["--model", "resnet50"], ["--model", "invalid choice: 'resnet50'"]),
     "toml-unknown-key": lambda t, d, c, m: (["--config", _toml(t, "max_steps = 3\nlearning_rate = 0.1\n")],
                                             ["run.toml", "unknown key(s) learning_rate"]),

@@ -113,16 +113,24 @@ class Model:
             return int(digits) if digits else 0
         return sorted(self.params, key=layer, reverse=True)
 
+    def weight_names(self):
+        """The L2-regularised parameters: the weights, named 'W<i>'."""
+        return [name for name in self.params if name.startswith("W")]
+
+    def regularization_loss(self):
+        """0.5 * reg * sum(W^2) over the weights."""
+        if not self.reg:
+            return 0.0
+        return 0.5 * self.reg * sum(float(np.vdot(self.params[name], self.params[name]))
+                                    for name in self.weight_names())
+
     def add_regularization(self, grads):
         """Add reg * W to the weights' gradients in place; return 0.5 * reg * sum(W^2)."""
         if not self.reg:
             return 0.0
-        total = 0.0
-        for name, w in self.params.items():
-            if name.startswith("W"):
-                total += float(np.vdot(w, w))
-                grads[name] += self.reg * w
-        return 0.5 * self.reg * total
+        for name in self.weight_names():
+            grads[name] += self.reg * self.params[name]
+        return self.regularization_loss()
 
     def loss(self, X, y=None):
         """The homework API with two meanings:

@@ -15,6 +15,9 @@ import numpy as np
 from ..flat import FlatParams
 
 
+REDUCTIONS = ("auto", "shared-memory", "allreduce")
+
+
 class ParameterDriftError(RuntimeError):
     """Ranks that should hold identical parameters do not."""
 
@@ -38,14 +41,23 @@ class DataParallel:
     gradients and losses; the L2 term is added once, after the reduction. With
     bn_mode 'sync' the model's batchnorm layers reduce over `comm`.
 
-    The flat gradient buffer is laid out in the order backward finishes the parameters.
-    By default it is reduced in one Allreduce after backward. With bucket_bytes set, it is
-    cut into buckets of about that size and, under MPI (with MPI_THREAD_MULTIPLE), a
-    worker thread reduces each bucket on a duplicate communicator as soon as its last
-    gradient is ready, while backward goes on with earlier layers; the last bucket carries
-    the loss. Overlap pays where the reduction does not compete with backward for the
-    same cores and memory bandwidth (other nodes, a network); on one 2-core machine it
-    measured slower (benchmarks/bench_parallel.py prints both).
+    How gradients are summed over ranks (`reduction`):
+    - 'shared-memory': the ranks on a node write their gradients into one MPI-3 shared
+      window and each sums its own slice of all of them, reading the others' memory
+      directly (dpnet.parallel.shared_memory); across nodes each slice is then Allreduced
+      with its owners on the other nodes. The fastest within a node. The returned
+      gradients are then shared by the node's ranks and read-only.
+    - 'allreduce': MPI Allreduce on the flat buffer, in place. By default one call after
+      backward. With bucket_bytes set, the buffer (laid out in the order backward
+      finishes the parameters) is cut into buckets of about that size and, under MPI
+      with MPI_THREAD_MULTIPLE, a worker thread reduces each bucket on a duplicate
+      communicator as soon as its last gradient is ready, while backward goes on with
+      earlier layers; the last bucket carries the loss. Overlap pays where the reduction
+      does not compete with backward for the same cores and memory bandwidth (other
+      nodes, a network); on one 2-core machine it measured slower.
+    - 'auto' (default): 'shared-memory' under MPI when bucket_bytes is None and every
+      node holds the same number of ranks with room in /dev/shm, else 'allreduce'.
+    benchmarks/bench_parallel.py measures each.
 
     Inputs:
     - model: a dpnet.models.Model; its params are rebound to views of one flat buffer
@@ -54,13 +66,20 @@ class DataParallel:
     - check_every: verify every k steps that all ranks hold identical parameters
       (0: never); a drift raises ParameterDriftError naming the step and ranks
     - bucket_bytes: reduce gradients in buckets of about this many bytes, overlapped with
-      backward under MPI; None: one Allreduce after backward
+      backward under MPI (reduction 'allreduce' only); None: one reduction after backward
+    - reduction: 'auto', 'shared-memory' or 'allreduce', as above
     - timeout: with an MPI communicator, abort the job when one step (its forward,
       backward and collectives) takes longer than this many seconds, naming the rank(s)
       that never reached it (dpnet.parallel.watchdog); None: wait forever
     """
 
-    def __init__(self, model, comm, seed=0, check_every=0, timeout=None, bucket_bytes=None):
+    def __init__(self, model, comm, seed=0, check_every=0, timeout=None, bucket_bytes=None,
+                 reduction="auto"):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if reduction == "shared-memory" and bucket_bytes:
+            raise ValueError("bucket_bytes applies to reduction 'allreduce' only; "
+                             "'shared-memory' sums all gradients at once after backward")
         self.model = model
         self.comm = comm
         self.check_every = check_every
@@ -73,7 +92,19 @@ class DataParallel:
         if model.dropout_param is not None:
             model.dropout_param["rng"] = np.random.default_rng([seed, comm.rank])
         # gradients in the order backward finishes them, then [loss, stop votes]
-        self.flat = FlatParams(model.params, extra=2, order=model.backward_order())
+        order = model.backward_order()
+        count = sum(int(np.size(w)) for w in model.params.values()) + 2
+        self._shared, self.reduction, self.why_not_shared_memory = None, "allreduce", None
+        if comm.size > 1 and reduction != "allreduce" and not bucket_bytes:
+            self._shared, why_not = self._shared_memory_reducer(comm, count, model.dtype, reduction)
+            if self._shared is not None:
+                self.reduction = "shared-memory"
+            self.why_not_shared_memory = why_not
+        self.flat = FlatParams(model.params, extra=2, order=order,
+                               buffer=None if self._shared is None else self._shared.result)
+        # what this rank writes its gradients into: the buffer itself, or its shared segment
+        self._send = self.flat.buffer if self._shared is None else self._shared.send
+        self._send_grads = {name: self.flat.view(self._send, name) for name in self.flat.names}
         self.buckets = self._make_buckets(bucket_bytes or len(self.flat.buffer) * self.flat.data.itemsize)
         self._bucket_of = {name: b for b, (_, _, names) in enumerate(self.buckets) for name in names}
         self._overlap = (len(self.buckets) > 1 and comm.size > 1
@@ -124,7 +155,7 @@ class DataParallel:
         pending = [len(names) for _, _, names in self.buckets]
 
         def on_grad(name, grad):  # pack each gradient as it is made; send full buckets off
-            self.flat.grads[name][...] = grad
+            self._send_grads[name][...] = grad
             b = self._bucket_of[name]
             pending[b] -= 1
             if pending[b] == 0 and b < len(self.buckets) - 1 and self._overlap:
@@ -134,10 +165,12 @@ class DataParallel:
         if any(pending):  # a gradient stored twice or never: its bucket would go unreduced
             raise RuntimeError(f"backward stored {sum(len(n) for _, _, n in self.buckets) - sum(pending)} "
                                f"gradients for {len(self.flat.names)} parameters; each must be stored once")
-        buffer[-2] = data_loss
-        buffer[-1] = float(self.stop_requested)
+        self._send[-2] = data_loss
+        self._send[-1] = float(self.stop_requested)
         start = time.perf_counter()
-        if self._overlap:
+        if self._shared is not None:  # the L2 term joins each rank's slice of the sum, once
+            self._shared.reduce(finish=self._regularize_slice if self.model.reg else None)
+        elif self._overlap:
             self._queue.put(self.buckets[-1])
             self._queue.join()  # every bucket of this step reduced
             if self._failure is not None:
@@ -148,11 +181,41 @@ class DataParallel:
             self.watchdog.leave(self.steps)
         self.comm_seconds += time.perf_counter() - start
         self.stop_agreed = bool(buffer[-1] > 0)
-        loss = float(buffer[-2]) + self.model.add_regularization(self.flat.grads)
+        if self._shared is not None:
+            loss = float(buffer[-2]) + self.model.regularization_loss()
+        else:
+            loss = float(buffer[-2]) + self.model.add_regularization(self.flat.grads)
         self.steps += 1
         if self.check_every and self.steps % self.check_every == 0:
             self.check_consistency()
         return loss, self.flat.grads
+
+    @staticmethod
+    def _shared_memory_reducer(comm, count, dtype, reduction):
+        """(SharedMemoryAllreduce, None), or (None, why not) when it cannot serve 'auto'."""
+        if not hasattr(comm, "MPI"):
+            if reduction == "shared-memory":
+                raise ValueError(f"reduction 'shared-memory' needs an MPI communicator, got {comm!r}")
+            return None, f"{type(comm).__name__} has no shared memory"
+        from .shared_memory import SharedMemoryAllreduce
+        reducer, why_not = SharedMemoryAllreduce.create(comm, count, dtype)
+        if reducer is None and reduction == "shared-memory":
+            raise RuntimeError(f"reduction 'shared-memory' is unavailable: {why_not}")
+        return reducer, why_not
+
+    def _regularize_slice(self, grad, lo, hi):
+        """Add reg * W to the weights' entries of the flat gradient grad[lo:hi]."""
+        for name in self.model.weight_names():
+            start = self.flat.offsets[name]
+            a, b = max(lo, start), min(hi, start + self.flat.sizes[name])
+            if a < b:
+                grad[a:b] += self.model.reg * self.flat.data[a:b]
+
+    def close(self):
+        """Release the shared-memory window, if any (collective; the object is unusable after)."""
+        if self._shared is not None:
+            self._shared.free()
+            self._shared = None
 
     def _make_buckets(self, bucket_bytes):
         """[(start, stop, names)] slices of the flat buffer in backward order, each at least

@@ -14,6 +14,7 @@ import parallel_cases as cases
 pytestmark = pytest.mark.mpi(min_size=2)
 
 KINDS = ["threelayer", "convnet"]
+PATHS = list(cases.PATHS)  # every reduction path: overlapped buckets and shared memory
 
 
 @pytest.fixture(scope="module")
@@ -24,37 +25,42 @@ def comm():
     return comm
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_sync_bn_equals_full_batch(comm, kind):
-    cases.case_sync_equals_full_batch(comm, kind)
+def test_sync_bn_equals_full_batch(comm, kind, path):
+    cases.case_sync_equals_full_batch(comm, kind, path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_local_bn_equals_weighted_shards(comm, kind):
-    cases.case_local_equals_weighted_shards(comm, kind)
+def test_local_bn_equals_weighted_shards(comm, kind, path):
+    cases.case_local_equals_weighted_shards(comm, kind, path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_unequal_and_empty_shards(comm, kind):
-    cases.case_unequal_and_empty_shards(comm, kind)
+def test_unequal_and_empty_shards(comm, kind, path):
+    cases.case_unequal_and_empty_shards(comm, kind, path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_adam_trajectory(comm, kind):
-    cases.case_adam_trajectory(comm, kind)
+def test_adam_trajectory(comm, kind, path):
+    cases.case_adam_trajectory(comm, kind, path)
 
 
 def test_broadcast_and_drift_check(comm):
     cases.case_broadcast_and_drift_check(comm, "threelayer")
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_simcomm_reproduces_mpi(comm, kind):
+def test_simcomm_reproduces_mpi(comm, kind, path):
     """5. SimComm(size) in one process gives the mpirun results to 1e-12 (gradients after
     one step, parameters after 5 Adam steps), rank by rank; a perturbed copy fails (control)."""
     from dpnet.parallel import SimComm
-    _, grads = cases.case_sync_equals_full_batch(comm, kind)
-    params = cases.case_adam_trajectory(comm, kind)
+    _, grads = cases.case_sync_equals_full_batch(comm, kind, path)
+    params = cases.case_adam_trajectory(comm, kind, path)
     mine = np.concatenate([grads[k].ravel() for k in sorted(grads)] + [params])
     sim = SimComm(comm.size).run(
         lambda c: np.concatenate([v.ravel() for _, v in sorted(cases.case_sync_equals_full_batch(c, kind)[1].items())]

@@ -1,0 +1,113 @@
+"""The shared-memory gradient sum (dpnet.parallel.shared_memory) under mpirun, against the
+sum of every rank's array computed in rank order from an Allgather."""
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+
+@pytest.fixture(scope="module")
+def comm():
+    from dpnet.parallel import get_comm
+    return get_comm()
+
+
+def contributions(comm, count, dtype, step):
+    """Every rank's array for this step, (size, count): each rank can compute all of them."""
+    return np.stack([np.random.default_rng([r, step, count]).standard_normal(count).astype(dtype)
+                     for r in range(comm.size)])
+
+
+def in_rank_order(parts):
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+@pytest.mark.parametrize("count", [1, 5, 1001, 100_003])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sum_is_exact_and_identical_on_every_rank(comm, count, dtype):
+    from dpnet.parallel.shared_memory import SharedMemoryAllreduce
+    reducer, why_not = SharedMemoryAllreduce.create(comm, count, dtype)
+    assert reducer is not None, why_not
+    for step in range(3):  # reuse: a rank must never read a segment another is rewriting
+        parts = contributions(comm, count, dtype, step)
+        reducer.send[...] = parts[comm.rank]
+        result = reducer.reduce()
+        assert result.dtype == dtype and result.shape == (count,)
+        assert np.array_equal(result, in_rank_order(parts)), f"step {step}"
+    everyone = comm.allgather(np.array(result))
+    assert all(np.array_equal(everyone[0], other) for other in everyone)
+    with pytest.raises(ValueError, match="read-only"):
+        result[0] = 1  # shared by the ranks of the node: writing would change everyone's
+    reducer.free()
+
+
+def test_finish_changes_each_slice_once(comm):
+    from dpnet.parallel.shared_memory import SharedMemoryAllreduce
+    count = 4099
+    reducer, _ = SharedMemoryAllreduce.create(comm, count, np.float64)
+    parts = contributions(comm, count, np.float64, 0)
+    reducer.send[...] = parts[comm.rank]
+    slices = []
+
+    def finish(result, lo, hi):
+        slices.append((lo, hi))
+        result[lo:hi] += 1.0
+
+    result = reducer.reduce(finish)
+    assert np.array_equal(result, in_rank_order(parts) + 1.0)
+    owned = comm.allgather(np.array(slices[0]))  # the ranks' slices tile the array exactly
+    assert sorted(map(tuple, owned))[0][0] == 0 and sorted(map(tuple, owned))[-1][1] == count
+    assert sum(hi - lo for lo, hi in owned) == count
+    reducer.free()
+
+
+@pytest.mark.mpi(min_size=4)
+def test_hierarchical_sum_over_two_nodes(comm):
+    """Ranks split into two 'nodes' of size/2: a node-local sum, then an Allreduce per slice
+    across nodes; equal to the rank-order sum to rounding and bit-identical on all ranks."""
+    from dpnet.parallel.shared_memory import SharedMemoryAllreduce
+    count = 10_007
+    node = comm.comm.Split(color=comm.rank // (comm.size // 2), key=comm.rank)
+    reducer, why_not = SharedMemoryAllreduce.create(comm, count, np.float64, node_comm=node)
+    assert reducer is not None, why_not
+    assert reducer.cross.Get_size() == 2
+    parts = contributions(comm, count, np.float64, 0)
+    reducer.send[...] = parts[comm.rank]
+    result = reducer.reduce()
+    expected = in_rank_order(parts)
+    assert np.abs(result - expected).max() <= 1e-13 * np.abs(expected).max()
+    everyone = comm.allgather(np.array(result))
+    assert all(np.array_equal(everyone[0], other) for other in everyone)
+    reducer.free()
+
+
+@pytest.mark.mpi(min_size=3)
+def test_uneven_nodes_are_refused_on_every_rank(comm):
+    from dpnet.parallel.shared_memory import SharedMemoryAllreduce
+    node = comm.comm.Split(color=int(comm.rank == 0), key=comm.rank)  # nodes of 1 and size-1 ranks
+    reducer, why_not = SharedMemoryAllreduce.create(comm, 10, np.float32, node_comm=node)
+    assert reducer is None
+    assert why_not == f"nodes hold different numbers of ranks (1 to {comm.size - 1})"
+
+
+def test_data_parallel_uses_shared_memory_by_default(comm):
+    """Under mpirun DataParallel sums through shared memory unless buckets or 'allreduce'
+    are asked for; its gradients are then read-only."""
+    import parallel_cases as cases
+    from dpnet.parallel import DataParallel
+    dp = DataParallel(cases.make_model("threelayer"), comm)
+    assert dp.reduction == "shared-memory", dp.why_not_shared_memory
+    X, y = cases.make_batch(8)
+    _, grads = dp.loss(X[comm.rank::comm.size], y[comm.rank::comm.size])
+    with pytest.raises(ValueError, match="read-only"):
+        grads["W1"] *= 2
+    dp.close()
+    assert DataParallel(cases.make_model("threelayer"), comm, reduction="allreduce").reduction == "allreduce"
+    dp = DataParallel(cases.make_model("threelayer"), comm, bucket_bytes=256)
+    assert dp.reduction == "allreduce" and len(dp.buckets) > 1
+    with pytest.raises(ValueError, match="bucket_bytes applies to reduction 'allreduce' only"):
+        DataParallel(cases.make_model("threelayer"), comm, bucket_bytes=256, reduction="shared-memory")
