@@ -58,10 +58,11 @@ def worker(no_comm, options):
             dp.step(adam, config)
         comm.barrier()
         seconds = time.perf_counter() - start
+    fractions = comm.allgather(np.array([(dp.comm_seconds - comm_start) / seconds]))[:, 0]
     if comm.rank == 0:
         print(json.dumps({"images_per_s": (hi - lo) * STEPS / seconds * (1 if no_comm else size),
                           "step_ms": 1e3 * seconds / STEPS,
-                          "comm_fraction": (dp.comm_seconds - comm_start) / seconds,
+                          "comm_fraction": float(fractions.min()), "comm_fraction_max": float(fractions.max()),
                           "allreduce_bytes": int(dp.flat.buffer.nbytes)}))
 
 
@@ -82,6 +83,10 @@ def best(runs):
     return max(runs, key=lambda r: r["images_per_s"])
 
 
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
 def main():
     ones, ceilings, twos = [], [], {label: [] for label in VARIANTS}
     for _ in range(REPEATS):
@@ -91,18 +96,22 @@ def main():
         ceilings.append(launch_independent())
     one, ceiling = best(ones), max(ceilings)
     print(f"ThreeLayerConvNet training step, hidden 500, float32, global batch {BATCH}, "
-          f"1 BLAS thread per rank, {STEPS} timed steps, best of {REPEATS} runs")
-    print(f"  1 rank:                              {one['images_per_s']:6.0f} images/s  ({one['step_ms']:.1f} ms/step)")
-    print(f"  2 independent processes (no comm):  {ceiling:6.0f} images/s  "
+          f"1 BLAS thread per rank, {STEPS} timed steps; best of {REPEATS} runs (median in brackets)")
+    print(f"  1 rank:                             {one['images_per_s']:6.0f} images/s "
+          f"({median([r['images_per_s'] for r in ones]):.0f}), {one['step_ms']:.1f} ms/step")
+    print(f"  2 independent processes (no comm): {ceiling:6.0f} images/s ({median(ceilings):.0f}) "
           f"= {ceiling / one['images_per_s']:.2f}x one rank: the ceiling")
-    print(f"  gradient sum: {one['allreduce_bytes'] / 2**20:.1f} MiB per step")
+    print(f"  gradients summed: {one['allreduce_bytes'] / 2**20:.1f} MiB per step")
+    print("  exposed communication: share of step time spent in the gradient sum (and, with shared memory,\n"
+          "  in sharing the updated parameters), on the rank that waits least -- the cost on the critical\n"
+          "  path -- and on the rank that waits most, whose extra is waiting for a slower rank")
     for label, runs in twos.items():
         two = best(runs)
         print(f"  2 ranks, {label}:")
-        print(f"      {two['images_per_s']:6.0f} images/s ({two['step_ms']:.1f} ms/step) = "
-              f"{two['images_per_s'] / one['images_per_s']:.2f}x one rank = "
-              f"{two['images_per_s'] / ceiling:.1%} of the ceiling; "
-              f"exposed communication {two['comm_fraction']:.1%} of step time")
+        print(f"      {two['images_per_s']:6.0f} images/s ({median([r['images_per_s'] for r in runs]):.0f}), "
+              f"{two['step_ms']:.1f} ms/step = {two['images_per_s'] / one['images_per_s']:.2f}x one rank = "
+              f"{two['images_per_s'] / ceiling:.1%} of the ceiling; exposed communication "
+              f"{two['comm_fraction']:.1%} (least waiting) to {two['comm_fraction_max']:.1%} (most waiting)")
 
 
 if __name__ == "__main__":

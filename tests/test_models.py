@@ -321,3 +321,18 @@ def test_sync_without_comm_equals_local(kind):
     for a, b in zip(local.bn_params, sync.bn_params):
         np.testing.assert_array_equal(a["running_mean"], b["running_mean"])
         np.testing.assert_array_equal(a["running_var"], b["running_var"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1,), (5, 3), (16384,), (16385,), (3, 100_003)])
+def test_add_scaled_equals_y_plus_scale_x_bit_for_bit(dtype, shape):
+    from dpnet.models.base import add_scaled
+    rng = np.random.default_rng(0)
+    y, x = rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape).astype(dtype)
+    expected = y + 1e-3 * x
+    add_scaled(y, x, 1e-3)
+    assert y.dtype == dtype and np.array_equal(y, expected)
+    y_t = rng.standard_normal(shape[::-1]).astype(dtype).T  # not contiguous: updated in place all the same
+    expected = y_t + 0.5 * x
+    add_scaled(y_t, x, 0.5)
+    assert np.array_equal(y_t, expected)

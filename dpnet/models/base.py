@@ -5,6 +5,21 @@ import numpy as np
 from ..layers.losses import softmax_loss
 
 BN_MODES = ("local", "sync")
+CHUNK = 1 << 14  # elements per cache-sized piece in add_scaled
+
+
+def add_scaled(y, x, scale):
+    """y += scale * x in place, bit for bit, in cache-sized pieces: no temporary the size
+    of x (a large one costs a fresh allocation and its page faults on every step)."""
+    if not (y.flags.c_contiguous and x.flags.c_contiguous):  # reshape would copy: no pieces
+        y += scale * x
+        return
+    y, x = y.reshape(-1), x.reshape(-1)
+    tmp = np.empty(min(CHUNK, y.size), dtype=y.dtype)
+    for start in range(0, y.size, CHUNK):
+        piece = tmp[:min(CHUNK, y.size - start)]
+        np.multiply(x[start:start + CHUNK], scale, out=piece)
+        y[start:start + CHUNK] += piece
 
 
 def init_weight(rng, shape, fan_in, weight_scale, dtype):
@@ -129,7 +144,7 @@ class Model:
         if not self.reg:
             return 0.0
         for name in self.weight_names():
-            grads[name] += self.reg * self.params[name]
+            add_scaled(grads[name], self.params[name], self.reg)
         return self.regularization_loss()
 
     def loss(self, X, y=None):

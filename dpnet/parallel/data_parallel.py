@@ -13,6 +13,10 @@ import time
 import numpy as np
 
 from ..flat import FlatParams
+from ..models.base import add_scaled
+from ..optim import UPDATE_RULES
+
+ELEMENTWISE_RULES = frozenset(UPDATE_RULES.values())  # rules whose update of a slice needs only that slice
 
 
 REDUCTIONS = ("auto", "shared-memory", "allreduce")
@@ -102,6 +106,9 @@ class DataParallel:
             self.why_not_shared_memory = why_not
         self.flat = FlatParams(model.params, extra=2, order=order,
                                buffer=None if self._shared is None else self._shared.result)
+        if self._shared is not None:  # the parameters whose update is this rank's (see step)
+            self._owned = (min(self._shared.lo, self.flat.data.size), min(self._shared.hi, self.flat.data.size))
+            self._work_arrays = {}
         # what this rank writes its gradients into: the buffer itself, or its shared segment
         self._send = self.flat.buffer if self._shared is None else self._shared.send
         self._send_grads = {name: self.flat.view(self._send, name) for name in self.flat.names}
@@ -169,7 +176,14 @@ class DataParallel:
         self._send[-1] = float(self.stop_requested)
         start = time.perf_counter()
         if self._shared is not None:  # the L2 term joins each rank's slice of the sum, once
-            self._shared.reduce(finish=self._regularize_slice if self.model.reg else None)
+            l2_seconds = [0.0]
+
+            def finish(grad, lo, hi):
+                started = time.perf_counter()
+                self._regularize_slice(grad, lo, hi)
+                l2_seconds[0] += time.perf_counter() - started
+            self._shared.reduce(finish=finish if self.model.reg else None)
+            start += l2_seconds[0]  # computation, not communication (the allreduce path adds L2 after)
         elif self._overlap:
             self._queue.put(self.buckets[-1])
             self._queue.join()  # every bucket of this step reduced
@@ -209,7 +223,7 @@ class DataParallel:
             start = self.flat.offsets[name]
             a, b = max(lo, start), min(hi, start + self.flat.sizes[name])
             if a < b:
-                grad[a:b] += self.model.reg * self.flat.data[a:b]
+                add_scaled(grad[a:b], self.flat.data[a:b], self.model.reg)
 
     def close(self):
         """Release the shared-memory window, if any (collective; the object is unusable after)."""
@@ -251,8 +265,64 @@ class DataParallel:
         self.stop_requested = True
 
     def step(self, update_rule, config):
-        """Apply update_rule once to the flat parameters with the last reduced gradients."""
-        update_rule(self.flat.data, self.flat.grad, config)
+        """Apply update_rule once to the flat parameters with the last reduced gradients.
+
+        With shared-memory reduction and one of dpnet.optim's rules (all elementwise),
+        each rank of a node updates only its own slice of the parameters and optimizer
+        state, then the node's ranks copy each other's updated slices: the optimizer's
+        work is divided among the ranks instead of repeated by each. config's state
+        arrays are then current only in this rank's slice; gather_optimizer_state(config)
+        makes them whole (train does so before every checkpoint). Any other rule updates
+        every parameter on every rank."""
+        if self._shared is None or update_rule not in ELEMENTWISE_RULES:
+            update_rule(self.flat.data, self.flat.grad, config)
+            return config
+        lo, hi = self._owned
+        view = self._slice_config(config, lo, hi)
+        update_rule(self.flat.data[lo:hi], self.flat.grad[lo:hi], view)
+        self._store_slice_config(config, view, lo, hi)
+        start = time.perf_counter()
+        if self.watchdog:
+            self.watchdog.enter(self.steps, part=1)
+        self._shared.share_slices(self.flat.data)
+        if self.watchdog:
+            self.watchdog.leave(self.steps, part=1)
+        self.comm_seconds += time.perf_counter() - start
+        return config
+
+    def _is_state(self, value):
+        """An optimizer state array: one value per parameter."""
+        return isinstance(value, np.ndarray) and value.shape == self.flat.data.shape
+
+    def _slice_config(self, config, lo, hi):
+        """The config an update of parameters [lo, hi) sees: state arrays cut to the slice,
+        this rank's own work arrays ('_'-prefixed, kept out of config), other entries as are."""
+        view = {key: value[lo:hi] if self._is_state(value) else value
+                for key, value in config.items() if not key.startswith("_")}
+        view.update(self._work_arrays)
+        return view
+
+    def _store_slice_config(self, config, view, lo, hi):
+        for key, value in view.items():
+            if key.startswith("_"):
+                self._work_arrays[key] = value
+            elif isinstance(value, np.ndarray):
+                if not self._is_state(config.get(key)):  # state the rule has just created
+                    config[key] = np.zeros(self.flat.data.shape, dtype=value.dtype)
+                if not np.shares_memory(value, config[key]):
+                    config[key][lo:hi] = value
+            else:
+                config[key] = value
+
+    def gather_optimizer_state(self, config):
+        """Collective: after sharded updates (see step), make config's state arrays whole on
+        every rank, e.g. before saving them."""
+        if self._shared is None:
+            return config
+        for key in sorted(config):
+            if self._is_state(config[key]) and not key.startswith("_"):
+                self._shared.sync()  # everyone has read what the last share_slices staged
+                self._shared.share_slices(config[key])
         return config
 
     def average_running_stats(self):

@@ -11,6 +11,7 @@ buffers, which is what makes this faster than Allreduce between ranks of one nod
     reducer, why_not = SharedMemoryAllreduce.create(comm, count, np.float32)  # None, reason if unusable
     reducer.send[...] = my_contribution
     total = reducer.reduce()            # reducer.result: the sum, the same on every rank
+    reducer.share_slices(params)        # after each rank changed params[reducer.lo:reducer.hi]
 
 `result` is shared by the ranks of a node, so it is returned read-only: a rank that
 wrote into it would change every other rank's copy.
@@ -21,6 +22,7 @@ import os
 import numpy as np
 
 ALIGN_BYTES = 64  # slices start on cache lines, so ranks never write the same line
+PIECE_BYTES = 1 << 18  # on one node, sum and finish in pieces this size, which stay in cache
 SHM_DIR = "/dev/shm"  # where MPICH and Open MPI place shared windows on Linux
 SHM_HEADROOM = 1.25  # leave room in /dev/shm beyond the window itself
 
@@ -55,7 +57,7 @@ class SharedMemoryAllreduce:
         self.node, self.cross = node_comm, cross_comm
         per_line = max(1, ALIGN_BYTES // self.dtype.itemsize)
         stride = -(-count // per_line) * per_line  # each segment starts on a cache line
-        segments = self.node.Get_size() + 1
+        segments = self.node.Get_size() + 2  # one per rank, the result, a staging area
         nbytes = segments * stride * self.dtype.itemsize
         self.window = MPI.Win.Allocate_shared(nbytes if self.node.Get_rank() == 0 else 0,
                                               self.dtype.itemsize, comm=self.node)
@@ -65,7 +67,9 @@ class SharedMemoryAllreduce:
         rank, size = self.node.Get_rank(), self.node.Get_size()
         self._segments = shared[:size, :count]  # (ranks on the node, count)
         self._result = shared[size, :count]
+        self._stage = shared[size + 1, :count]
         self.send = self._segments[rank]
+        self._piece = PIECE_BYTES // self.dtype.itemsize
         lines = -(-count // per_line)
         self.lo = min(count, rank * lines // size * per_line)
         self.hi = min(count, (rank + 1) * lines // size * per_line)
@@ -73,7 +77,7 @@ class SharedMemoryAllreduce:
         self._result[self.lo:self.hi] = 0
         self.result = self._result.view()
         self.result.flags.writeable = False
-        self._sync()
+        self.sync()
 
     @classmethod
     def create(cls, comm, count, dtype, node_comm=None):
@@ -100,7 +104,7 @@ class SharedMemoryAllreduce:
         cross_comm = world.Split(color=node_comm.Get_rank(), key=world.Get_rank())
         return cls(comm, count, dtype, node_comm, cross_comm), None
 
-    def _sync(self):
+    def sync(self):
         """Make every rank's writes to the window visible to every other rank on the node."""
         self.window.Sync()
         self.node.Barrier()
@@ -111,23 +115,47 @@ class SharedMemoryAllreduce:
 
         finish(result, lo, hi): optional; called with the writable result once
         result[lo:hi] holds the global sum, to change that slice in place before the
-        other ranks can read it (each rank gets its own disjoint slice).
+        other ranks can read it. The calls cover this rank's slice [self.lo, self.hi)
+        in one or more disjoint pieces; no two ranks get the same entries.
         """
-        self._sync()  # every rank's send is written
-        out = self._result[self.lo:self.hi]
-        parts = self._segments[:, self.lo:self.hi]
+        self.sync()  # every rank's send is written
+        if self.cross.Get_size() == 1:  # one node: sum and finish piece by piece, in cache
+            for lo in range(self.lo, self.hi, self._piece):
+                hi = min(lo + self._piece, self.hi)
+                self._sum_node(lo, hi)
+                if finish is not None:
+                    finish(self._result, lo, hi)
+        else:
+            self._sum_node(self.lo, self.hi)
+            self.cross.Allreduce(self.comm.MPI.IN_PLACE, self._result[self.lo:self.hi], op=self.comm.MPI.SUM)
+            if finish is not None:
+                finish(self._result, self.lo, self.hi)
+        self.sync()  # every slice is summed; nobody writes send again before reading it
+        return self.result
+
+    def _sum_node(self, lo, hi):
+        """result[lo:hi] = the node's segments summed in rank order."""
+        out, parts = self._result[lo:hi], self._segments[:, lo:hi]
         if len(parts) == 1:
             out[...] = parts[0]
-        else:
-            np.add(parts[0], parts[1], out=out)
-            for part in parts[2:]:
-                out += part
-        if self.cross.Get_size() > 1:
-            self.cross.Allreduce(self.comm.MPI.IN_PLACE, out, op=self.comm.MPI.SUM)
-        if finish is not None:
-            finish(self._result, self.lo, self.hi)
-        self._sync()  # every slice is summed; nobody writes send again before reading it
-        return self.result
+            return
+        np.add(parts[0], parts[1], out=out)
+        for part in parts[2:]:
+            out += part
+
+    def share_slices(self, array):
+        """Make `array` (length <= count, one per rank) whole on every rank, when each
+        rank has computed only its own slice array[lo:hi]: the others are copied in
+        through shared memory. With several nodes every node must have computed the same
+        slices (as after reduce(), whose slices agree over nodes), so this stays on the node.
+
+        Between two calls there must be a reduce() or a sync(), so that no rank
+        overwrites the staging area while another is still reading it."""
+        lo, hi = min(self.lo, len(array)), min(self.hi, len(array))
+        self._stage[lo:hi] = array[lo:hi]
+        self.sync()
+        array[:lo] = self._stage[:lo]
+        array[hi:] = self._stage[hi:len(array)]
 
     def free(self):
         """Release the window and the communicators (collective over the node)."""

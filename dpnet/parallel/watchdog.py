@@ -33,20 +33,21 @@ class Watchdog:
         thread = threading.Thread(target=self._watch, name="dpnet-watchdog", daemon=True)
         thread.start()
 
-    def enter(self, step):
-        """Call when the guarded `step` starts, before its first collective."""
+    def enter(self, step, part=0):
+        """Call when the guarded `step` (or its part 0 or 1: gradients, update) starts,
+        before its first collective."""
         self._stamp[0] = step
-        self._sends = [self.heartbeats.Isend(self._stamp, dest=peer, tag=step % 32768)
-                       for peer in self.peers]
+        tag = _tag(step, part)
+        self._sends = [self.heartbeats.Isend(self._stamp, dest=peer, tag=tag) for peer in self.peers]
         with self._lock:
-            self._inside = (step, time.monotonic())
+            self._inside = (step, tag, time.monotonic())
 
-    def leave(self, step):
-        """Call once the last collective of `step` has completed."""
+    def leave(self, step, part=0):
+        """Call once the last collective of `step` (or its part) has completed."""
         with self._lock:
             self._inside = None
         for peer in self.peers:  # every peer posted before joining the collective
-            self.heartbeats.Recv(self._inbox, source=peer, tag=step % 32768)
+            self.heartbeats.Recv(self._inbox, source=peer, tag=_tag(step, part))
         self.mpi.Request.Waitall(self._sends)
 
     def _watch(self):
@@ -54,11 +55,10 @@ class Watchdog:
             time.sleep(min(1.0, self.timeout / 4))
             with self._lock:
                 inside = self._inside
-            if inside is None or time.monotonic() - inside[1] < self.timeout:
+            if inside is None or time.monotonic() - inside[2] < self.timeout:
                 continue
-            step = inside[0]
-            silent = [p for p in self.peers
-                      if not self.heartbeats.Iprobe(source=p, tag=step % 32768)]
+            step, tag = inside[:2]
+            silent = [p for p in self.peers if not self.heartbeats.Iprobe(source=p, tag=tag)]
             who = f"rank(s) {silent} never reached it" if silent else "every rank reached it"
             sys.stderr.write(
                 f"[rank {self.comm.rank}] watchdog: step {step} has not completed in {self.timeout:g} s; "
@@ -66,3 +66,7 @@ class Watchdog:
             sys.stderr.flush()
             time.sleep(0.5)  # let the launcher forward the message before Abort tears it down
             self.comm.abort(1)
+
+
+def _tag(step, part):
+    return (2 * step + part) % 32768  # MPI guarantees tags up to 32767

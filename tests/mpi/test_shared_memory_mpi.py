@@ -45,23 +45,25 @@ def test_sum_is_exact_and_identical_on_every_rank(comm, count, dtype):
     reducer.free()
 
 
-def test_finish_changes_each_slice_once(comm):
+@pytest.mark.parametrize("count", [4099, 300_007])  # one piece per rank; many
+def test_finish_changes_each_entry_once(comm, count):
     from dpnet.parallel.shared_memory import SharedMemoryAllreduce
-    count = 4099
     reducer, _ = SharedMemoryAllreduce.create(comm, count, np.float64)
     parts = contributions(comm, count, np.float64, 0)
     reducer.send[...] = parts[comm.rank]
-    slices = []
+    pieces = []
 
     def finish(result, lo, hi):
-        slices.append((lo, hi))
+        pieces.append((lo, hi))
         result[lo:hi] += 1.0
 
     result = reducer.reduce(finish)
     assert np.array_equal(result, in_rank_order(parts) + 1.0)
-    owned = comm.allgather(np.array(slices[0]))  # the ranks' slices tile the array exactly
-    assert sorted(map(tuple, owned))[0][0] == 0 and sorted(map(tuple, owned))[-1][1] == count
-    assert sum(hi - lo for lo, hi in owned) == count
+    mine = np.array(pieces).reshape(-1)
+    assert np.all(np.diff(mine) >= 0) and np.array_equal(mine[1:-1:2], mine[2::2])  # in order, no gaps
+    owned = comm.allgather(np.array([mine[0], mine[-1]]))  # the ranks' slices tile the array
+    assert owned[0][0] == 0 and owned[-1][1] == count
+    assert all(owned[r][1] == owned[r + 1][0] for r in range(comm.size - 1))
     reducer.free()
 
 
@@ -111,3 +113,45 @@ def test_data_parallel_uses_shared_memory_by_default(comm):
     assert dp.reduction == "allreduce" and len(dp.buckets) > 1
     with pytest.raises(ValueError, match="bucket_bytes applies to reduction 'allreduce' only"):
         DataParallel(cases.make_model("threelayer"), comm, bucket_bytes=256, reduction="shared-memory")
+
+
+@pytest.mark.parametrize("length", [3, 1001])  # shorter and longer than the ranks' slices
+def test_share_slices_makes_every_rank_whole(comm, length):
+    from dpnet.parallel.shared_memory import SharedMemoryAllreduce
+    reducer, _ = SharedMemoryAllreduce.create(comm, 1001, np.float32)
+    for round_ in range(3):  # back to back, with the sync() the contract asks for between calls
+        expected = np.arange(length, dtype=np.float32) + 1000 * round_
+        mine = np.full(length, -1, dtype=np.float32)  # garbage outside this rank's slice
+        lo, hi = min(reducer.lo, length), min(reducer.hi, length)
+        mine[lo:hi] = expected[lo:hi]
+        reducer.share_slices(mine)
+        assert np.array_equal(mine, expected), round_
+        reducer.sync()
+    reducer.free()
+
+
+@pytest.mark.parametrize("rule", ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam"])
+def test_sharded_update_equals_the_full_update(comm, rule):
+    """With shared memory each rank updates only its slice of the parameters and optimizer
+    state; after 3 steps the parameters, and the state once gathered, equal those of
+    every rank updating everything (reduction 'allreduce'), on every rank."""
+    import parallel_cases as cases
+    from dpnet.optim import UPDATE_RULES
+    from dpnet.parallel import DataParallel
+    results = {}
+    for reduction in ("shared-memory", "allreduce"):
+        dp = DataParallel(cases.make_model("threelayer"), comm, reduction=reduction)
+        config = {"learning_rate": 1e-2}
+        for step in range(3):
+            X, y = cases.make_batch(10, seed=step)
+            dp.loss(X[comm.rank::comm.size], y[comm.rank::comm.size])
+            dp.step(UPDATE_RULES[rule], config)
+        dp.gather_optimizer_state(config)
+        state = sorted(k for k, v in config.items() if isinstance(v, np.ndarray) and not k.startswith("_"))
+        results[reduction] = np.concatenate([dp.flat.data] + [config[k] for k in state]), state, config
+        dp.close()
+    (sharded, keys, config), (full, full_keys, _) = results["shared-memory"], results["allreduce"]
+    assert keys == full_keys and not any(k.startswith("_") for k in config)  # work arrays stay private
+    assert np.abs(sharded - full).max() <= 1e-12 * np.abs(full).max(), rule
+    everyone = comm.allgather(sharded)
+    assert all(np.array_equal(everyone[0], other) for other in everyone)
