@@ -50,6 +50,18 @@ class FlatParams:
             params[name] = view
             self.grads[name] = self.view(self.grad, name)
 
+    def rebind(self, data=None, buffer=None):
+        """Move the parameters to `data` and/or the gradient buffer to `buffer` (same
+        layouts; their contents are taken as they are), rebinding params and grads."""
+        if data is not None:
+            self.data = data
+            for name in self.names:
+                self.params[name] = self.view(data, name)
+        if buffer is not None:
+            self.buffer = buffer
+            self.grad = buffer[:len(self.data)]
+            self.grads = {name: self.view(self.grad, name) for name in self.names}
+
     def view(self, flat, name):
         """The slice of a flat array (laid out like `data`) that holds `name`, in its shape."""
         o = self.offsets[name]

@@ -287,7 +287,6 @@ def train(config, comm):
         metrics_file = open(config.metrics, "a" if config.resume else "w")
 
     def save():
-        dp.gather_optimizer_state(optim_config)  # each rank updated only its slice of it
         states = comm.allgather_obj({k: r.bit_generator.state for k, r in rngs.items()})
         if comm.rank == 0 and config.checkpoint:
             save_checkpoint(config.checkpoint, model, optim_config, step // per_epoch, step,

@@ -175,17 +175,23 @@ def case_adam_trajectory(comm, kind, path="buckets"):
     return params
 
 
-def case_broadcast_and_drift_check(comm, kind):
+def case_broadcast_and_drift_check(comm, kind, path="buckets"):
     """6. broadcast at start makes differently seeded ranks identical; the consistency
-    check catches one perturbed rank and names it."""
+    check catches one perturbed rank and names it. (With shared memory the ranks of a
+    node hold one copy of the parameters, which cannot drift apart, so the drift check
+    runs on per-rank copies, as across nodes.)"""
     model = make_model(kind, "sync", seed=comm.rank)
     before = comm.allgather(model.params["W1"].reshape(-1).copy())
     if comm.size > 1:  # control: the seeds really differ before the broadcast
         assert not np.array_equal(before[0], before[1])
-    dp = DataParallel(model, comm)
+    dp = DataParallel(model, comm, **PATHS[path])
     after = comm.allgather(model.params["W1"].reshape(-1).copy())
     assert all(np.array_equal(after[0], a) for a in after)
     dp.check_consistency(step=0)  # identical: no error
+    dp.close()
+    dp = DataParallel(make_model(kind, "sync", seed=comm.rank), comm, reduction="allreduce")
+    model = dp.model
+    dp.check_consistency(step=0)
     if comm.size > 1:
         if comm.rank == comm.size - 1:
             w = model.params["W1"].reshape(-1)

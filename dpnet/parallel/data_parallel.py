@@ -37,7 +37,8 @@ class DataParallel:
 
         dp = DataParallel(model, comm)         # broadcasts rank 0's parameters
         loss, grads = dp.loss(X_shard, y_shard)  # global-batch loss and gradients
-        dp.step(update_rule, config)           # one fused update on every rank
+        dp.step(update_rule, config)           # one fused update of the parameters
+        dp.close()                             # releases shared memory, if any (collective)
 
     The global-batch gradient is sum_r (n_r / N) g_r, exact for unequal and empty
     shards: each rank averages its shard's loss over the global count N (so batchnorm
@@ -49,8 +50,11 @@ class DataParallel:
     - 'shared-memory': the ranks on a node write their gradients into one MPI-3 shared
       window and each sums its own slice of all of them, reading the others' memory
       directly (dpnet.parallel.shared_memory); across nodes each slice is then Allreduced
-      with its owners on the other nodes. The fastest within a node. The returned
-      gradients are then shared by the node's ranks and read-only.
+      with its owners on the other nodes. The node's ranks also hold one copy of the
+      parameters and optimizer state, and step() has each update only its own slice of
+      them (the optimizer's work is divided, not repeated). The fastest within a node.
+      The returned gradients are shared by the node's ranks and read-only; the
+      parameters are shared too, so a write by one rank is seen by its whole node.
     - 'allreduce': MPI Allreduce on the flat buffer, in place. By default one call after
       backward. With bucket_bytes set, the buffer (laid out in the order backward
       finishes the parameters) is cut into buckets of about that size and, under MPI
@@ -65,6 +69,7 @@ class DataParallel:
 
     Inputs:
     - model: a dpnet.models.Model; its params are rebound to views of one flat buffer
+      (in shared memory with reduction 'shared-memory', until close())
     - comm: a dpnet.parallel communicator
     - seed: seeds per-rank dropout streams, as (seed, rank)
     - check_every: verify every k steps that all ranks hold identical parameters
@@ -106,9 +111,19 @@ class DataParallel:
             self.why_not_shared_memory = why_not
         self.flat = FlatParams(model.params, extra=2, order=order,
                                buffer=None if self._shared is None else self._shared.result)
-        if self._shared is not None:  # the parameters whose update is this rank's (see step)
-            self._owned = (min(self._shared.lo, self.flat.data.size), min(self._shared.hi, self.flat.data.size))
-            self._work_arrays = {}
+        if self._shared is not None:
+            # one copy of the parameters per node, each rank updating its own slice (see step);
+            # node rank 0 brings its initial values, broadcast_state() below spreads world rank 0's
+            first = self._shared.node.Get_rank() == 0
+            shared = self._shared.shared_array(self.flat.data.size)
+            self._shared.sync()
+            if first:
+                shared[...] = self.flat.data
+            self.flat.rebind(data=shared)
+            self._owned = (min(self._shared.lo, shared.size), min(self._shared.hi, shared.size))
+            self._work_arrays = {}  # the rule's '_'-prefixed scratch arrays for this rank's slice
+            self._configs = []  # optimizer configs whose state lives in shared memory
+            self._shared_state = []  # those state arrays
         # what this rank writes its gradients into: the buffer itself, or its shared segment
         self._send = self.flat.buffer if self._shared is None else self._shared.send
         self._send_grads = {name: self.flat.view(self._send, name) for name in self.flat.names}
@@ -137,7 +152,12 @@ class DataParallel:
 
     def broadcast_state(self, root=0):
         """Make every rank's parameters and batchnorm statistics equal to root's."""
-        self.comm.bcast(self.flat.data, root)
+        if self._shared is None:
+            self.comm.bcast(self.flat.data, root)
+        elif root == 0:  # world rank 0 holds node 0's copy
+            self._shared.broadcast(self.flat.data)
+        else:
+            raise ValueError("with shared-memory parameters only rank 0 can broadcast them")
         for array in self._bn_state():
             self.comm.bcast(array, root)
 
@@ -226,10 +246,19 @@ class DataParallel:
                 add_scaled(grad[a:b], self.flat.data[a:b], self.model.reg)
 
     def close(self):
-        """Release the shared-memory window, if any (collective; the object is unusable after)."""
-        if self._shared is not None:
-            self._shared.free()
-            self._shared = None
+        """Release the shared memory, if any (collective). The parameters, the last
+        gradients and the optimizer state move to private copies first, so the model and
+        the configs passed to step() stay usable."""
+        if self._shared is None:
+            return
+        self._shared.sync()  # nobody still updates a slice
+        self.flat.rebind(data=self.flat.data.copy(), buffer=np.array(self.flat.buffer))
+        for config in self._configs:
+            for key, value in config.items():
+                if self._is_state(value):
+                    config[key] = value.copy()
+        self._shared.free()
+        self._shared = None
 
     def _make_buckets(self, bucket_bytes):
         """[(start, stop, names)] slices of the flat buffer in backward order, each at least
@@ -267,24 +296,26 @@ class DataParallel:
     def step(self, update_rule, config):
         """Apply update_rule once to the flat parameters with the last reduced gradients.
 
-        With shared-memory reduction and one of dpnet.optim's rules (all elementwise),
-        each rank of a node updates only its own slice of the parameters and optimizer
-        state, then the node's ranks copy each other's updated slices: the optimizer's
-        work is divided among the ranks instead of repeated by each. config's state
-        arrays are then current only in this rank's slice; gather_optimizer_state(config)
-        makes them whole (train does so before every checkpoint). Any other rule updates
-        every parameter on every rank."""
-        if self._shared is None or update_rule not in ELEMENTWISE_RULES:
+        With shared-memory reduction the ranks of a node hold one copy of the parameters,
+        and with one of dpnet.optim's rules (all elementwise) each rank updates only its
+        own slice of them and of the optimizer state, which also moves to shared memory
+        (config's state arrays are replaced by shared ones on the first step): the
+        optimizer's work is divided among the ranks instead of repeated by each. Any
+        other rule updates every parameter, on node rank 0 only."""
+        if self._shared is None:
             update_rule(self.flat.data, self.flat.grad, config)
             return config
-        lo, hi = self._owned
-        view = self._slice_config(config, lo, hi)
-        update_rule(self.flat.data[lo:hi], self.flat.grad[lo:hi], view)
-        self._store_slice_config(config, view, lo, hi)
+        if update_rule in ELEMENTWISE_RULES:
+            lo, hi = self._owned
+            view = self._slice_config(config, lo, hi)
+            update_rule(self.flat.data[lo:hi], self.flat.grad[lo:hi], view)
+            self._store_slice_config(config, view, lo, hi)
+        elif self._shared.node.Get_rank() == 0:
+            update_rule(self.flat.data, self.flat.grad, config)
         start = time.perf_counter()
         if self.watchdog:
             self.watchdog.enter(self.steps, part=1)
-        self._shared.share_slices(self.flat.data)
+        self._shared.sync()  # every slice updated before anyone's next forward
         if self.watchdog:
             self.watchdog.leave(self.steps, part=1)
         self.comm_seconds += time.perf_counter() - start
@@ -295,35 +326,37 @@ class DataParallel:
         return isinstance(value, np.ndarray) and value.shape == self.flat.data.shape
 
     def _slice_config(self, config, lo, hi):
-        """The config an update of parameters [lo, hi) sees: state arrays cut to the slice,
-        this rank's own work arrays ('_'-prefixed, kept out of config), other entries as are."""
+        """The config an update of parameters [lo, hi) sees: state arrays cut to the slice
+        (moved to shared memory first, e.g. after a resume), this rank's own work arrays
+        ('_'-prefixed, kept out of config), other entries as they are."""
+        if config not in self._configs:
+            self._configs.append(config)
+        for key in sorted(config):  # the same keys, in the same order, on every rank
+            value = config[key]
+            if self._is_state(value) and not any(value is a for a in self._shared_state):
+                config[key] = self._new_shared_state(fill=value)
         view = {key: value[lo:hi] if self._is_state(value) else value
                 for key, value in config.items() if not key.startswith("_")}
         view.update(self._work_arrays)
         return view
 
     def _store_slice_config(self, config, view, lo, hi):
-        for key, value in view.items():
+        for key in sorted(view):  # the same keys, in the same order, on every rank
+            value = view[key]
             if key.startswith("_"):
                 self._work_arrays[key] = value
             elif isinstance(value, np.ndarray):
                 if not self._is_state(config.get(key)):  # state the rule has just created
-                    config[key] = np.zeros(self.flat.data.shape, dtype=value.dtype)
+                    config[key] = self._new_shared_state()
                 if not np.shares_memory(value, config[key]):
                     config[key][lo:hi] = value
             else:
                 config[key] = value
 
-    def gather_optimizer_state(self, config):
-        """Collective: after sharded updates (see step), make config's state arrays whole on
-        every rank, e.g. before saving them."""
-        if self._shared is None:
-            return config
-        for key in sorted(config):
-            if self._is_state(config[key]) and not key.startswith("_"):
-                self._shared.sync()  # everyone has read what the last share_slices staged
-                self._shared.share_slices(config[key])
-        return config
+    def _new_shared_state(self, fill=None):
+        array = self._shared.shared_array(self.flat.data.size, fill=fill)
+        self._shared_state.append(array)
+        return array
 
     def average_running_stats(self):
         """Average local-mode batchnorm running statistics over ranks, so every rank

@@ -1,4 +1,5 @@
-"""Summing one array over MPI ranks through node-local shared memory (MPI-3 windows).
+"""Node-local shared memory (MPI-3 windows) for data parallelism: summing gradients over
+ranks, and arrays that the ranks of a node hold as one.
 
 The ranks on a node share one window: a segment per rank, where each rank writes its
 contribution (`send`), and one `result` segment that every rank on the node reads. To
@@ -11,7 +12,7 @@ buffers, which is what makes this faster than Allreduce between ranks of one nod
     reducer, why_not = SharedMemoryAllreduce.create(comm, count, np.float32)  # None, reason if unusable
     reducer.send[...] = my_contribution
     total = reducer.reduce()            # reducer.result: the sum, the same on every rank
-    reducer.share_slices(params)        # after each rank changed params[reducer.lo:reducer.hi]
+    params = reducer.shared_array(n)    # one array for the whole node (collective)
 
 `result` is shared by the ranks of a node, so it is returned read-only: a rank that
 wrote into it would change every other rank's copy.
@@ -24,7 +25,8 @@ import numpy as np
 ALIGN_BYTES = 64  # slices start on cache lines, so ranks never write the same line
 PIECE_BYTES = 1 << 18  # on one node, sum and finish in pieces this size, which stay in cache
 SHM_DIR = "/dev/shm"  # where MPICH and Open MPI place shared windows on Linux
-SHM_HEADROOM = 1.25  # leave room in /dev/shm beyond the window itself
+SHM_HEADROOM = 1.25  # leave room in /dev/shm beyond the windows themselves
+SPARE_ARRAYS = 3  # shared_array()s of `count` elements room is checked for: parameters, Adam's m and v
 
 
 def _shm_bytes_free(path=SHM_DIR):
@@ -57,17 +59,11 @@ class SharedMemoryAllreduce:
         self.node, self.cross = node_comm, cross_comm
         per_line = max(1, ALIGN_BYTES // self.dtype.itemsize)
         stride = -(-count // per_line) * per_line  # each segment starts on a cache line
-        segments = self.node.Get_size() + 2  # one per rank, the result, a staging area
-        nbytes = segments * stride * self.dtype.itemsize
-        self.window = MPI.Win.Allocate_shared(nbytes if self.node.Get_rank() == 0 else 0,
-                                              self.dtype.itemsize, comm=self.node)
-        memory, _ = self.window.Shared_query(0)
-        shared = np.ndarray(buffer=memory, dtype=self.dtype, shape=(segments, stride))
-        self.window.Lock_all(MPI.MODE_NOCHECK)  # passive target: we synchronise with barriers
         rank, size = self.node.Get_rank(), self.node.Get_size()
+        self.windows = []
+        shared = self._allocate((size + 1, stride))
         self._segments = shared[:size, :count]  # (ranks on the node, count)
         self._result = shared[size, :count]
-        self._stage = shared[size + 1, :count]
         self.send = self._segments[rank]
         self._piece = PIECE_BYTES // self.dtype.itemsize
         lines = -(-count // per_line)
@@ -88,7 +84,7 @@ class SharedMemoryAllreduce:
         if node_comm is None:
             node_comm = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
         node_size = node_comm.Get_size()
-        needed = (node_size + 1) * count * np.dtype(dtype).itemsize
+        needed = (node_size + 1 + SPARE_ARRAYS) * count * np.dtype(dtype).itemsize
         free = _shm_bytes_free() if node_comm.Get_rank() == 0 else None
         short = int(free is not None and free < SHM_HEADROOM * needed)
         # [min ranks per node, max ranks per node, any node short of shared memory]
@@ -104,11 +100,43 @@ class SharedMemoryAllreduce:
         cross_comm = world.Split(color=node_comm.Get_rank(), key=world.Get_rank())
         return cls(comm, count, dtype, node_comm, cross_comm), None
 
+    def _allocate(self, shape):
+        """A new window of `shape` (self.dtype) held by node rank 0, mapped by every rank."""
+        MPI = self.comm.MPI
+        nbytes = int(np.prod(shape)) * self.dtype.itemsize
+        window = MPI.Win.Allocate_shared(nbytes if self.node.Get_rank() == 0 else 0,
+                                         self.dtype.itemsize, comm=self.node)
+        window.Lock_all(MPI.MODE_NOCHECK)  # passive target: we synchronise with barriers
+        self.windows.append(window)
+        memory, _ = window.Shared_query(0)
+        return np.ndarray(buffer=memory, dtype=self.dtype, shape=shape)
+
+    def shared_array(self, length, fill=None):
+        """Collective over the node: a 1-d array of `length` (<= count) elements that
+        every rank of the node sees as one. Each rank writes its slice [lo:hi) of fill
+        (default zeros) into it, so it is whole once every rank has called sync()."""
+        if length > self.count:
+            raise ValueError(f"a shared array holds at most {self.count} elements, asked for {length}")
+        array = self._allocate((length,))
+        lo, hi = min(self.lo, length), min(self.hi, length)
+        array[lo:hi] = 0 if fill is None else fill[lo:hi]  # first touch by the slice's owner
+        return array
+
+    def broadcast(self, array):
+        """Collective: make a shared_array() equal, on every node, to node 0's copy (world
+        rank 0 is rank 0 of node 0): one Bcast among the nodes' first ranks."""
+        self.sync()
+        if self.node.Get_rank() == 0 and self.cross.Get_size() > 1:
+            self.cross.Bcast(array, root=0)
+        self.sync()
+
     def sync(self):
-        """Make every rank's writes to the window visible to every other rank on the node."""
-        self.window.Sync()
+        """Make every rank's writes to shared memory visible to every other rank on the node."""
+        for window in self.windows:
+            window.Sync()
         self.node.Barrier()
-        self.window.Sync()
+        for window in self.windows:
+            window.Sync()
 
     def reduce(self, finish=None):
         """Sum every rank's `send` into `result` and return it (read-only, shared on the node).
@@ -143,23 +171,12 @@ class SharedMemoryAllreduce:
         for part in parts[2:]:
             out += part
 
-    def share_slices(self, array):
-        """Make `array` (length <= count, one per rank) whole on every rank, when each
-        rank has computed only its own slice array[lo:hi]: the others are copied in
-        through shared memory. With several nodes every node must have computed the same
-        slices (as after reduce(), whose slices agree over nodes), so this stays on the node.
-
-        Between two calls there must be a reduce() or a sync(), so that no rank
-        overwrites the staging area while another is still reading it."""
-        lo, hi = min(self.lo, len(array)), min(self.hi, len(array))
-        self._stage[lo:hi] = array[lo:hi]
-        self.sync()
-        array[:lo] = self._stage[:lo]
-        array[hi:] = self._stage[hi:len(array)]
-
     def free(self):
-        """Release the window and the communicators (collective over the node)."""
-        self.window.Unlock_all()
-        self.window.Free()
+        """Release the windows and the communicators (collective over the node); arrays
+        from shared_array() and `result` must not be used after."""
+        for window in self.windows:
+            window.Unlock_all()
+            window.Free()
+        self.windows = []
         self.node.Free()
         self.cross.Free()

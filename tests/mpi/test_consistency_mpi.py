@@ -49,8 +49,9 @@ def test_adam_trajectory(comm, kind, path):
     cases.case_adam_trajectory(comm, kind, path)
 
 
-def test_broadcast_and_drift_check(comm):
-    cases.case_broadcast_and_drift_check(comm, "threelayer")
+@pytest.mark.parametrize("path", PATHS)
+def test_broadcast_and_drift_check(comm, path):
+    cases.case_broadcast_and_drift_check(comm, "threelayer", path)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -115,26 +115,29 @@ def test_data_parallel_uses_shared_memory_by_default(comm):
         DataParallel(cases.make_model("threelayer"), comm, bucket_bytes=256, reduction="shared-memory")
 
 
-@pytest.mark.parametrize("length", [3, 1001])  # shorter and longer than the ranks' slices
-def test_share_slices_makes_every_rank_whole(comm, length):
+@pytest.mark.parametrize("length", [3, 1001])  # shorter than the ranks' slices; all of count
+def test_shared_array_is_one_array_per_node(comm, length):
     from dpnet.parallel.shared_memory import SharedMemoryAllreduce
     reducer, _ = SharedMemoryAllreduce.create(comm, 1001, np.float32)
-    for round_ in range(3):  # back to back, with the sync() the contract asks for between calls
-        expected = np.arange(length, dtype=np.float32) + 1000 * round_
-        mine = np.full(length, -1, dtype=np.float32)  # garbage outside this rank's slice
-        lo, hi = min(reducer.lo, length), min(reducer.hi, length)
-        mine[lo:hi] = expected[lo:hi]
-        reducer.share_slices(mine)
-        assert np.array_equal(mine, expected), round_
-        reducer.sync()
+    fill = np.arange(length, dtype=np.float32)
+    array = reducer.shared_array(length, fill=fill)  # each rank copies only its own slice
+    reducer.sync()
+    assert np.array_equal(array, fill)
+    reducer.sync()  # everyone has looked before rank 0 writes
+    if comm.rank == 0:
+        array[0] = -1
+    reducer.sync()
+    assert array[0] == -1  # written by rank 0, seen by every rank of the node
+    with pytest.raises(ValueError, match="at most 1001 elements"):
+        reducer.shared_array(1002)
     reducer.free()
 
 
 @pytest.mark.parametrize("rule", ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam"])
 def test_sharded_update_equals_the_full_update(comm, rule):
-    """With shared memory each rank updates only its slice of the parameters and optimizer
-    state; after 3 steps the parameters, and the state once gathered, equal those of
-    every rank updating everything (reduction 'allreduce'), on every rank."""
+    """With shared memory each rank updates only its slice of the node's one copy of the
+    parameters and optimizer state; after 3 steps both equal those of every rank
+    updating everything (reduction 'allreduce'), on every rank, also after close()."""
     import parallel_cases as cases
     from dpnet.optim import UPDATE_RULES
     from dpnet.parallel import DataParallel
@@ -146,10 +149,10 @@ def test_sharded_update_equals_the_full_update(comm, rule):
             X, y = cases.make_batch(10, seed=step)
             dp.loss(X[comm.rank::comm.size], y[comm.rank::comm.size])
             dp.step(UPDATE_RULES[rule], config)
-        dp.gather_optimizer_state(config)
+        dp.close()  # shared memory released: parameters and state must have moved out of it
         state = sorted(k for k, v in config.items() if isinstance(v, np.ndarray) and not k.startswith("_"))
-        results[reduction] = np.concatenate([dp.flat.data] + [config[k] for k in state]), state, config
-        dp.close()
+        params = np.concatenate([dp.model.params[k].ravel() for k in dp.flat.names])
+        results[reduction] = np.concatenate([params] + [config[k] for k in state]), state, config
     (sharded, keys, config), (full, full_keys, _) = results["shared-memory"], results["allreduce"]
     assert keys == full_keys and not any(k.startswith("_") for k in config)  # work arrays stay private
     assert np.abs(sharded - full).max() <= 1e-12 * np.abs(full).max(), rule
