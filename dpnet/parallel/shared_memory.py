@@ -26,6 +26,7 @@ ALIGN_BYTES = 64  # slices start on cache lines, so ranks never write the same l
 PIECE_BYTES = 1 << 18  # on one node, sum and finish in pieces this size, which stay in cache
 SHM_DIR = "/dev/shm"  # where MPICH and Open MPI place shared windows on Linux
 SHM_HEADROOM = 1.25  # leave room in /dev/shm beyond the windows themselves
+RANKS_PER_NODE_ENV = "DPNET_RANKS_PER_NODE"  # testing: treat each group of this many ranks as a node
 SPARE_ARRAYS = 3  # shared_array()s of `count` elements room is checked for: parameters, Adam's m and v
 
 
@@ -83,6 +84,11 @@ class SharedMemoryAllreduce:
         MPI, world = comm.MPI, comm.comm
         if node_comm is None:
             node_comm = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+            per_node = os.environ.get(RANKS_PER_NODE_ENV)
+            if per_node:  # pretend nodes are smaller: exercises the multi-node path on one machine
+                real = node_comm
+                node_comm = real.Split(color=real.Get_rank() // int(per_node), key=real.Get_rank())
+                real.Free()
         node_size = node_comm.Get_size()
         needed = (node_size + 1 + SPARE_ARRAYS) * count * np.dtype(dtype).itemsize
         free = _shm_bytes_free() if node_comm.Get_rank() == 0 else None

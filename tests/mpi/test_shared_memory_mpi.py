@@ -158,3 +158,22 @@ def test_sharded_update_equals_the_full_update(comm, rule):
     assert np.abs(sharded - full).max() <= 1e-12 * np.abs(full).max(), rule
     everyone = comm.allgather(sharded)
     assert all(np.array_equal(everyone[0], other) for other in everyone)
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("kind", ["threelayer", "convnet"])
+def test_data_parallel_over_two_nodes(comm, kind, monkeypatch):
+    """DPNET_RANKS_PER_NODE splits this machine into 'nodes' of size/2 ranks: gradients are
+    summed on each node, then across nodes; each node keeps its own copy of the parameters.
+    The sync-BN gradients and the 5-step Adam trajectory still equal one process's."""
+    import parallel_cases as cases
+    from dpnet.parallel import DataParallel
+    from dpnet.parallel.shared_memory import RANKS_PER_NODE_ENV
+    monkeypatch.setenv(RANKS_PER_NODE_ENV, str(comm.size // 2))
+    dp = DataParallel(cases.make_model(kind), comm, reduction="shared-memory")
+    assert dp._shared.node.Get_size() == comm.size // 2 and dp._shared.cross.Get_size() == 2
+    dp.close()
+    cases.case_sync_equals_full_batch(comm, kind, "shared-memory")
+    params = cases.case_adam_trajectory(comm, kind, "shared-memory")  # bit-identical on all ranks
+    cases.case_broadcast_and_drift_check(comm, kind, "shared-memory")
+    assert params.size > 0
