@@ -6,9 +6,12 @@ global batch 128, one BLAS thread per rank).
 In one run it measures, each in fresh processes launched with mpirun:
 - images/s at 1 rank and at 2 ranks, and their ratio;
 - the no-communication ceiling: two independent processes at once, each stepping on half
-  the batch without communicating (what 2 ranks could reach if the allreduce were free);
-- the exposed communication (time the step waits for the gradient allreduce after
-  backward) as a share of step time, and the allreduce bytes per step;
+  the batch without communicating (what 2 ranks could reach if summing were free and
+  each still ran the whole optimizer step);
+- the exposed communication (time the step waits for the gradient sum after backward,
+  and with shared memory for the barrier after the divided optimizer step) as a share of
+  step time, on the rank that waits least and on the one that waits most, and the bytes
+  summed per step;
 - all of it for each way of summing gradients (DataParallel's `reduction`): through
   node-local shared memory after backward (the default under mpirun), one MPI Allreduce
   after backward, and 1 MiB Allreduce buckets overlapped with backward. Runs alternate,
@@ -103,8 +106,10 @@ def main():
           f"= {ceiling / one['images_per_s']:.2f}x one rank: the ceiling")
     print(f"  gradients summed: {one['allreduce_bytes'] / 2**20:.1f} MiB per step")
     print("  exposed communication: share of step time spent in the gradient sum (and, with shared memory,\n"
-          "  in sharing the updated parameters), on the rank that waits least -- the cost on the critical\n"
-          "  path -- and on the rank that waits most, whose extra is waiting for a slower rank")
+          "  in the barrier that publishes the updated parameters), on the rank that waits least -- the\n"
+          "  cost on the critical path -- and on the rank that waits most, whose extra is waiting for a\n"
+          "  slower rank. The independent processes each run the whole optimizer step; ranks sharing\n"
+          "  memory divide it, which is how they can pass the ceiling.")
     for label, runs in twos.items():
         two = best(runs)
         print(f"  2 ranks, {label}:")

@@ -5,6 +5,10 @@ once to a flat buffer holding every parameter (dpnet.flat.FlatParams) updates th
 whole model in one fused pass. `config` holds hyperparameters and the rule's state;
 missing entries get the defaults below. State arrays are kept in w's dtype and the
 arithmetic avoids temporaries the size of w where it can.
+
+Every rule here is elementwise: updating a slice of w with the same slice of dw and of
+the state arrays gives exactly that slice of the whole update. DataParallel relies on
+it to divide the update among ranks (dpnet.parallel.data_parallel.ELEMENTWISE_RULES).
 """
 
 import numpy as np
