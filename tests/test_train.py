@@ -139,6 +139,23 @@ def test_main_command_agrees_across_rank_counts(cached, cifar_dir):
                 assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5), ranks
 
 
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_every_reduction_trains_the_same_model(cached, cifar_dir, tmp_path, ranks):
+    """--reduction allreduce (every rank updates everything) and the default shared memory
+    (one copy per node, each rank updating its slice) train the same model. At 2 ranks the
+    sum has one order, so the checkpoints agree bit for bit; at 4 MPI may add in another
+    order, so to float32 rounding."""
+    default = read_checkpoint(main_run(cached, cifar_dir, ranks).path(CKPT))
+    run = run_ok(base_args(cifar_dir, "--epochs", "2", "--no-augment", "--reduction", "allreduce"),
+                 tmp_path, ranks)
+    assert "summed by allreduce" in run.stdout
+    other = read_checkpoint(run.path(CKPT))
+    if ranks == 2:
+        assert_same_state(default, other, "shared memory vs allreduce")
+    for name, value in default["params"].items():
+        assert normwise_rel_error(other["params"][name], value) < 1e-5, name
+
+
 # ================================================================ 2. --simulate-ranks == mpirun
 
 @pytest.mark.parametrize("ranks, extra", [(2, ["--augment"]), (4, ["--no-augment"])], ids=["2-augment", "4"])
