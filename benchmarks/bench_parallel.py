@@ -1,7 +1,7 @@
 """Data-parallel scaling of the ThreeLayerConvNet training step (hidden 500, float32,
 global batch 128, one BLAS thread per rank).
 
-    python benchmarks/bench_parallel.py
+    python benchmarks/bench_parallel.py [--torch-python /path/to/torch-venv/bin/python]
 
 In one run it measures, each in fresh processes launched with mpirun:
 - images/s at 1 rank and at 2 ranks, and their ratio;
@@ -16,7 +16,9 @@ In one run it measures, each in fresh processes launched with mpirun:
   node-local shared memory after backward (the default under mpirun), one MPI Allreduce
   after backward, and 1 MiB Allreduce buckets overlapped with backward. Runs alternate,
   and each figure is the best of REPEATS runs, since this machine's throughput drifts
-  by about 10% from run to run.
+  by about 10% from run to run;
+- with --torch-python (a Python that has torch), the same network in PyTorch
+  DistributedDataParallel over gloo at 1 and 2 processes (benchmarks/torch_ddp.py).
 """
 
 import json
@@ -90,13 +92,23 @@ def median(values):
     return sorted(values)[len(values) // 2]
 
 
-def main():
+def launch_torch(python, world):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_ddp.py")
+    out = subprocess.run([python, script, "--world", str(world)], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(torch_python=None):
     ones, ceilings, twos = [], [], {label: [] for label in VARIANTS}
+    torch_runs = {1: [], 2: []}
     for _ in range(REPEATS):
         ones.append(launch(1, {}))
         for label, options in VARIANTS.items():
             twos[label].append(launch(2, options))
         ceilings.append(launch_independent())
+        if torch_python:
+            for world in torch_runs:
+                torch_runs[world].append(launch_torch(torch_python, world))
     one, ceiling = best(ones), max(ceilings)
     print(f"ThreeLayerConvNet training step, hidden 500, float32, global batch {BATCH}, "
           f"1 BLAS thread per rank, {STEPS} timed steps; best of {REPEATS} runs (median in brackets)")
@@ -117,10 +129,19 @@ def main():
               f"{two['step_ms']:.1f} ms/step = {two['images_per_s'] / one['images_per_s']:.2f}x one rank = "
               f"{two['images_per_s'] / ceiling:.1%} of the ceiling; exposed communication "
               f"{two['comm_fraction']:.1%} (least waiting) to {two['comm_fraction_max']:.1%} (most waiting)")
+    if torch_python:
+        t1, t2 = best(torch_runs[1]), best(torch_runs[2])
+        default = best(twos[next(iter(VARIANTS))])
+        print(f"  PyTorch, same network: 1 process {t1['images_per_s']:.0f} images/s; DDP over gloo, 2 processes "
+              f"{t2['images_per_s']:.0f} images/s = {t2['images_per_s'] / t1['images_per_s']:.2f}x; "
+              f"dpnet's default 2 ranks / DDP's 2 = {default['images_per_s'] / t2['images_per_s']:.2f}")
+    else:
+        print("  PyTorch DDP: not measured (pass --torch-python PATH, a Python that has torch)")
 
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
         worker(no_comm="--no-comm" in sys.argv, options=json.loads(sys.argv[sys.argv.index("--worker") + 1]))
     else:
-        main()
+        flag = "--torch-python"
+        main(torch_python=sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else None)

@@ -49,33 +49,65 @@ def default_data_places():
 
 @dataclass
 class TrainConfig:
-    """Every option of a training run (the command-line flags, with - for _)."""
-    data: Optional[str] = None  # cifar-10-batches-py folder or a .h5 from `python -m dpnet.data prepare`
-    model: str = "threelayer"  # threelayer | convnet
-    bn_mode: str = "sync"  # none | local | sync
-    epochs: Optional[int] = None  # total epochs; default 10 on CIFAR-10, 3 on synthetic data
-    max_steps: Optional[int] = None  # stop after this many optimizer steps in all
-    batch_size: int = 128  # global, over all ranks
+    """Every option of a training run (the command-line flags, with - for _); OPTION_HELP
+    says what each means."""
+    data: Optional[str] = None
+    model: str = "threelayer"
+    bn_mode: str = "sync"
+    epochs: Optional[int] = None
+    max_steps: Optional[int] = None
+    batch_size: int = 128
     val_size: int = 1000
     lr: float = 1e-3
-    lr_decay: float = 1.0  # multiply the rate by this after every epoch (step schedule)
-    lr_schedule: str = "cosine"  # cosine | step
+    lr_decay: float = 1.0
+    lr_schedule: str = "cosine"
     optimizer: str = "adam"
     reg: float = 1e-3
     hidden_dim: int = 500
     seed: int = 0
     dtype: str = "float32"
-    augment: bool = True  # random crop + flip (--no-augment to turn off)
-    threads: Optional[int] = None  # BLAS threads per rank; default: cores / ranks on this node
+    augment: bool = True
+    threads: Optional[int] = None
     checkpoint: str = "dpnet_run/checkpoint.h5"
     resume: Optional[str] = None
     metrics: str = "dpnet_run/metrics.jsonl"
     simulate_ranks: Optional[int] = None
-    check_every: int = 50  # parameter-consistency check period in steps (0: never)
-    reduction: str = "auto"  # how ranks sum gradients: auto | shared-memory | allreduce
-    bucket_mb: float = 0.0  # with allreduce: buckets of this many MiB reduced during backward (0: once, after)
-    timeout: float = 300.0  # seconds one step may take (waiting for other ranks included) before the job is aborted
+    check_every: int = 50
+    reduction: str = "auto"
+    bucket_mb: float = 0.0
+    timeout: float = 300.0
     progress: bool = True
+
+
+OPTION_HELP = {
+    "data": f"cifar-10-batches-py folder, or a .h5 from `python -m dpnet.data prepare` "
+            f"(default: ${DATA_ENV}, then ~/.cache/dpnet; else a synthetic set)",
+    "model": "network to train",
+    "bn_mode": "batchnorm: none, per-rank statistics (local) or the global batch's (sync)",
+    "epochs": "total epochs (default: 10 on CIFAR-10, 3 on the synthetic set)",
+    "max_steps": "stop after this many optimizer steps in all",
+    "batch_size": "global batch, over all ranks",
+    "val_size": "training images held out for validation",
+    "lr": "learning rate",
+    "lr_decay": "with --lr-schedule step: multiply the rate by this after every epoch",
+    "lr_schedule": "cosine over --epochs, or step (see --lr-decay)",
+    "optimizer": "update rule",
+    "reg": "L2 strength: the loss adds 0.5 * reg * sum(W^2)",
+    "hidden_dim": "units of the hidden affine layer",
+    "seed": "seeds initialisation, shuffling, and (with the rank) augmentation and dropout",
+    "dtype": "dtype of parameters and activations",
+    "augment": "random crop + horizontal flip of training images",
+    "threads": "BLAS threads per rank (default: cores / ranks on this node)",
+    "checkpoint": "HDF5 file written atomically after every epoch and at the end ('': none)",
+    "resume": "continue from this checkpoint",
+    "metrics": "JSON-lines file of per-epoch metrics ('': none)",
+    "simulate_ranks": "without mpirun: run this many logical ranks as threads of one process",
+    "check_every": "compare parameter checksums across ranks every this many steps (0: never)",
+    "reduction": "how ranks sum gradients: node-local shared memory (auto picks it when it can) or MPI Allreduce",
+    "bucket_mb": "with allreduce: reduce buckets of this many MiB during backward (0: once, after it)",
+    "timeout": "seconds one step may take, waiting for other ranks included, before the job is aborted",
+    "progress": "progress bar on rank 0 (shown only on a terminal)",
+}
 
 
 class ConfigError(ValueError):
@@ -413,18 +445,20 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
     """TrainConfig from command-line flags and an optional --config TOML file (flags win)."""
-    parser = _Parser(prog="python -m dpnet.train", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog="python -m dpnet.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="TOML file whose keys are the options below")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        helptext = f"{OPTION_HELP[f.name]} (default: {default})" if default not in (None, "") else OPTION_HELP[f.name]
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         else:
-            parser.add_argument(flag, type=_option_type(f, default), default=None, metavar=f.name.upper(),
-                                choices=CHOICES.get(f.name))
+            choices = CHOICES.get(f.name)
+            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+            parser.add_argument(flag, type=_option_type(f, default), default=None, metavar=metavar,
+                                choices=choices, help=helptext)
     args = parser.parse_args(argv)
     values = {}
     if args.config:

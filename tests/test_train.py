@@ -7,6 +7,7 @@ Every job runs under a hard time bound: a job that outlives it is killed (its wh
 process group) and the test fails; a job that leaves processes behind fails too.
 """
 
+import dataclasses
 import json
 import os
 import random
@@ -724,3 +725,18 @@ def test_a_file_missing_on_one_rank_ends_every_rank_at_start(cifar_dir, tmp_path
     assert run.returncode == 2, str(run)
     errors = [line for line in run.stderr.splitlines() if ERROR_PREFIX in line]
     assert len(errors) == 1 and "rank(s) [1]" in errors[0], str(run)
+
+
+def test_help_explains_every_option(capsys):
+    """--help lists every TrainConfig field as a flag with a sentence and, where there is one,
+    its default; a field without help text would be an error."""
+    from dpnet.train import OPTION_HELP, TrainConfig, parse_args
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert sorted(OPTION_HELP) == sorted(fields)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrap argparse's line breaks
+    for name in fields:
+        assert " ".join(OPTION_HELP[name].split()) in text, name
+    assert "--reduction {auto,shared-memory,allreduce}" in text and "(default: 128)" in text
