@@ -298,8 +298,8 @@ def train(config, comm):
     total_steps = min(schedule_steps, config.max_steps or schedule_steps)
     step = 0
     if config.resume:
-        optim_config, attrs = on_every_rank(comm, lambda: load_checkpoint(config.resume, model, dp.flat))
-        dp.broadcast_state()
+        with dp.writing_parameters():  # rank 0's checkpoint becomes everyone's
+            optim_config, attrs = on_every_rank(comm, lambda: load_checkpoint(config.resume, model, dp.flat))
         step = attrs["step"]
         if attrs["world_size"] == comm.size and len(attrs["rng_states"]) == comm.size:
             for name, state in attrs["rng_states"][comm.rank].items():
@@ -345,6 +345,7 @@ def train(config, comm):
                     dp.request_stop()
                 xb = _fault_injection(comm.rank, step, xb)
                 loss, _ = dp.loss(xb, y_train[idx], global_batch_size=global_len)
+                _fault_injection(comm.rank, step, None, after_loss=True)
                 if not math.isfinite(loss):
                     raise NonFiniteLoss(f"the loss is {loss} at step {step} (epoch {epoch + 1}); "
                                         "stopping, the last checkpoint is kept")
@@ -412,10 +413,12 @@ def _progress(config, comm, total, done, epoch, epochs):
 FAULT_ENV = "DPNET_FAULT"
 
 
-def _fault_injection(rank, step, xb):
+def _fault_injection(rank, step, xb, after_loss=False):
     """For tests: DPNET_FAULT=RANK:STEP:KIND makes RANK fail at STEP with KIND one of
-    raise (an exception), exit (os._exit(3)), hang (sleep forever) or nan (NaN inputs,
-    hence a NaN global loss). Returns the batch, poisoned for nan."""
+    raise (an exception), exit (os._exit(3)), hang (sleep forever), nan (NaN inputs,
+    hence a NaN global loss), all before the step's loss, or hang-update (sleep forever
+    after the gradient sum, before the update; called with after_loss=True).
+    Returns the batch, poisoned for nan."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return xb
@@ -424,18 +427,18 @@ def _fault_injection(rank, step, xb):
         fault_rank, fault_step = int(fault_rank), int(fault_step)
     except ValueError:
         raise ConfigError(f"{FAULT_ENV} must be RANK:STEP:KIND, got {spec!r}") from None
-    if rank != fault_rank or step != fault_step:
+    if rank != fault_rank or step != fault_step or after_loss != (kind == "hang-update"):
         return xb
+    if kind in ("hang", "hang-update"):
+        while True:
+            time.sleep(60)
     if kind == "raise":
         raise RuntimeError(f"injected fault on rank {rank} at step {step}")
     if kind == "exit":
         os._exit(3)
-    if kind == "hang":
-        while True:
-            time.sleep(60)
     if kind == "nan":
         return np.full_like(xb, np.nan)
-    raise ConfigError(f"{FAULT_ENV}: unknown fault kind {kind!r} (raise, exit, hang, nan)")
+    raise ConfigError(f"{FAULT_ENV}: unknown fault kind {kind!r} (raise, exit, hang, hang-update, nan)")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -6,6 +6,7 @@ are broadcast from rank 0 anyway; whatever must differ per rank (dropout masks,
 augmentation) comes from generators seeded with (seed, rank).
 """
 
+import contextlib
 import queue
 import threading
 import time
@@ -42,9 +43,10 @@ class DataParallel:
 
     The global-batch gradient is sum_r (n_r / N) g_r, exact for unequal and empty
     shards: each rank averages its shard's loss over the global count N (so batchnorm
-    backward receives the global loss's gradient), and Allreduce sums the packed
-    gradients and losses; the L2 term is added once, after the reduction. With
-    bn_mode 'sync' the model's batchnorm layers reduce over `comm`.
+    backward receives the global loss's gradient), and one reduction sums the packed
+    gradients and losses; the L2 term is added once (after an Allreduce, or by each rank
+    to its own slice of a shared-memory sum). With bn_mode 'sync' the model's batchnorm
+    layers reduce over `comm`.
 
     How gradients are summed over ranks (`reduction`):
     - 'shared-memory': the ranks on a node write their gradients into one MPI-3 shared
@@ -64,7 +66,7 @@ class DataParallel:
       does not compete with backward for the same cores and memory bandwidth (other
       nodes, a network); on one 2-core machine it measured slower.
     - 'auto' (default): 'shared-memory' under MPI when bucket_bytes is None and every
-      node holds the same number of ranks with room in /dev/shm, else 'allreduce'.
+      node holds the same number (> 1) of ranks with room in /dev/shm, else 'allreduce'.
     benchmarks/bench_parallel.py measures each.
 
     Inputs:
@@ -161,6 +163,25 @@ class DataParallel:
         for array in self._bn_state():
             self.comm.bcast(array, root)
 
+    @contextlib.contextmanager
+    def writing_parameters(self):
+        """Collective context for code that sets the parameters on every rank, such as
+        loading a checkpoint: inside, each rank writes its own private copy (never the
+        node's shared one, which ranks would write at once); on leaving, rank 0's values
+        become every rank's (broadcast_state)."""
+        if self._shared is None:
+            yield
+            self.broadcast_state()
+            return
+        shared = self.flat.data
+        self.flat.rebind(data=shared.copy())
+        yield
+        self._shared.sync()  # nobody reads the node's copy while it is replaced
+        if self._shared.node.Get_rank() == 0:
+            shared[...] = self.flat.data
+        self.flat.rebind(data=shared)
+        self.broadcast_state()
+
     def loss(self, X, y, global_batch_size=None):
         """Loss and gradients of the global batch formed by every rank's (X, y) shard.
 
@@ -194,6 +215,9 @@ class DataParallel:
                                f"gradients for {len(self.flat.names)} parameters; each must be stored once")
         self._send[-2] = data_loss
         self._send[-1] = float(self.stop_requested)
+        if self._shared is not None:
+            # read the shared weights now: once reduce() returns, a faster rank may be updating them
+            reg_loss = self.model.regularization_loss()
         start = time.perf_counter()
         if self._shared is not None:  # the L2 term joins each rank's slice of the sum, once
             l2_seconds = [0.0]
@@ -216,7 +240,7 @@ class DataParallel:
         self.comm_seconds += time.perf_counter() - start
         self.stop_agreed = bool(buffer[-1] > 0)
         if self._shared is not None:
-            loss = float(buffer[-2]) + self.model.regularization_loss()
+            loss = float(buffer[-2]) + reg_loss
         else:
             loss = float(buffer[-2]) + self.model.add_regularization(self.flat.grads)
         self.steps += 1
@@ -232,7 +256,8 @@ class DataParallel:
                 raise ValueError(f"reduction 'shared-memory' needs an MPI communicator, got {comm!r}")
             return None, f"{type(comm).__name__} has no shared memory"
         from .shared_memory import SharedMemoryAllreduce
-        reducer, why_not = SharedMemoryAllreduce.create(comm, count, dtype)
+        reducer, why_not = SharedMemoryAllreduce.create(comm, count, dtype,
+                                                        shared_nodes_only=reduction == "auto")
         if reducer is None and reduction == "shared-memory":
             raise RuntimeError(f"reduction 'shared-memory' is unavailable: {why_not}")
         return reducer, why_not
@@ -247,8 +272,9 @@ class DataParallel:
 
     def close(self):
         """Release the shared memory, if any (collective). The parameters, the last
-        gradients and the optimizer state move to private copies first, so the model and
-        the configs passed to step() stay usable."""
+        gradients and the optimizer state move to private copies first, so the model, the
+        configs passed to step() and this object stay usable (it then sums with
+        'allreduce'); views taken of them earlier point into released memory."""
         if self._shared is None:
             return
         self._shared.sync()  # nobody still updates a slice
@@ -259,6 +285,9 @@ class DataParallel:
                     config[key] = value.copy()
         self._shared.free()
         self._shared = None
+        self.reduction = "allreduce"  # from now on, on the private buffer
+        self._send = self.flat.buffer
+        self._send_grads = {name: self.flat.view(self._send, name) for name in self.flat.names}
 
     def _make_buckets(self, bucket_bytes):
         """[(start, stop, names)] slices of the flat buffer in backward order, each at least
@@ -313,11 +342,12 @@ class DataParallel:
         elif self._shared.node.Get_rank() == 0:
             update_rule(self.flat.data, self.flat.grad, config)
         start = time.perf_counter()
+        step = self.steps - 1  # loss() has counted this step already
         if self.watchdog:
-            self.watchdog.enter(self.steps, part=1)
+            self.watchdog.enter(step, part=1)
         self._shared.sync()  # every slice updated before anyone's next forward
         if self.watchdog:
-            self.watchdog.leave(self.steps, part=1)
+            self.watchdog.leave(step, part=1)
         self.comm_seconds += time.perf_counter() - start
         return config
 
@@ -329,7 +359,7 @@ class DataParallel:
         """The config an update of parameters [lo, hi) sees: state arrays cut to the slice
         (moved to shared memory first, e.g. after a resume), this rank's own work arrays
         ('_'-prefixed, kept out of config), other entries as they are."""
-        if config not in self._configs:
+        if not any(config is seen for seen in self._configs):  # `in` would compare arrays
             self._configs.append(config)
         for key in sorted(config):  # the same keys, in the same order, on every rank
             value = config[key]
@@ -345,7 +375,8 @@ class DataParallel:
             value = view[key]
             if key.startswith("_"):
                 self._work_arrays[key] = value
-            elif isinstance(value, np.ndarray):
+            elif self._is_state(config.get(key)) or (
+                    key not in config and isinstance(value, np.ndarray) and value.shape == (hi - lo,)):
                 if not self._is_state(config.get(key)):  # state the rule has just created
                     config[key] = self._new_shared_state()
                 if not np.shares_memory(value, config[key]):

@@ -77,10 +77,11 @@ class SharedMemoryAllreduce:
         self.sync()
 
     @classmethod
-    def create(cls, comm, count, dtype, node_comm=None):
+    def create(cls, comm, count, dtype, node_comm=None, shared_nodes_only=False):
         """Collective over comm: (reducer, None), or (None, the reason) on every rank alike
-        when shared memory cannot serve: ranks spread unevenly over nodes, or too little
-        room in /dev/shm on some node."""
+        when shared memory cannot serve: ranks spread unevenly over nodes, too little room
+        in /dev/shm on some node, or (with shared_nodes_only) one rank per node, where
+        there is nothing to share."""
         MPI, world = comm.MPI, comm.comm
         if node_comm is None:
             node_comm = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
@@ -99,6 +100,9 @@ class SharedMemoryAllreduce:
         if -facts[0] != facts[1]:
             node_comm.Free()
             return None, f"nodes hold different numbers of ranks ({-facts[0]} to {facts[1]})"
+        if shared_nodes_only and facts[1] == 1:
+            node_comm.Free()
+            return None, "one rank per node: nothing to share"
         if facts[2]:
             node_comm.Free()
             return None, (f"{SHM_DIR} has less than {SHM_HEADROOM:g} x {needed / 2**20:.1f} MiB free "

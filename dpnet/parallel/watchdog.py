@@ -25,7 +25,8 @@ class Watchdog:
         self.mpi = comm.MPI
         self.heartbeats = comm.comm.Dup()
         self.peers = [r for r in range(comm.size) if r != comm.rank]
-        self._inside = None  # (step, entered at) while in a guarded collective
+        self._inside = None  # (step, tag, entered at) while in a guarded collective
+        self._heard = set()  # peers whose heartbeat for it leave() has received
         self._lock = threading.Lock()
         self._sends = []
         self._stamp = np.zeros(1, dtype=np.int64)
@@ -40,25 +41,31 @@ class Watchdog:
         tag = _tag(step, part)
         self._sends = [self.heartbeats.Isend(self._stamp, dest=peer, tag=tag) for peer in self.peers]
         with self._lock:
+            self._heard = set()
             self._inside = (step, tag, time.monotonic())
 
     def leave(self, step, part=0):
-        """Call once the last collective of `step` (or its part) has completed."""
+        """Call once the last collective of `step` (or its part) has completed. Waits, still
+        guarded, for every peer's heartbeat: a collective over only some ranks (a node's)
+        says nothing of the others."""
+        for peer in self.peers:
+            self.heartbeats.Recv(self._inbox, source=peer, tag=_tag(step, part))
+            with self._lock:
+                self._heard.add(peer)
         with self._lock:
             self._inside = None
-        for peer in self.peers:  # every peer posted before joining the collective
-            self.heartbeats.Recv(self._inbox, source=peer, tag=_tag(step, part))
         self.mpi.Request.Waitall(self._sends)
 
     def _watch(self):
         while True:
             time.sleep(min(1.0, self.timeout / 4))
             with self._lock:
-                inside = self._inside
+                inside, heard = self._inside, set(self._heard)
             if inside is None or time.monotonic() - inside[2] < self.timeout:
                 continue
             step, tag = inside[:2]
-            silent = [p for p in self.peers if not self.heartbeats.Iprobe(source=p, tag=tag)]
+            silent = [p for p in self.peers
+                      if p not in heard and not self.heartbeats.Iprobe(source=p, tag=tag)]
             who = f"rank(s) {silent} never reached it" if silent else "every rank reached it"
             sys.stderr.write(
                 f"[rank {self.comm.rank}] watchdog: step {step} has not completed in {self.timeout:g} s; "

@@ -177,3 +177,67 @@ def test_data_parallel_over_two_nodes(comm, kind, monkeypatch):
     params = cases.case_adam_trajectory(comm, kind, "shared-memory")  # bit-identical on all ranks
     cases.case_broadcast_and_drift_check(comm, kind, "shared-memory")
     assert params.size > 0
+
+
+def test_loss_is_identical_on_every_rank_when_one_rank_lags(comm):
+    """The L2 part of the loss reads the node's shared weights; it must do so before the
+    sum, while no rank can be updating them. A rank that lags there (slept 0.2 s) would
+    otherwise read weights a faster rank has already stepped."""
+    import time
+
+    import parallel_cases as cases
+    from dpnet.optim import adam
+    from dpnet.parallel import DataParallel
+    model = cases.make_model("threelayer")
+    dp = DataParallel(model, comm, reduction="shared-memory")
+    plain = model.regularization_loss
+
+    def lagging():
+        if comm.rank == comm.size - 1:
+            time.sleep(0.2)
+        return plain()
+    model.regularization_loss = lagging
+    config, losses = {"learning_rate": 1e-1}, []
+    for step in range(3):
+        X, y = cases.make_batch(10, seed=step)
+        losses.append(dp.loss(X[comm.rank::comm.size], y[comm.rank::comm.size])[0])
+        dp.step(adam, config)
+    everyone = comm.allgather(np.array(losses))
+    assert all(np.array_equal(everyone[0], other) for other in everyone), everyone
+    dp.close()
+
+
+def test_data_parallel_goes_on_after_close(comm):
+    """close() releases the shared memory; the object then sums with Allreduce, and a
+    second config dict with the same keys (a reloaded one) is fine before and after."""
+    import parallel_cases as cases
+    from dpnet.optim import adam
+    from dpnet.parallel import DataParallel
+    dp = DataParallel(cases.make_model("threelayer"), comm, reduction="shared-memory")
+    ref = DataParallel(cases.make_model("threelayer"), comm, reduction="allreduce")
+    configs = {id(dp): {"learning_rate": 1e-2}, id(ref): {"learning_rate": 1e-2}}
+    for step in range(4):
+        X, y = cases.make_batch(10, seed=step)
+        for each in (dp, ref):
+            each.loss(X[comm.rank::comm.size], y[comm.rank::comm.size])
+            each.step(adam, configs[id(each)])
+        if step == 1:
+            configs[id(dp)] = {k: np.array(v) if isinstance(v, np.ndarray) else v
+                               for k, v in configs[id(dp)].items()}  # same keys, new dict
+        if step == 2:
+            dp.close()
+            assert dp.reduction == "allreduce"
+    assert np.abs(dp.flat.data - ref.flat.data).max() <= 1e-12 * np.abs(ref.flat.data).max()
+    ref.close()
+
+
+def test_auto_does_not_share_one_rank_per_node(comm, monkeypatch):
+    import parallel_cases as cases
+    from dpnet.parallel import DataParallel
+    from dpnet.parallel.shared_memory import RANKS_PER_NODE_ENV
+    monkeypatch.setenv(RANKS_PER_NODE_ENV, "1")
+    dp = DataParallel(cases.make_model("threelayer"), comm)
+    assert dp.reduction == "allreduce" and dp.why_not_shared_memory == "one rank per node: nothing to share"
+    dp = DataParallel(cases.make_model("threelayer"), comm, reduction="shared-memory")  # still possible
+    assert dp.reduction == "shared-memory"
+    dp.close()
