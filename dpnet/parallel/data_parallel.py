@@ -214,10 +214,11 @@ class DataParallel:
             raise RuntimeError(f"backward stored {sum(len(n) for _, _, n in self.buckets) - sum(pending)} "
                                f"gradients for {len(self.flat.names)} parameters; each must be stored once")
         self._send[-2] = data_loss
+        if self._shared is not None and self._shared.cross.Get_rank() == 0:
+            # this rank's part of the L2 loss, over its slice of the weights, rides in the sum (from
+            # the first node only); read them now: after reduce() a faster rank may be updating them
+            self._send[-2] += self._regularization_loss_of_slice(*self._owned)
         self._send[-1] = float(self.stop_requested)
-        if self._shared is not None:
-            # read the shared weights now: once reduce() returns, a faster rank may be updating them
-            reg_loss = self.model.regularization_loss()
         start = time.perf_counter()
         if self._shared is not None:  # the L2 term joins each rank's slice of the sum, once
             l2_seconds = [0.0]
@@ -240,7 +241,7 @@ class DataParallel:
         self.comm_seconds += time.perf_counter() - start
         self.stop_agreed = bool(buffer[-1] > 0)
         if self._shared is not None:
-            loss = float(buffer[-2]) + reg_loss
+            loss = float(buffer[-2])
         else:
             loss = float(buffer[-2]) + self.model.add_regularization(self.flat.grads)
         self.steps += 1
@@ -269,6 +270,16 @@ class DataParallel:
             a, b = max(lo, start), min(hi, start + self.flat.sizes[name])
             if a < b:
                 add_scaled(grad[a:b], self.flat.data[a:b], self.model.reg)
+
+    def _regularization_loss_of_slice(self, lo, hi):
+        """0.5 * reg * sum(W^2) over the weights' entries among the flat parameters [lo, hi)."""
+        total = 0.0
+        for name in self.model.weight_names() if self.model.reg else ():
+            start = self.flat.offsets[name]
+            a, b = max(lo, start), min(hi, start + self.flat.sizes[name])
+            if a < b:
+                total += float(np.vdot(self.flat.data[a:b], self.flat.data[a:b]))
+        return 0.5 * self.model.reg * total
 
     def close(self):
         """Release the shared memory, if any (collective). The parameters, the last
