@@ -5,6 +5,47 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+# ---------------------------------------------------------------- /dev/shm hygiene
+
+SHM_GLOB = "/dev/shm/mpich_shm_*"
+
+
+def _mpich_segments():
+    import glob
+    return set(glob.glob(SHM_GLOB))
+
+
+def _mapped_segments():
+    """/dev/shm files some live process still maps."""
+    import glob
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as fh:
+                mapped.update(line.split()[-1] for line in fh if "/dev/shm/" in line)
+        except OSError:  # the process ended, or is not ours to read
+            pass
+    return mapped
+
+
+def pytest_sessionstart(session):
+    session.config._mpich_segments_before = _mpich_segments()
+
+
+def pytest_sessionfinish(session):
+    """Jobs the tests abort on purpose (fault injection, MPI_Abort) leave MPICH's 2-4 MiB
+    shared-memory segment behind in /dev/shm; remove the ones created during this session
+    that no process maps any more, so repeated test runs do not fill it."""
+    before = getattr(session.config, "_mpich_segments_before", None)
+    if before is None:
+        return
+    for path in _mpich_segments() - before - _mapped_segments():
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
 # ---------------------------------------------------------------- layer-test helpers
 # (used by test_layers.py, test_conv_pool.py and test_batchnorm.py)
 
