@@ -476,18 +476,29 @@ def test_fault_on_one_rank_ends_the_job(cifar_dir, tmp_path, kind, bound):
 
 
 @pytest.mark.parametrize("ranks_per_node", [None, "1"])
-def test_hang_in_the_update_ends_the_job(cifar_dir, tmp_path, ranks_per_node):
+@pytest.mark.parametrize("fault_step", [0, FAULT_STEP])
+def test_hang_in_the_update_ends_the_job(cifar_dir, tmp_path, ranks_per_node, fault_step):
     """A rank that hangs after the gradient sum, before its slice of the shared-memory
-    update: the others wait in the update's barrier, which the watchdog guards too, also
-    when that barrier spans only a node (one rank per node: the other rank is elsewhere)."""
+    update: the others wait in the update (at step 0 while moving Adam's state to shared
+    memory, later in its barrier), which the watchdog guards too, also when the update
+    spans only a node (one rank per node: the other rank is elsewhere)."""
     run = run_train(base_args(cifar_dir, "--epochs", "2", "--timeout", "3", "--reduction", "shared-memory"),
-                    tmp_path, 2, env=clean_env(DPNET_FAULT=f"1:{FAULT_STEP}:hang-update",
+                    tmp_path, 2, env=clean_env(DPNET_FAULT=f"1:{fault_step}:hang-update",
                                                DPNET_RANKS_PER_NODE=ranks_per_node), timeout=30)
     assert run.returncode != 0, str(run)
     assert "summed by shared-memory" in run.stdout, str(run)
     assert "rank(s) [1] never reached it" in run.stderr, str(run)
-    assert f"step {FAULT_STEP} has not completed in 3 s" in run.stderr, str(run)
-    assert_epoch_one_checkpoint_kept(run)
+    assert f"step {fault_step} has not completed in 3 s" in run.stderr, str(run)
+    if fault_step == FAULT_STEP:
+        assert_epoch_one_checkpoint_kept(run)
+
+
+def test_simulated_ranks_cannot_use_shared_memory(cifar_dir, tmp_path):
+    run = run_train(base_args(cifar_dir, "--max-steps", "1", "--simulate-ranks", "2", "--reduction",
+                              "shared-memory"), tmp_path, timeout=60)
+    assert run.returncode == 2, str(run)
+    assert run.err_lines == [f"{ERROR_PREFIX}--reduction shared-memory needs MPI ranks (mpirun); "
+                             "--simulate-ranks runs threads, which sum with allreduce"], str(run)
 
 
 def test_nan_loss_stops_cleanly(cifar_dir, tmp_path):

@@ -44,9 +44,10 @@ class DataParallel:
     The global-batch gradient is sum_r (n_r / N) g_r, exact for unequal and empty
     shards: each rank averages its shard's loss over the global count N (so batchnorm
     backward receives the global loss's gradient), and one reduction sums the packed
-    gradients and losses; the L2 term is added once (after an Allreduce, or by each rank
-    to its own slice of a shared-memory sum). With bn_mode 'sync' the model's batchnorm
-    layers reduce over `comm`.
+    gradients and losses; the L2 term is counted once (after an Allreduce; with shared
+    memory each rank adds its gradient to its own slice of the sum, and the loss of its
+    slice of the weights to the sum, in the gradients' dtype). With bn_mode 'sync' the
+    model's batchnorm layers reduce over `comm`.
 
     How gradients are summed over ranks (`reduction`):
     - 'shared-memory': the ranks on a node write their gradients into one MPI-3 shared
@@ -126,6 +127,7 @@ class DataParallel:
             self._work_arrays = {}  # the rule's '_'-prefixed scratch arrays for this rank's slice
             self._configs = []  # optimizer configs whose state lives in shared memory
             self._shared_state = []  # those state arrays
+            self._node_zero_configs = []  # configs of other rules, kept by node rank 0 alone
         # what this rank writes its gradients into: the buffer itself, or its shared segment
         self._send = self.flat.buffer if self._shared is None else self._shared.send
         self._send_grads = {name: self.flat.view(self._send, name) for name in self.flat.names}
@@ -194,6 +196,14 @@ class DataParallel:
         """
         if self.watchdog:  # guards the step's every collective (sync batchnorm's included)
             self.watchdog.enter(self.steps)
+        try:
+            return self._loss(X, y, global_batch_size)
+        except BaseException:
+            if self.watchdog:  # a caller that handles the error must not be aborted later
+                self.watchdog.disarm()
+            raise
+
+    def _loss(self, X, y, global_batch_size):
         total = global_batch_size
         if total is None:
             total = int(self.comm.allreduce(np.array([len(X)], dtype=np.int64))[0])
@@ -294,6 +304,11 @@ class DataParallel:
             for key, value in config.items():
                 if self._is_state(value):
                     config[key] = value.copy()
+        for config in self._node_zero_configs:  # from now on every rank runs the rule itself
+            state = self._shared.node.bcast(config, root=0)
+            if self._shared.node.Get_rank() != 0:
+                config.clear()
+                config.update(state)
         self._shared.free()
         self._shared = None
         self.reduction = "allreduce"  # from now on, on the private buffer
@@ -341,26 +356,38 @@ class DataParallel:
         own slice of them and of the optimizer state, which also moves to shared memory
         (config's state arrays are replaced by shared ones on the first step): the
         optimizer's work is divided among the ranks instead of repeated by each. Any
-        other rule updates every parameter, on node rank 0 only."""
+        other rule updates every parameter on node rank 0 only, so only node rank 0's
+        config holds its state (close() hands it to the node's other ranks)."""
         if self._shared is None:
             update_rule(self.flat.data, self.flat.grad, config)
             return config
+        step = self.steps - 1  # loss() has counted this step already
+        if self.watchdog:  # from here: moving state to shared memory is collective too
+            self.watchdog.enter(step, part=1)
+        try:
+            self._shared_step(update_rule, config, step)
+        except BaseException:
+            if self.watchdog:
+                self.watchdog.disarm()
+            raise
+        return config
+
+    def _shared_step(self, update_rule, config, step):
         if update_rule in ELEMENTWISE_RULES:
             lo, hi = self._owned
             view = self._slice_config(config, lo, hi)
             update_rule(self.flat.data[lo:hi], self.flat.grad[lo:hi], view)
             self._store_slice_config(config, view, lo, hi)
-        elif self._shared.node.Get_rank() == 0:
-            update_rule(self.flat.data, self.flat.grad, config)
+        else:
+            if not any(config is seen for seen in self._node_zero_configs):
+                self._node_zero_configs.append(config)
+            if self._shared.node.Get_rank() == 0:
+                update_rule(self.flat.data, self.flat.grad, config)
         start = time.perf_counter()
-        step = self.steps - 1  # loss() has counted this step already
-        if self.watchdog:
-            self.watchdog.enter(step, part=1)
         self._shared.sync()  # every slice updated before anyone's next forward
         if self.watchdog:
             self.watchdog.leave(step, part=1)
         self.comm_seconds += time.perf_counter() - start
-        return config
 
     def _is_state(self, value):
         """An optimizer state array: one value per parameter."""

@@ -179,31 +179,36 @@ def test_data_parallel_over_two_nodes(comm, kind, monkeypatch):
     assert params.size > 0
 
 
-def test_loss_is_identical_on_every_rank_when_one_rank_lags(comm):
-    """The L2 part of the loss reads the node's shared weights; it must do so before the
-    sum, while no rank can be updating them. A rank that lags there (slept 0.2 s) would
-    otherwise read weights a faster rank has already stepped."""
+def test_loss_equals_one_process_when_one_rank_lags(comm):
+    """The L2 part of the loss reads the node's shared weights (each rank its own slice);
+    it must do so before the sum, while no rank can be updating them. With the last rank
+    lagging 0.2 s at that read, every rank's loss still equals one process's, step by step."""
     import time
 
     import parallel_cases as cases
+    from dpnet.flat import FlatParams
     from dpnet.optim import adam
     from dpnet.parallel import DataParallel
-    model = cases.make_model("threelayer")
-    dp = DataParallel(model, comm, reduction="shared-memory")
-    plain = model.regularization_loss
+    dp = DataParallel(cases.make_model("threelayer"), comm, reduction="shared-memory")
+    plain = dp._regularization_loss_of_slice
 
-    def lagging():
+    def lagging(lo, hi):
         if comm.rank == comm.size - 1:
             time.sleep(0.2)
-        return plain()
-    model.regularization_loss = lagging
-    config, losses = {"learning_rate": 1e-1}, []
+        return plain(lo, hi)
+    dp._regularization_loss_of_slice = lagging
+    reference = cases.make_model("threelayer")
+    flat = FlatParams(reference.params)
+    configs = {"learning_rate": 1e-1}, {"learning_rate": 1e-1}
     for step in range(3):
         X, y = cases.make_batch(10, seed=step)
-        losses.append(dp.loss(X[comm.rank::comm.size], y[comm.rank::comm.size])[0])
-        dp.step(adam, config)
-    everyone = comm.allgather(np.array(losses))
-    assert all(np.array_equal(everyone[0], other) for other in everyone), everyone
+        loss, _ = dp.loss(X[comm.rank::comm.size], y[comm.rank::comm.size])
+        dp.step(adam, configs[0])
+        ref_loss, grads = reference.loss(X, y)
+        adam(flat.data, flat.pack_grads(grads), configs[1])
+        assert abs(loss - ref_loss) <= 1e-12 * abs(ref_loss), (step, loss, ref_loss)
+    mine, ref = cases.by_name(dp.model.params), cases.by_name(reference.params)
+    assert np.abs(mine - ref).max() <= 1e-10 * np.abs(ref).max()
     dp.close()
 
 
@@ -241,3 +246,46 @@ def test_auto_does_not_share_one_rank_per_node(comm, monkeypatch):
     dp = DataParallel(cases.make_model("threelayer"), comm, reduction="shared-memory")  # still possible
     assert dp.reduction == "shared-memory"
     dp.close()
+
+
+def test_other_update_rules_run_on_node_rank_0_and_survive_close(comm):
+    """A rule dpnet does not know to be elementwise updates the node's parameters on node
+    rank 0 alone; after close() every rank holds its state and carries on in step."""
+    import parallel_cases as cases
+    from dpnet.optim import adam
+    from dpnet.parallel import DataParallel
+
+    def my_adam(w, dw, config):  # a user's rule: DataParallel cannot know it is elementwise
+        return adam(w, dw, config)
+    results = []
+    for rule in (my_adam, adam):
+        dp = DataParallel(cases.make_model("threelayer"), comm, reduction="shared-memory")
+        config = {"learning_rate": 1e-2}
+        for step in range(4):
+            X, y = cases.make_batch(10, seed=step)
+            dp.loss(X[comm.rank::comm.size], y[comm.rank::comm.size])
+            dp.step(rule, config)
+            if step == 1:
+                dp.close()
+        assert config["t"] == 4
+        results.append(np.array(dp.flat.data))
+    everyone = comm.allgather(results[0])
+    assert all(np.array_equal(everyone[0], other) for other in everyone)
+    assert np.array_equal(results[0], results[1])
+
+
+def test_a_caught_error_in_loss_does_not_leave_the_watchdog_armed(comm):
+    """loss() raising (here: a bad shard, on every rank) must not leave the step guarded:
+    a caller that handles the error and waits past the timeout is not aborted."""
+    import time
+
+    import parallel_cases as cases
+    from dpnet.parallel import DataParallel
+    for reduction in ("shared-memory", "allreduce"):
+        dp = DataParallel(cases.make_model("threelayer"), comm, reduction=reduction, timeout=1)
+        X, y = cases.make_batch(8)
+        with pytest.raises(ValueError):
+            dp.loss(X[:, :2], y)  # 2 channels where 3 are expected
+        time.sleep(2.5)  # the watchdog checks every 0.25 s: armed, it would abort the job now
+        dp.loss(X[comm.rank::comm.size], y[comm.rank::comm.size])
+        dp.close()
