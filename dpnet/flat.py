@@ -34,21 +34,16 @@ class FlatParams:
         self.offsets = dict(zip(self.names, np.cumsum([0] + sizes[:-1]).tolist()))
         self.sizes = dict(zip(self.names, sizes))
         dtype = dtypes.pop()
-        self.data = np.empty(sum(sizes), dtype=dtype)
+        data = np.empty(sum(sizes), dtype=dtype)
+        for name in self.names:
+            self.view(data, name)[...] = params[name]
         if buffer is None:
             buffer = np.zeros(sum(sizes) + extra, dtype=dtype)
         elif buffer.shape != (sum(sizes) + extra,) or buffer.dtype != dtype:
             raise ValueError(f"buffer must have shape ({sum(sizes) + extra},) and dtype {dtype}, "
                              f"got {buffer.shape} {buffer.dtype}")
-        self.buffer = buffer
-        self.grad = self.buffer[:sum(sizes)]
         self.params = params
-        self.grads = {}
-        for name in self.names:
-            view = self.view(self.data, name)
-            view[...] = params[name]
-            params[name] = view
-            self.grads[name] = self.view(self.grad, name)
+        self.rebind(data=data, buffer=buffer)
 
     def rebind(self, data=None, buffer=None):
         """Move the parameters to `data` and/or the gradient buffer to `buffer` (same
