@@ -55,19 +55,17 @@ class SharedMemoryAllreduce:
     """
 
     def __init__(self, comm, count, dtype, node_comm, cross_comm):
-        MPI = comm.MPI
         self.comm, self.count, self.dtype = comm, count, np.dtype(dtype)
         self.node, self.cross = node_comm, cross_comm
         per_line = max(1, ALIGN_BYTES // self.dtype.itemsize)
-        stride = -(-count // per_line) * per_line  # each segment starts on a cache line
+        lines = -(-count // per_line)  # each segment starts on a cache line
         rank, size = self.node.Get_rank(), self.node.Get_size()
         self.windows = []
-        shared = self._allocate((size + 1, stride))
+        shared = self._allocate((size + 1, lines * per_line))
         self._segments = shared[:size, :count]  # (ranks on the node, count)
         self._result = shared[size, :count]
         self.send = self._segments[rank]
         self._piece = PIECE_BYTES // self.dtype.itemsize
-        lines = -(-count // per_line)
         self.lo = min(count, rank * lines // size * per_line)
         self.hi = min(count, (rank + 1) * lines // size * per_line)
         self.send[...] = 0  # first touch by the owner places its pages near it
@@ -97,16 +95,16 @@ class SharedMemoryAllreduce:
         # [min ranks per node, max ranks per node, any node short of shared memory]
         facts = np.array([-node_size, node_size, short], dtype=np.int64)
         world.Allreduce(MPI.IN_PLACE, facts, op=MPI.MAX)
+        why_not = None
         if -facts[0] != facts[1]:
+            why_not = f"nodes hold different numbers of ranks ({-facts[0]} to {facts[1]})"
+        elif shared_nodes_only and facts[1] == 1:
+            why_not = "one rank per node: nothing to share"
+        elif facts[2]:
+            why_not = f"{SHM_DIR} has less than {SHM_HEADROOM:g} x {needed / 2**20:.1f} MiB free on some node"
+        if why_not is not None:
             node_comm.Free()
-            return None, f"nodes hold different numbers of ranks ({-facts[0]} to {facts[1]})"
-        if shared_nodes_only and facts[1] == 1:
-            node_comm.Free()
-            return None, "one rank per node: nothing to share"
-        if facts[2]:
-            node_comm.Free()
-            return None, (f"{SHM_DIR} has less than {SHM_HEADROOM:g} x {needed / 2**20:.1f} MiB free "
-                          f"on some node")
+            return None, why_not
         cross_comm = world.Split(color=node_comm.Get_rank(), key=world.Get_rank())
         return cls(comm, count, dtype, node_comm, cross_comm), None
 
