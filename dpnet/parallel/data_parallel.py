@@ -117,20 +117,14 @@ class DataParallel:
         if self._shared is not None:
             # one copy of the parameters per node, each rank updating its own slice (see step);
             # node rank 0 brings its initial values, broadcast_state() below spreads world rank 0's
-            first = self._shared.node.Get_rank() == 0
             shared = self._shared.shared_array(self.flat.data.size)
-            self._shared.sync()
-            if first:
-                shared[...] = self.flat.data
-            self.flat.rebind(data=shared)
+            self._move_parameters_to(shared)
             self._owned = (min(self._shared.lo, shared.size), min(self._shared.hi, shared.size))
             self._work_arrays = {}  # the rule's '_'-prefixed scratch arrays for this rank's slice
             self._configs = []  # optimizer configs whose state lives in shared memory
             self._shared_state = []  # those state arrays
             self._node_zero_configs = []  # configs of other rules, kept by node rank 0 alone
-        # what this rank writes its gradients into: the buffer itself, or its shared segment
-        self._send = self.flat.buffer if self._shared is None else self._shared.send
-        self._send_grads = {name: self.flat.view(self._send, name) for name in self.flat.names}
+        self._send_into(self.flat.buffer if self._shared is None else self._shared.send)
         self.buckets = self._make_buckets(bucket_bytes or len(self.flat.buffer) * self.flat.data.itemsize)
         self._bucket_of = {name: b for b, (_, _, names) in enumerate(self.buckets) for name in names}
         self._overlap = (len(self.buckets) > 1 and comm.size > 1
@@ -178,11 +172,16 @@ class DataParallel:
         shared = self.flat.data
         self.flat.rebind(data=shared.copy())
         yield
+        self._move_parameters_to(shared)
+        self.broadcast_state()
+
+    def _move_parameters_to(self, shared):
+        """Rebind the parameters to the node's shared array, filled with node rank 0's
+        private values (collective over the node)."""
         self._shared.sync()  # nobody reads the node's copy while it is replaced
         if self._shared.node.Get_rank() == 0:
             shared[...] = self.flat.data
         self.flat.rebind(data=shared)
-        self.broadcast_state()
 
     def loss(self, X, y, global_batch_size=None):
         """Loss and gradients of the global batch formed by every rank's (X, y) shard.
@@ -196,10 +195,17 @@ class DataParallel:
         """
         if self.watchdog:  # guards the step's every collective (sync batchnorm's included)
             self.watchdog.enter(self.steps)
-        try:
+        with self._disarmed_on_error():
             return self._loss(X, y, global_batch_size)
+
+    @contextlib.contextmanager
+    def _disarmed_on_error(self):
+        """Stop guarding the step if it fails here: a caller that handles the error must not
+        be aborted later."""
+        try:
+            yield
         except BaseException:
-            if self.watchdog:  # a caller that handles the error must not be aborted later
+            if self.watchdog:
                 self.watchdog.disarm()
             raise
 
@@ -273,23 +279,25 @@ class DataParallel:
             raise RuntimeError(f"reduction 'shared-memory' is unavailable: {why_not}")
         return reducer, why_not
 
-    def _regularize_slice(self, grad, lo, hi):
-        """Add reg * W to the weights' entries of the flat gradient grad[lo:hi]."""
+    def _weight_ranges(self, lo, hi):
+        """The [a, b) ranges of the flat layout inside [lo, hi) that hold L2-regularised weights."""
         for name in self.model.weight_names():
             start = self.flat.offsets[name]
             a, b = max(lo, start), min(hi, start + self.flat.sizes[name])
             if a < b:
-                add_scaled(grad[a:b], self.flat.data[a:b], self.model.reg)
+                yield a, b
+
+    def _regularize_slice(self, grad, lo, hi):
+        """Add reg * W to the weights' entries of the flat gradient grad[lo:hi]."""
+        for a, b in self._weight_ranges(lo, hi):
+            add_scaled(grad[a:b], self.flat.data[a:b], self.model.reg)
 
     def _regularization_loss_of_slice(self, lo, hi):
         """0.5 * reg * sum(W^2) over the weights' entries among the flat parameters [lo, hi)."""
-        total = 0.0
-        for name in self.model.weight_names() if self.model.reg else ():
-            start = self.flat.offsets[name]
-            a, b = max(lo, start), min(hi, start + self.flat.sizes[name])
-            if a < b:
-                total += float(np.vdot(self.flat.data[a:b], self.flat.data[a:b]))
-        return 0.5 * self.model.reg * total
+        if not self.model.reg:
+            return 0.0
+        return 0.5 * self.model.reg * sum(float(np.vdot(self.flat.data[a:b], self.flat.data[a:b]))
+                                          for a, b in self._weight_ranges(lo, hi))
 
     def close(self):
         """Release the shared memory, if any (collective). The parameters, the last
@@ -312,8 +320,13 @@ class DataParallel:
         self._shared.free()
         self._shared = None
         self.reduction = "allreduce"  # from now on, on the private buffer
-        self._send = self.flat.buffer
-        self._send_grads = {name: self.flat.view(self._send, name) for name in self.flat.names}
+        self._send_into(self.flat.buffer)
+
+    def _send_into(self, send):
+        """Write this rank's gradients (and loss, stop vote) into `send`: the reduced buffer
+        itself, or this rank's segment of a shared-memory sum."""
+        self._send = send
+        self._send_grads = {name: self.flat.view(send, name) for name in self.flat.names}
 
     def _make_buckets(self, bucket_bytes):
         """[(start, stop, names)] slices of the flat buffer in backward order, each at least
@@ -364,12 +377,8 @@ class DataParallel:
         step = self.steps - 1  # loss() has counted this step already
         if self.watchdog:  # from here: moving state to shared memory is collective too
             self.watchdog.enter(step, part=1)
-        try:
+        with self._disarmed_on_error():
             self._shared_step(update_rule, config, step)
-        except BaseException:
-            if self.watchdog:
-                self.watchdog.disarm()
-            raise
         return config
 
     def _shared_step(self, update_rule, config, step):
