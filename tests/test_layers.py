@@ -290,25 +290,26 @@ def build_conv_relu_pool(rng):
     return conv_relu_pool_forward, conv_relu_pool_backward, args, [p], [(a, POOL_PARAM)]
 
 
-def build_conv_bn_relu(rng):
+def conv_bn_inputs(rng):
+    """Arguments of conv -> spatial batchnorm (train mode), and that batchnorm's output."""
     x, w, b = rng.standard_normal((2, 2, 4, 4)), rng.standard_normal((3, 2, 3, 3)), \
         rng.standard_normal(3)
     gamma, beta = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
     a = conv_forward(x, w, b, CONV_PARAM)[0]
     a = spatial_batchnorm_forward(a, gamma, beta, {"mode": "train"})[0]
     args = dict(x=x, w=w, b=b, gamma=gamma, beta=beta, cp=CONV_PARAM, bn_param={"mode": "train"})
+    return args, a
+
+
+def build_conv_bn_relu(rng):
+    args, a = conv_bn_inputs(rng)
     return conv_bn_relu_forward, conv_bn_relu_backward, args, [a], []
 
 
 def build_conv_bn_relu_pool(rng):
-    x, w, b = rng.standard_normal((2, 2, 4, 4)), rng.standard_normal((3, 2, 3, 3)), \
-        rng.standard_normal(3)
-    gamma, beta = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
-    a = conv_forward(x, w, b, CONV_PARAM)[0]
-    a = spatial_batchnorm_forward(a, gamma, beta, {"mode": "train"})[0]
+    args, a = conv_bn_inputs(rng)
     p = max_pool_forward(a, POOL_PARAM)[0]
-    args = dict(x=x, w=w, b=b, gamma=gamma, beta=beta, cp=CONV_PARAM,
-                bn_param={"mode": "train"}, pp=POOL_PARAM)
+    args["pp"] = POOL_PARAM
     return conv_bn_relu_pool_forward, conv_bn_relu_pool_backward, args, [p], [(a, POOL_PARAM)]
 
 
