@@ -1,8 +1,4 @@
 import os
-import sys
-
-# the case modules shared by the serial and MPI suites live beside the tests
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 # ---------------------------------------------------------------- /dev/shm hygiene

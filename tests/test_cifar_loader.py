@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dpnet.data import DataError, load_batch, load_cifar10
-from train_helpers import LABEL_NAMES, make_batch, write_cifar_folder, write_pickle
+from tests.train_helpers import LABEL_NAMES, make_batch, write_cifar_folder, write_pickle
 
 
 def batch_file(tmp_path, d, name="data_batch_1"):

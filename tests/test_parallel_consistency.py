@@ -3,7 +3,7 @@ The same cases run under mpirun in tests/mpi/test_consistency_mpi.py."""
 
 import pytest
 
-import parallel_cases as cases
+from tests import parallel_cases as cases
 from dpnet.parallel import SimComm
 
 SIZES = [2, 4]

@@ -14,7 +14,7 @@ from dpnet.parallel import (DataParallel, ParameterDriftError, SerialComm, SimCo
                             epoch_permutation, get_comm, launched_by_mpi, shard_bounds,
                             shard_indices, steps_per_epoch)
 from dpnet.parallel.comm import LAUNCHER_SIZE_VARIABLES
-from parallel_cases import make_batch, make_model
+from tests.parallel_cases import make_batch, make_model
 
 # ================================================================ sharding
 

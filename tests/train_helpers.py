@@ -2,7 +2,7 @@
 the CIFAR-10 loader (tests/test_cifar_loader.py): a tiny CIFAR-10 folder in the official
 python format, a subprocess runner with a hard time bound, and a checkpoint reader.
 
-Import the fixtures into a test module with `from train_helpers import cifar_dir`.
+Import the fixtures into a test module with `from tests.train_helpers import cifar_dir`.
 """
 
 import json

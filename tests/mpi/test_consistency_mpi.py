@@ -9,7 +9,7 @@ SimComm in tests/test_parallel_consistency.py."""
 import numpy as np
 import pytest
 
-import parallel_cases as cases
+from tests import parallel_cases as cases
 
 pytestmark = pytest.mark.mpi(min_size=2)
 

@@ -99,7 +99,7 @@ def test_uneven_nodes_are_refused_on_every_rank(comm):
 def test_data_parallel_uses_shared_memory_by_default(comm):
     """Under mpirun DataParallel sums through shared memory unless buckets or 'allreduce'
     are asked for; its gradients are then read-only."""
-    import parallel_cases as cases
+    from tests import parallel_cases as cases
     from dpnet.parallel import DataParallel
     dp = DataParallel(cases.make_model("threelayer"), comm)
     assert dp.reduction == "shared-memory", dp.why_not_shared_memory
@@ -138,7 +138,7 @@ def test_sharded_update_equals_the_full_update(comm, rule):
     """With shared memory each rank updates only its slice of the node's one copy of the
     parameters and optimizer state; after 3 steps both equal those of every rank
     updating everything (reduction 'allreduce'), on every rank, also after close()."""
-    import parallel_cases as cases
+    from tests import parallel_cases as cases
     from dpnet.optim import UPDATE_RULES
     from dpnet.parallel import DataParallel
     results = {}
@@ -166,7 +166,7 @@ def test_data_parallel_over_two_nodes(comm, kind, monkeypatch):
     """DPNET_RANKS_PER_NODE splits this machine into 'nodes' of size/2 ranks: gradients are
     summed on each node, then across nodes; each node keeps its own copy of the parameters.
     The sync-BN gradients and the 5-step Adam trajectory still equal one process's."""
-    import parallel_cases as cases
+    from tests import parallel_cases as cases
     from dpnet.parallel import DataParallel
     from dpnet.parallel.shared_memory import RANKS_PER_NODE_ENV
     monkeypatch.setenv(RANKS_PER_NODE_ENV, str(comm.size // 2))
@@ -185,7 +185,7 @@ def test_loss_equals_one_process_when_one_rank_lags(comm):
     lagging 0.2 s at that read, every rank's loss still equals one process's, step by step."""
     import time
 
-    import parallel_cases as cases
+    from tests import parallel_cases as cases
     from dpnet.flat import FlatParams
     from dpnet.optim import adam
     from dpnet.parallel import DataParallel
@@ -215,7 +215,7 @@ def test_loss_equals_one_process_when_one_rank_lags(comm):
 def test_data_parallel_goes_on_after_close(comm):
     """close() releases the shared memory; the object then sums with Allreduce, and a
     second config dict with the same keys (a reloaded one) is fine before and after."""
-    import parallel_cases as cases
+    from tests import parallel_cases as cases
     from dpnet.optim import adam
     from dpnet.parallel import DataParallel
     dp = DataParallel(cases.make_model("threelayer"), comm, reduction="shared-memory")
@@ -237,7 +237,7 @@ def test_data_parallel_goes_on_after_close(comm):
 
 
 def test_auto_does_not_share_one_rank_per_node(comm, monkeypatch):
-    import parallel_cases as cases
+    from tests import parallel_cases as cases
     from dpnet.parallel import DataParallel
     from dpnet.parallel.shared_memory import RANKS_PER_NODE_ENV
     monkeypatch.setenv(RANKS_PER_NODE_ENV, "1")
@@ -251,7 +251,7 @@ def test_auto_does_not_share_one_rank_per_node(comm, monkeypatch):
 def test_other_update_rules_run_on_node_rank_0_and_survive_close(comm):
     """A rule dpnet does not know to be elementwise updates the node's parameters on node
     rank 0 alone; after close() every rank holds its state and carries on in step."""
-    import parallel_cases as cases
+    from tests import parallel_cases as cases
     from dpnet.optim import adam
     from dpnet.parallel import DataParallel
 
@@ -279,7 +279,7 @@ def test_a_caught_error_in_loss_does_not_leave_the_watchdog_armed(comm):
     a caller that handles the error and waits past the timeout is not aborted."""
     import time
 
-    import parallel_cases as cases
+    from tests import parallel_cases as cases
     from dpnet.parallel import DataParallel
     for reduction in ("shared-memory", "allreduce"):
         dp = DataParallel(cases.make_model("threelayer"), comm, reduction=reduction, timeout=1)
