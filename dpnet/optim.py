@@ -7,8 +7,9 @@ missing entries get the defaults below. State arrays are kept in w's dtype and t
 arithmetic avoids temporaries the size of w where it can.
 
 Every rule here is elementwise: updating a slice of w with the same slice of dw and of
-the state arrays gives exactly that slice of the whole update. DataParallel relies on
-it to divide the update among ranks (dpnet.parallel.data_parallel.ELEMENTWISE_RULES).
+the state arrays gives exactly that slice of the whole update. Each says so with the
+attribute `elementwise = True`, which DataParallel reads to divide the update among the
+ranks of a node (dpnet.parallel.update); a rule of your own may declare it too.
 """
 
 import numpy as np
@@ -136,6 +137,10 @@ def adam(w, dw, config=None):
     w -= tmp
     return w, config
 
+
+for _rule in (sgd, sgd_momentum, sgd_nesterov_momentum, rmsprop, adam):
+    _rule.elementwise = True
+del _rule
 
 UPDATE_RULES = {
     "sgd": sgd,

@@ -16,12 +16,34 @@ INPUT = (3, 8, 8)
 # Small buckets, so these tiny models' gradients are reduced in many buckets, overlapped with
 # backward under MPI, as a large model's are.
 BUCKET_BYTES = 256
-# DataParallel options of each gradient reduction path; every case takes one by name.
-# SimComm runs 'buckets' (without MPI the buckets are reduced one after another).
+# DataParallel options of each gradient reducer; every case takes one by name. 'hierarchical'
+# is shared memory over nodes of ranks_per_node(path, size) ranks: the test harness makes
+# the communicator so (SimComm(ranks_per_node=...), or DPNET_RANKS_PER_NODE under mpirun).
 PATHS = {
+    "allreduce": {"reduction": "allreduce"},
     "buckets": {"reduction": "allreduce", "bucket_bytes": BUCKET_BYTES},
     "shared-memory": {"reduction": "shared-memory"},
+    "hierarchical": {"reduction": "shared-memory"},
 }
+
+
+def ranks_per_node(path, size):
+    """The node size the harness sets up for `path` (None: every rank on one node)."""
+    return max(1, size // 2) if path == "hierarchical" else None
+
+
+def sim(size, path):
+    """The SimComm that runs `path` at `size` ranks."""
+    from dpnet.parallel import SimComm
+    return SimComm(size, ranks_per_node=ranks_per_node(path, size))
+
+
+def make_dp(model, comm, path, **options):
+    """DataParallel over `path`'s reducer, checked to be that reducer."""
+    dp = DataParallel(model, comm, **PATHS[path], **options)
+    expected = path if comm.size > 1 or path == "buckets" else "allreduce"  # one rank: nothing to share
+    assert dp.reduction == expected, (dp.reduction, path, dp.why_not_shared_memory)
+    return dp
 
 
 def make_model(kind, bn_mode="sync", seed=0, dtype=np.float64):
@@ -66,7 +88,7 @@ def copies(grads):
 def dp_grads(comm, kind, bn_mode, X, y, bounds=None, seed=None, path="buckets"):
     """Gradients from DataParallel with rank r taking X[bounds[r]] (default: even shards)."""
     model = make_model(kind, bn_mode, seed=comm.rank if seed is None else seed)
-    dp = DataParallel(model, comm, **PATHS[path])
+    dp = make_dp(model, comm, path)
     lo, hi = bounds[comm.rank] if bounds else shard_bounds(len(X), comm.size, comm.rank)
     loss, grads = dp.loss(X[lo:hi], y[lo:hi])
     grads = copies(grads)  # before close() releases the shared memory they may live in
@@ -135,13 +157,16 @@ def case_unequal_and_empty_shards(comm, kind, path="buckets"):
         assert max(grad_errors(wrong, ref).values()) > 1e-3
 
 
-def train_steps(comm, kind, bn_mode, steps=5, batch=10, path="buckets"):
-    """Run `steps` Adam steps on even shards of fresh batches; return the parameters by_name."""
+def train_steps(comm, kind, bn_mode, steps=5, batch=10, path="buckets", nudge=False):
+    """Run `steps` Adam steps on even shards of fresh batches; return the parameters by_name.
+    nudge: change one input value of the first batch by 1e-6 of itself (a control's change)."""
     model = make_model(kind, bn_mode, seed=comm.rank)
-    dp = DataParallel(model, comm, check_every=1, **PATHS[path])
+    dp = make_dp(model, comm, path, check_every=1)
     config = {"learning_rate": 1e-2}
     for step in range(steps):
         X, y = make_batch(batch, seed=100 + step)
+        if nudge and step == 0:
+            X[0, 0, 0, 0] *= 1 + 1e-6
         lo, hi = shard_bounds(batch, comm.size, comm.rank)
         dp.loss(X[lo:hi], y[lo:hi])
         dp.step(adam, config)
@@ -184,7 +209,7 @@ def case_broadcast_and_drift_check(comm, kind, path="buckets"):
     before = comm.allgather(model.params["W1"].reshape(-1).copy())
     if comm.size > 1:  # control: the seeds really differ before the broadcast
         assert not np.array_equal(before[0], before[1])
-    dp = DataParallel(model, comm, **PATHS[path])
+    dp = make_dp(model, comm, path)
     after = comm.allgather(model.params["W1"].reshape(-1).copy())
     assert all(np.array_equal(after[0], a) for a in after)
     dp.check_consistency(step=0)  # identical: no error

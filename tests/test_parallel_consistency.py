@@ -1,5 +1,5 @@
-"""The multi-rank consistency suite under SimComm (N logical ranks in this process).
-The same cases run under mpirun in tests/mpi/test_consistency_mpi.py."""
+"""The multi-rank consistency suite under SimComm (N logical ranks in this process), for
+every gradient reducer. The same cases run under mpirun in tests/mpi/test_consistency_mpi.py."""
 
 import pytest
 
@@ -8,35 +8,41 @@ from dpnet.parallel import SimComm
 
 SIZES = [2, 4]
 KINDS = ["threelayer", "convnet"]
+PATHS = list(cases.PATHS)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_sync_bn_equals_full_batch(size, kind):
-    SimComm(size).run(cases.case_sync_equals_full_batch, kind)
+def test_sync_bn_equals_full_batch(size, kind, path):
+    cases.sim(size, path).run(cases.case_sync_equals_full_batch, kind, path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_local_bn_equals_weighted_shards(size, kind):
-    SimComm(size).run(cases.case_local_equals_weighted_shards, kind)
+def test_local_bn_equals_weighted_shards(size, kind, path):
+    cases.sim(size, path).run(cases.case_local_equals_weighted_shards, kind, path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("size", [2, 3, 4])
 @pytest.mark.parametrize("kind", KINDS)
-def test_unequal_and_empty_shards(size, kind):
-    SimComm(size).run(cases.case_unequal_and_empty_shards, kind)
+def test_unequal_and_empty_shards(size, kind, path):
+    cases.sim(size, path).run(cases.case_unequal_and_empty_shards, kind, path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_adam_trajectory(size, kind):
-    SimComm(size).run(cases.case_adam_trajectory, kind)
+def test_adam_trajectory(size, kind, path):
+    cases.sim(size, path).run(cases.case_adam_trajectory, kind, path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("size", SIZES)
-def test_broadcast_and_drift_check(size):
-    SimComm(size).run(cases.case_broadcast_and_drift_check, "threelayer")
+def test_broadcast_and_drift_check(size, path):
+    cases.sim(size, path).run(cases.case_broadcast_and_drift_check, "threelayer", path)
 
 
 def test_one_rank_is_the_serial_model():

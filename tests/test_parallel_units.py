@@ -507,7 +507,8 @@ def test_one_empty_rank_is_fine():
 def test_drift_check_names_the_step_and_rank():
     def fn(comm, perturb):
         model = make_model("threelayer", "sync")
-        dp = DataParallel(model, comm, check_every=1)
+        # private copies per rank: with shared memory a node's ranks hold one, which cannot drift
+        dp = DataParallel(model, comm, check_every=1, reduction="allreduce")
         X, y = make_batch(6)
         lo, hi = shard_bounds(6, comm.size, comm.rank)
         dp.loss(X[lo:hi], y[lo:hi])  # step 1: consistent
@@ -526,21 +527,28 @@ def test_drift_check_names_the_step_and_rank():
 
 # ---------------------------------------------------------------- gradient buckets
 
-@pytest.mark.parametrize("bucket_bytes", [None, 1, 256, 4096, 1 << 30])
+@pytest.mark.parametrize("bucket_bytes", [1, 256, 4096, 1 << 30])
 def test_buckets_tile_the_flat_buffer_in_backward_order(bucket_bytes):
     from dpnet.parallel import DataParallel, SerialComm
     model = make_model("convnet", "sync")
     dp = DataParallel(model, SerialComm(), bucket_bytes=bucket_bytes)
     assert dp.flat.names == model.backward_order()
-    starts = [b[0] for b in dp.buckets]
-    stops = [b[1] for b in dp.buckets]
+    starts, stops = zip(*dp.reducer.buckets)
     assert starts[0] == 0 and stops[-1] == len(dp.flat.buffer)  # last bucket carries the tail
     assert starts[1:] == stops[:-1]  # contiguous, no gaps or overlaps
-    assert [n for _, _, names in dp.buckets for n in names] == dp.flat.names
+    ends = {dp.flat.offsets[n] + dp.flat.sizes[n] for n in dp.flat.names}
+    assert set(stops[:-1]) <= ends  # buckets end where parameters end
     itemsize = dp.flat.data.itemsize
-    assert all((stop - start) * itemsize >= (bucket_bytes or 0) for start, stop, _ in dp.buckets[:-1])
-    if bucket_bytes in (None, 1 << 30):  # the default: one Allreduce after backward, no worker
-        assert len(dp.buckets) == 1 and not dp._overlap
+    assert all((stop - start) * itemsize >= bucket_bytes for start, stop in dp.reducer.buckets[:-1])
+    expected = {1: len(dp.flat.names), 1 << 30: 1}  # one bucket per parameter; one in all
+    assert len(dp.reducer.buckets) == expected.get(bucket_bytes, len(dp.reducer.buckets))
+    assert not dp.reducer.overlapped  # one rank: nothing to overlap
+
+
+def test_default_is_one_allreduce_after_backward():
+    from dpnet.parallel import AllreduceReducer, DataParallel, SerialComm
+    dp = DataParallel(make_model("convnet", "sync"), SerialComm())
+    assert type(dp.reducer) is AllreduceReducer and dp.reduction == "allreduce"
 
 
 def test_backward_order_puts_the_last_layer_first():
@@ -567,15 +575,30 @@ def test_a_gradient_stored_twice_is_an_error_not_a_skipped_bucket():
 
 # ---------------------------------------------------------------- choosing the reduction
 
-def test_reduction_choice_without_mpi():
-    """Without MPI there is no shared memory: 'auto' sums with the communicator's allreduce,
-    and asking for 'shared-memory' at more than one rank is an error that says why."""
+def test_reduction_choice(monkeypatch):
+    """'auto' shares memory where every node holds the same number (> 1) of ranks, across
+    nodes hierarchically; 'shared-memory' where nodes are uneven is an error that says why."""
     from dpnet.parallel import DataParallel, SerialComm, SimComm
+    from dpnet.parallel.comm import RANKS_PER_NODE_ENV
+
+    def chosen(size, **options):
+        return SimComm(size).run(lambda c: (DataParallel(make_model("threelayer"), c, **options).reduction,
+                                            DataParallel(make_model("threelayer"), c, **options).why_not_shared_memory))
+
     dp = DataParallel(make_model("threelayer", "sync"), SerialComm(), reduction="shared-memory")
     assert dp.reduction == "allreduce"  # one rank: nothing to sum
-    assert SimComm(2).run(lambda c: DataParallel(make_model("threelayer"), c).reduction) == ["allreduce"] * 2
-    with pytest.raises(ValueError, match="'shared-memory' needs an MPI communicator, got SimRankComm"):
-        SimComm(2).run(lambda c: DataParallel(make_model("threelayer"), c, reduction="shared-memory"))
+    assert chosen(2) == [("shared-memory", None)] * 2
+    assert chosen(2, bucket_bytes=256) == [("buckets", None)] * 2
+    assert chosen(2, reduction="allreduce") == [("allreduce", None)] * 2
+    monkeypatch.setenv(RANKS_PER_NODE_ENV, "2")
+    assert chosen(4) == [("hierarchical", None)] * 4
+    uneven = "nodes hold different numbers of ranks (1 to 2)"
+    assert chosen(3) == [("allreduce", uneven)] * 3
+    with pytest.raises(RuntimeError, match=r"'shared-memory' is unavailable: nodes hold different numbers"):
+        chosen(3, reduction="shared-memory")
+    monkeypatch.setenv(RANKS_PER_NODE_ENV, "1")
+    assert chosen(2) == [("allreduce", "one rank per node: nothing to share")] * 2
+    assert chosen(2, reduction="shared-memory") == [("hierarchical", None)] * 2  # still possible
     with pytest.raises(ValueError, match="reduction must be one of"):
         DataParallel(make_model("threelayer"), SerialComm(), reduction="nccl")
     with pytest.raises(ValueError, match="bucket_bytes applies to reduction 'allreduce' only"):
@@ -586,8 +609,10 @@ def test_regularized_slices_add_l2_once_per_entry():
     """The shared-memory path adds reg * W slice by slice; the slices of any tiling give
     exactly add_regularization's gradients."""
     from dpnet.parallel import DataParallel, SerialComm
+    from dpnet.parallel.regularization import SlicedL2
     model = make_model("threelayer", "sync")
     dp = DataParallel(model, SerialComm())
+    l2 = SlicedL2(model, dp.flat)
     rng = np.random.default_rng(0)
     grad = rng.standard_normal(len(dp.flat.buffer))
     expected = {name: dp.flat.view(grad, name).copy() for name in dp.flat.names}
@@ -595,8 +620,116 @@ def test_regularized_slices_add_l2_once_per_entry():
     before = grad.copy()
     cuts = [0, 1, 7, 100, len(grad) // 2, len(grad) - 1, len(grad)]
     for lo, hi in zip(cuts[:-1], cuts[1:]):
-        dp._regularize_slice(grad, lo, hi)
+        l2.add_gradient(grad, lo, hi)
     for name in dp.flat.names:
         assert np.array_equal(dp.flat.view(grad, name), expected[name]), name
     assert model.reg > 0 and all(not np.array_equal(dp.flat.view(before, n), expected[n])
                                  for n in model.weight_names())  # control: L2 changes every weight
+
+
+# ---------------------------------------------------------------- update rules and close()
+
+def out_of_place_sgd(w, dw, config=None):
+    """The homework starter code's sgd: returns a new next_w and leaves w untouched."""
+    config = {} if config is None else config
+    config.setdefault("learning_rate", 1e-2)
+    return w - config["learning_rate"] * dw, config
+
+
+def elementwise_out_of_place_sgd(w, dw, config=None):
+    return out_of_place_sgd(w, dw, config)
+
+
+elementwise_out_of_place_sgd.elementwise = True
+
+
+@pytest.mark.parametrize("path", ["allreduce", "buckets", "shared-memory", "hierarchical"])
+@pytest.mark.parametrize("rule", [out_of_place_sgd, elementwise_out_of_place_sgd])
+def test_step_uses_what_an_out_of_place_rule_returns(path, rule):
+    """DataParallel.step honours the homework's contract next_w, config = rule(w, dw, config):
+    a rule that returns a new array moves the model exactly as dpnet's in-place sgd does."""
+    from dpnet.optim import sgd
+    from tests.parallel_cases import make_dp, sim
+
+    def fn(comm, update_rule):
+        dp = make_dp(make_model("threelayer"), comm, path)
+        config = {"learning_rate": 1e-1}
+        for step in range(3):
+            X, y = make_batch(8, seed=step)
+            lo, hi = shard_bounds(8, comm.size, comm.rank)
+            dp.loss(X[lo:hi], y[lo:hi])
+            dp.step(update_rule, config)
+        params = np.array(dp.flat.data)
+        dp.close()
+        return params
+
+    start = np.array(DataParallel(make_model("threelayer"), SerialComm()).flat.data)
+    moved = sim(2, path).run(fn, rule)
+    expected = sim(2, path).run(fn, sgd)
+    assert not np.array_equal(expected[0], start)  # control: the model moves
+    assert all(np.array_equal(m, expected[0]) for m in moved + expected)
+
+
+def test_close_stops_the_bucket_worker_thread():
+    """close() ends the worker thread that reduces buckets (and frees its communicator)."""
+    import threading
+
+    def workers():
+        return sum(t.name == "dpnet-allreduce" and t.is_alive() for t in threading.enumerate())
+
+    def fn(comm):
+        dp = DataParallel(make_model("threelayer"), comm, bucket_bytes=256)
+        overlapped = dp.reducer.overlapped
+        X, y = make_batch(6)
+        lo, hi = shard_bounds(6, comm.size, comm.rank)
+        dp.loss(X[lo:hi], y[lo:hi])
+        comm.barrier()
+        running = workers()
+        dp.close()
+        loss, _ = dp.loss(X[lo:hi], y[lo:hi])  # still usable: one Allreduce after backward
+        return overlapped, running, loss
+
+    before = workers()
+    results = SimComm(2).run(fn)
+    assert all(overlapped and running == before + 2 for overlapped, running, _ in results)
+    assert workers() == before
+    assert results[0][2] == results[1][2]
+
+
+@pytest.mark.parametrize("reduction,per_node", [("allreduce", None), ("shared-memory", None), ("shared-memory", 2),
+                                                ("shared-memory", 1)])
+@pytest.mark.parametrize("count", [1, 1001, 100_003])
+def test_every_reducer_sums_in_rank_order_in_process(reduction, per_node, count):
+    """Under SimComm each reducer (shared memory and hierarchical included) gives exactly the
+    rank-order sum (per node, then across nodes) on every rank, as under mpirun (tests/mpi/test_shared_memory_mpi.py), and
+    its finish() calls cover each entry once across the ranks."""
+    from dpnet.parallel import choose_reducer
+
+    def parts(size):
+        return [np.random.default_rng([r, count]).standard_normal(count).astype(np.float32) for r in range(size)]
+
+    def fn(comm):
+        reducer, _ = choose_reducer(comm, reduction, None, [count], 0, np.float32)
+        reducer.send[...] = parts(comm.size)[comm.rank]
+        pieces = []
+        result = reducer.reduce(lambda out, lo, hi: pieces.append((lo, hi)))
+        total = np.array(result)
+        reducer.close()
+        return reducer.name, total, pieces
+
+    def in_order(arrays):
+        total = arrays[0].copy()
+        for array in arrays[1:]:
+            total += array
+        return total
+
+    results = SimComm(4, ranks_per_node=per_node).run(fn)
+    size = per_node or 4  # hierarchical: each node's sum in rank order, then the nodes' sums in node order
+    expected = in_order([in_order(parts(4)[i:i + size]) for i in range(0, 4, size)])
+    name = {("allreduce", None): "allreduce", ("shared-memory", None): "shared-memory"}.get(
+        (reduction, per_node), "hierarchical")
+    assert all(r[0] == name and np.array_equal(r[1], expected) for r in results)
+    owners = 1 if reduction == "allreduce" else per_node or 4  # ranks that finish disjoint slices of one copy
+    covered = sorted(piece for _, _, pieces in results[:owners] for piece in pieces if piece[1] > piece[0])
+    assert covered[0][0] == 0 and covered[-1][1] == count
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))

@@ -11,6 +11,27 @@ Every communicator has `rank`, `size` and these collectives, all on NumPy arrays
 - barrier()
 - abort(code)                             ends every rank of the job at once
 
+Capabilities that data parallelism builds on (SimComm and MPIComm have them all;
+SerialComm, a world of one, needs none of them):
+
+- split_by_node() -> (node, cross)        node: the ranks that share memory with this one
+                                           (DPNET_RANKS_PER_NODE=k pretends nodes hold k);
+                                           cross: the ranks with this one's node rank, one per node
+- allocate_shared(length, dtype) -> array collective over a node communicator: one 1-d array
+                                           every rank of it sees; contents undefined until written
+- fence()                                 every rank's writes to shared arrays become visible
+                                           to every other rank (a barrier with memory ordering)
+- shared_bytes_free() -> int or None      room left for shared arrays on this node
+- dup() -> comm                           the same ranks, collectives that never mix with these
+- free()                                  releases a communicator from split_by_node() or dup()
+                                           and its shared arrays
+- thread_multiple                         another thread may run collectives (on a dup())
+- abort_ends_every_rank                   abort() ends even a rank that hangs (processes: yes;
+                                           threads: no), so a watchdog can end a hung job
+
+MPIComm alone has point-to-point calls, which its watchdog's heartbeats use:
+isend(array, dest, tag) -> request, recv(array, source, tag), iprobe(source, tag), wait_all(requests).
+
 SerialComm is the world of one process; MPIComm wraps an mpi4py communicator;
 SimComm (dpnet.parallel.simcomm) runs N logical ranks as threads of one process.
 """
@@ -58,8 +79,25 @@ class SerialComm:
     def abort(self, code=1):
         os._exit(code)
 
+    thread_multiple = True  # nothing to reduce: no thread ever waits for another rank
+    abort_ends_every_rank = True
+
     def __repr__(self):
         return "SerialComm()"
+
+
+RANKS_PER_NODE_ENV = "DPNET_RANKS_PER_NODE"  # testing: treat each group of this many ranks as a node
+SHM_DIR = "/dev/shm"  # where MPICH and Open MPI place shared windows on Linux
+
+
+def ranks_per_node(environ=None):
+    """The node size DPNET_RANKS_PER_NODE asks to pretend (None: the real nodes)."""
+    value = (os.environ if environ is None else environ).get(RANKS_PER_NODE_ENV)
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{RANKS_PER_NODE_ENV} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 class MPIComm:
@@ -72,6 +110,7 @@ class MPIComm:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self._ops = {"sum": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}
+        self._windows = []  # from allocate_shared
 
     def allreduce(self, array, op="sum"):
         _check_op(op)
@@ -106,9 +145,63 @@ class MPIComm:
         (another thread may use it concurrently under MPI_THREAD_MULTIPLE)."""
         return MPIComm(self.comm.Dup())
 
+    def split_by_node(self):
+        node = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED, key=self.rank)
+        per_node = ranks_per_node()
+        if per_node:  # pretend nodes are smaller: exercises the multi-node paths on one machine
+            real = node
+            node = real.Split(color=real.Get_rank() // per_node, key=real.Get_rank())
+            real.Free()
+        cross = self.comm.Split(color=node.Get_rank(), key=self.rank)
+        return MPIComm(node), MPIComm(cross)
+
+    def allocate_shared(self, length, dtype):
+        MPI, dtype = self.MPI, np.dtype(dtype)
+        window = MPI.Win.Allocate_shared(length * dtype.itemsize if self.rank == 0 else 0, dtype.itemsize,
+                                         comm=self.comm)
+        window.Lock_all(MPI.MODE_NOCHECK)  # passive target: fence() synchronises with barriers
+        self._windows.append(window)
+        memory, _ = window.Shared_query(0)
+        return np.ndarray(buffer=memory, dtype=dtype, shape=(length,))
+
+    def fence(self):
+        for window in self._windows:
+            window.Sync()
+        self.comm.Barrier()
+        for window in self._windows:
+            window.Sync()
+
+    def shared_bytes_free(self):
+        try:
+            st = os.statvfs(SHM_DIR)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def free(self):
+        for window in self._windows:
+            window.Unlock_all()
+            window.Free()
+        self._windows = []
+        self.comm.Free()
+
+    def isend(self, array, dest, tag):
+        return self.comm.Isend(array, dest=dest, tag=tag)
+
+    def recv(self, array, source, tag):
+        self.comm.Recv(array, source=source, tag=tag)
+
+    def iprobe(self, source, tag):
+        return self.comm.Iprobe(source=source, tag=tag)
+
+    def wait_all(self, requests):
+        self.MPI.Request.Waitall(requests)
+
     @property
     def thread_multiple(self):
         return self.MPI.Query_thread() == self.MPI.THREAD_MULTIPLE
+
+    abort_ends_every_rank = True
 
     def abort(self, code=1):
         self.comm.Abort(code)

@@ -26,7 +26,7 @@ import traceback
 
 import numpy as np
 
-from .comm import _check_op
+from .comm import _check_op, ranks_per_node
 
 DEFAULT_TIMEOUT = 120.0
 
@@ -45,11 +45,15 @@ def _call_site():
 
 
 class _World:
-    """Shared state of one simulated job."""
+    """Shared state of one simulated job, or of a communicator split or duplicated from it
+    (`members`: its ranks' ranks in the parent)."""
 
-    def __init__(self, size, timeout):
+    def __init__(self, size, timeout, members=None, ranks_per_node=None):
         self.size = size
         self.timeout = timeout
+        self.ranks_per_node = ranks_per_node
+        self.members = list(range(size)) if members is None else members
+        self.children = {}  # split key -> _World; a failure or finish reaches them too
         self.cond = threading.Condition()
         self.pending = [None] * size  # this generation's calls, by rank
         self.arrived = 0
@@ -63,11 +67,25 @@ class _World:
             if self.failure is None:
                 self.failure = message
             self.cond.notify_all()
+            children = list(self.children.values())
+        for child in children:
+            child.fail(message)
 
     def finish(self, rank):
         with self.cond:
             self.finished.add(rank)
             self.cond.notify_all()
+            children = list(self.children.values())
+        for child in children:
+            if rank in child.members:
+                child.finish(child.members.index(rank))
+
+    def child(self, key, members):
+        """The sub-world `key` over the parent ranks `members` (made by whoever asks first)."""
+        with self.cond:
+            if key not in self.children:
+                self.children[key] = _World(len(members), self.timeout, members, self.ranks_per_node)
+            return self.children[key]
 
     def _waiting_description(self):
         return ", ".join(f"rank {r} in {c['kind']} at {c['site']}"
@@ -121,10 +139,14 @@ def _signature(call):
 class SimRankComm:
     """One logical rank's communicator inside a SimComm job."""
 
+    thread_multiple = True  # a collective is a rendezvous: any thread may make one (on a dup())
+    abort_ends_every_rank = False  # a hung thread cannot be ended: no watchdog
+
     def __init__(self, world, rank):
         self._world = world
         self.rank = rank
         self.size = world.size
+        self._splits = 0  # splits made so far: the same count on every rank names each one
 
     def _collective(self, kind, payload=None, **details):
         call = {"kind": kind, "site": _call_site(), "payload": payload, **details}
@@ -170,6 +192,41 @@ class SimRankComm:
     def barrier(self):
         self._collective("barrier")
 
+    def split(self, color, key=None):
+        """Collective: the communicator of the ranks that passed the same color, ordered by
+        (key, rank)."""
+        key = self.rank if key is None else key
+        everyone = self._collective("split", (color, key))
+        members = sorted((k, r) for r, (c, k) in enumerate(everyone) if c == color)
+        members = [r for _, r in members]
+        self._splits += 1
+        world = self._world.child((self._splits, color), members)
+        return SimRankComm(world, members.index(self.rank))
+
+    def dup(self):
+        return self.split(0)
+
+    def split_by_node(self):
+        # one process is one node, unless SimComm(ranks_per_node=k) or DPNET_RANKS_PER_NODE pretends more
+        per_node = self._world.ranks_per_node or ranks_per_node() or self.size
+        node = self.split(self.rank // per_node)
+        cross = self.split(node.rank)
+        return node, cross
+
+    def allocate_shared(self, length, dtype):
+        """Collective: one array, the very same object on every rank (threads share memory)."""
+        fresh = np.zeros(length, dtype=dtype) if self.rank == 0 else None
+        return self._collective("allocate_shared", fresh, length=length, dtype=str(np.dtype(dtype)))[0]
+
+    def fence(self):
+        self.barrier()  # the rendezvous's lock orders every thread's writes before the others' reads
+
+    def shared_bytes_free(self):
+        return None  # process memory: no separate limit
+
+    def free(self):
+        pass
+
     def abort(self, code=1):
         msg = f"rank {self.rank} called abort({code})"
         self._world.fail(msg)
@@ -180,16 +237,19 @@ class SimRankComm:
 
 
 class SimComm:
-    """A simulated job of `size` ranks; `run(fn, *args)` calls fn(comm, *args) on each."""
+    """A simulated job of `size` ranks; `run(fn, *args)` calls fn(comm, *args) on each.
+    ranks_per_node: how many ranks split_by_node() puts on each node (default: all on one,
+    or DPNET_RANKS_PER_NODE)."""
 
-    def __init__(self, size, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, size, timeout=DEFAULT_TIMEOUT, ranks_per_node=None):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive integer, got {size!r}")
         self.size = size
         self.timeout = timeout
+        self.ranks_per_node = ranks_per_node
 
     def run(self, fn, *args, **kwargs):
-        world = _World(self.size, self.timeout)
+        world = _World(self.size, self.timeout, ranks_per_node=self.ranks_per_node)
         results = [None] * self.size
         errors = [None] * self.size
 

@@ -1,6 +1,15 @@
 """The shared-memory gradient sum (dpnet.parallel.shared_memory) under mpirun, against the
 sum of every rank's array computed in rank order from an Allgather."""
 
+from dpnet.parallel import choose_reducer
+from dpnet.parallel.comm import RANKS_PER_NODE_ENV
+
+
+def shared_reducer(comm, count, dtype):
+    """The reducer 'shared-memory' gives for a flat array of `count` entries."""
+    reducer, _ = choose_reducer(comm, "shared-memory", None, [count], 0, dtype)
+    return reducer
+
 import numpy as np
 import pytest
 
@@ -29,9 +38,7 @@ def in_rank_order(parts):
 @pytest.mark.parametrize("count", [1, 5, 1001, 100_003])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_sum_is_exact_and_identical_on_every_rank(comm, count, dtype):
-    from dpnet.parallel.shared_memory import SharedMemoryAllreduce
-    reducer, why_not = SharedMemoryAllreduce.create(comm, count, dtype)
-    assert reducer is not None, why_not
+    reducer = shared_reducer(comm, count, dtype)
     for step in range(3):  # reuse: a rank must never read a segment another is rewriting
         parts = contributions(comm, count, dtype, step)
         reducer.send[...] = parts[comm.rank]
@@ -42,13 +49,12 @@ def test_sum_is_exact_and_identical_on_every_rank(comm, count, dtype):
     assert all(np.array_equal(everyone[0], other) for other in everyone)
     with pytest.raises(ValueError, match="read-only"):
         result[0] = 1  # shared by the ranks of the node: writing would change everyone's
-    reducer.free()
+    reducer.close()
 
 
 @pytest.mark.parametrize("count", [4099, 300_007])  # one piece per rank; many
 def test_finish_changes_each_entry_once(comm, count):
-    from dpnet.parallel.shared_memory import SharedMemoryAllreduce
-    reducer, _ = SharedMemoryAllreduce.create(comm, count, np.float64)
+    reducer = shared_reducer(comm, count, np.float64)
     parts = contributions(comm, count, np.float64, 0)
     reducer.send[...] = parts[comm.rank]
     pieces = []
@@ -64,19 +70,17 @@ def test_finish_changes_each_entry_once(comm, count):
     owned = comm.allgather(np.array([mine[0], mine[-1]]))  # the ranks' slices tile the array
     assert owned[0][0] == 0 and owned[-1][1] == count
     assert all(owned[r][1] == owned[r + 1][0] for r in range(comm.size - 1))
-    reducer.free()
+    reducer.close()
 
 
 @pytest.mark.mpi(min_size=4)
-def test_hierarchical_sum_over_two_nodes(comm):
+def test_hierarchical_sum_over_two_nodes(comm, monkeypatch):
     """Ranks split into two 'nodes' of size/2: a node-local sum, then an Allreduce per slice
     across nodes; equal to the rank-order sum to rounding and bit-identical on all ranks."""
-    from dpnet.parallel.shared_memory import SharedMemoryAllreduce
     count = 10_007
-    node = comm.comm.Split(color=comm.rank // (comm.size // 2), key=comm.rank)
-    reducer, why_not = SharedMemoryAllreduce.create(comm, count, np.float64, node_comm=node)
-    assert reducer is not None, why_not
-    assert reducer.cross.Get_size() == 2
+    monkeypatch.setenv(RANKS_PER_NODE_ENV, str(comm.size // 2))
+    reducer = shared_reducer(comm, count, np.float64)
+    assert reducer.name == "hierarchical" and reducer.cross.size == 2 and reducer.node.size == comm.size // 2
     parts = contributions(comm, count, np.float64, 0)
     reducer.send[...] = parts[comm.rank]
     result = reducer.reduce()
@@ -84,16 +88,17 @@ def test_hierarchical_sum_over_two_nodes(comm):
     assert np.abs(result - expected).max() <= 1e-13 * np.abs(expected).max()
     everyone = comm.allgather(np.array(result))
     assert all(np.array_equal(everyone[0], other) for other in everyone)
-    reducer.free()
+    reducer.close()
 
 
 @pytest.mark.mpi(min_size=3)
-def test_uneven_nodes_are_refused_on_every_rank(comm):
-    from dpnet.parallel.shared_memory import SharedMemoryAllreduce
-    node = comm.comm.Split(color=int(comm.rank == 0), key=comm.rank)  # nodes of 1 and size-1 ranks
-    reducer, why_not = SharedMemoryAllreduce.create(comm, 10, np.float32, node_comm=node)
-    assert reducer is None
+def test_uneven_nodes_are_refused_on_every_rank(comm, monkeypatch):
+    monkeypatch.setenv(RANKS_PER_NODE_ENV, str(comm.size - 1))  # nodes of size-1 and 1 ranks
+    reducer, why_not = choose_reducer(comm, "auto", None, [10], 0, np.float32)
+    assert reducer.name == "allreduce"
     assert why_not == f"nodes hold different numbers of ranks (1 to {comm.size - 1})"
+    with pytest.raises(RuntimeError, match="nodes hold different numbers of ranks"):
+        choose_reducer(comm, "shared-memory", None, [10], 0, np.float32)
 
 
 def test_data_parallel_uses_shared_memory_by_default(comm):
@@ -110,27 +115,27 @@ def test_data_parallel_uses_shared_memory_by_default(comm):
     dp.close()
     assert DataParallel(cases.make_model("threelayer"), comm, reduction="allreduce").reduction == "allreduce"
     dp = DataParallel(cases.make_model("threelayer"), comm, bucket_bytes=256)
-    assert dp.reduction == "allreduce" and len(dp.buckets) > 1
+    assert dp.reduction == "buckets" and len(dp.reducer.buckets) > 1 and dp.reducer.overlapped
+    dp.close()
     with pytest.raises(ValueError, match="bucket_bytes applies to reduction 'allreduce' only"):
         DataParallel(cases.make_model("threelayer"), comm, bucket_bytes=256, reduction="shared-memory")
 
 
 @pytest.mark.parametrize("length", [3, 1001])  # shorter than the ranks' slices; all of count
 def test_shared_array_is_one_array_per_node(comm, length):
-    from dpnet.parallel.shared_memory import SharedMemoryAllreduce
-    reducer, _ = SharedMemoryAllreduce.create(comm, 1001, np.float32)
+    reducer = shared_reducer(comm, 1001, np.float32)
     fill = np.arange(length, dtype=np.float32)
     array = reducer.shared_array(length, fill=fill)  # each rank copies only its own slice
-    reducer.sync()
+    reducer.node.fence()
     assert np.array_equal(array, fill)
-    reducer.sync()  # everyone has looked before rank 0 writes
+    reducer.node.fence()  # everyone has looked before rank 0 writes
     if comm.rank == 0:
         array[0] = -1
-    reducer.sync()
+    reducer.node.fence()
     assert array[0] == -1  # written by rank 0, seen by every rank of the node
     with pytest.raises(ValueError, match="at most 1001 elements"):
         reducer.shared_array(1002)
-    reducer.free()
+    reducer.close()
 
 
 @pytest.mark.parametrize("rule", ["sgd", "sgd_momentum", "sgd_nesterov_momentum", "rmsprop", "adam"])
@@ -168,14 +173,14 @@ def test_data_parallel_over_two_nodes(comm, kind, monkeypatch):
     The sync-BN gradients and the 5-step Adam trajectory still equal one process's."""
     from tests import parallel_cases as cases
     from dpnet.parallel import DataParallel
-    from dpnet.parallel.shared_memory import RANKS_PER_NODE_ENV
     monkeypatch.setenv(RANKS_PER_NODE_ENV, str(comm.size // 2))
     dp = DataParallel(cases.make_model(kind), comm, reduction="shared-memory")
-    assert dp._shared.node.Get_size() == comm.size // 2 and dp._shared.cross.Get_size() == 2
+    assert dp.reduction == "hierarchical"
+    assert dp.reducer.node.size == comm.size // 2 and dp.reducer.cross.size == 2
     dp.close()
-    cases.case_sync_equals_full_batch(comm, kind, "shared-memory")
-    params = cases.case_adam_trajectory(comm, kind, "shared-memory")  # bit-identical on all ranks
-    cases.case_broadcast_and_drift_check(comm, kind, "shared-memory")
+    cases.case_sync_equals_full_batch(comm, kind, "hierarchical")
+    params = cases.case_adam_trajectory(comm, kind, "hierarchical")  # bit-identical on all ranks
+    cases.case_broadcast_and_drift_check(comm, kind, "hierarchical")
     assert params.size > 0
 
 
@@ -189,14 +194,15 @@ def test_loss_equals_one_process_when_one_rank_lags(comm):
     from dpnet.flat import FlatParams
     from dpnet.optim import adam
     from dpnet.parallel import DataParallel
-    dp = DataParallel(cases.make_model("threelayer"), comm, reduction="shared-memory")
-    plain = dp._regularization_loss_of_slice
+    from dpnet.parallel.regularization import SlicedL2
 
-    def lagging(lo, hi):
-        if comm.rank == comm.size - 1:
-            time.sleep(0.2)
-        return plain(lo, hi)
-    dp._regularization_loss_of_slice = lagging
+    class LaggingL2(SlicedL2):
+        def loss(self, lo, hi):
+            if comm.rank == comm.size - 1:
+                time.sleep(0.2)
+            return super().loss(lo, hi)
+    dp = DataParallel(cases.make_model("threelayer"), comm, reduction="shared-memory")
+    dp.l2 = LaggingL2(dp.model, dp.flat)
     reference = cases.make_model("threelayer")
     flat = FlatParams(reference.params)
     configs = {"learning_rate": 1e-1}, {"learning_rate": 1e-1}
@@ -239,12 +245,11 @@ def test_data_parallel_goes_on_after_close(comm):
 def test_auto_does_not_share_one_rank_per_node(comm, monkeypatch):
     from tests import parallel_cases as cases
     from dpnet.parallel import DataParallel
-    from dpnet.parallel.shared_memory import RANKS_PER_NODE_ENV
     monkeypatch.setenv(RANKS_PER_NODE_ENV, "1")
     dp = DataParallel(cases.make_model("threelayer"), comm)
     assert dp.reduction == "allreduce" and dp.why_not_shared_memory == "one rank per node: nothing to share"
     dp = DataParallel(cases.make_model("threelayer"), comm, reduction="shared-memory")  # still possible
-    assert dp.reduction == "shared-memory"
+    assert dp.reduction == "hierarchical"
     dp.close()
 
 
