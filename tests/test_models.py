@@ -140,6 +140,19 @@ def test_scores_are_test_mode(kind, use_batchnorm):
         assert abs(full - split) > 1e-6
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_bn_params_start_as_the_layers_fresh_state(kind):
+    """Every batchnorm layer of a new model starts in train mode at running_mean =
+    running_var = 0 (the homework's start, as the layer's own first use), in the model's dtype."""
+    model = make_model(kind, True, dtype=np.float32)
+    assert model.bn_params
+    for bn_param in model.bn_params:
+        assert bn_param["mode"] == "train"
+        for key in ("running_mean", "running_var"):
+            assert bn_param[key].dtype == np.float32
+            np.testing.assert_array_equal(bn_param[key], 0)
+
+
 def test_scores_use_running_statistics():
     """Test-mode batchnorm normalises with running_mean / running_var, not the batch's."""
     model = make_model("fc", True, num_classes=4)
