@@ -29,7 +29,7 @@ What matches dpnet.train (defaults of TrainConfig):
               hidden_dims=(hidden_dim,) = (500,).)
   --bn-mode none drops every BatchNorm (dpnet: use_batchnorm=False); local and sync are the
   same thing in one process. BN: eps 1e-5, running = 0.9*running + 0.1*batch (PyTorch
-  momentum=0.1), running_mean 0 / running_var 1 at the start, gamma 1, beta 0.
+  momentum=0.1), gamma 1, beta 0.
 - init: He, N(0, 2/fan_in), for conv and linear weights, zero biases. The weights are drawn
   exactly as dpnet's init_weight draws them (np.random.default_rng(seed), parameters in
   dpnet's order W1, W2, ..., affine weights drawn as (in, out) and transposed), so the
@@ -51,6 +51,8 @@ What does not match:
   with the biased one. Only eval-mode statistics change: about 0.8% larger for BatchNorm1d
   (n = 128 examples, 1.4% on the 74-example last batch), negligible for BatchNorm2d
   (n = 128*H*W values). Training-mode normalisation uses the biased variance in both.
+- PyTorch's running_var starts at 1, dpnet's at 0 (the homework's start; running_mean is 0
+  in both). The difference decays as 0.9^steps, below float32 rounding within the first epoch.
 - Floating-point summation order (MKL-DNN/oneDNN kernels vs dpnet's im2col + BLAS), so runs
   diverge numerically after a few steps: compare accuracies statistically, not bit for bit.
 - No data-parallel machinery: one process, no MPI, no checkpoints, no gradient allreduce.

@@ -21,7 +21,9 @@ class Solver:
     and the update rule runs once per step over all of them. After each epoch the
     learning rate is multiplied by lr_decay and accuracies are recorded.
 
-    Keyword arguments: update_rule (name in dpnet.optim.UPDATE_RULES or a callable),
+    Keyword arguments: update_rule (name in dpnet.optim.UPDATE_RULES or a callable
+    `next_w, config = rule(w, dw, config)`; a next_w other than w is copied into w, and the
+    returned config is the one passed next time),
     optim_config, lr_decay (1.0), batch_size (100), num_epochs (10), seed (0),
     num_train_samples (1000; examples used for train accuracy, None for all),
     num_val_samples (None: all), print_every (100 iterations), verbose (True).
@@ -63,7 +65,10 @@ class Solver:
         model = self.model
         loss, grads = model.loss(self.X_train[idx], self.y_train[idx])
         self.loss_history.append(loss)
-        self.update_rule(self.flat.data, self.flat.pack_grads(grads), self.optim_config)
+        next_w, self.optim_config = self.update_rule(self.flat.data, self.flat.pack_grads(grads),
+                                                     self.optim_config)
+        if next_w is not self.flat.data:  # a rule that returns a new array leaves w as it was
+            self.flat.data[...] = next_w
 
     def check_accuracy(self, X, y, num_samples=None, batch_size=100):
         """Fraction of correct predictions on (a seeded subsample of num_samples of) X, y."""

@@ -121,14 +121,14 @@ def test_test_mode_uses_running_statistics(variant, rng):
 
 def test_running_average_convention(variant, rng):
     """running = momentum * running + (1 - momentum) * batch stat, with the BIASED
-    variance, starting from running_mean = 0 and running_var = 1."""
+    variance, starting from running_mean = 0 and running_var = 0 (the homework's start)."""
     forward, _, shape, axes = variant
     gamma, beta = np.ones(3), np.zeros(3)
     bn_param = {"mode": "train"}  # default momentum 0.9
     x1 = sample((2,) + shape[1:], rng)  # few samples: biased and unbiased differ a lot
     forward(x1, gamma, beta, bn_param)
-    expected_mean = 0.9 * 0 + 0.1 * x1.mean(axis=axes)
-    expected_var = 0.9 * 1 + 0.1 * x1.var(axis=axes, ddof=0)
+    expected_mean = 0.1 * x1.mean(axis=axes)
+    expected_var = 0.1 * x1.var(axis=axes, ddof=0)
     np.testing.assert_allclose(bn_param["running_mean"], expected_mean, rtol=1e-12)
     np.testing.assert_allclose(bn_param["running_var"], expected_var, rtol=1e-12)
 
@@ -139,6 +139,20 @@ def test_running_average_convention(variant, rng):
     expected_var = 0.7 * expected_var + 0.3 * x2.var(axis=axes, ddof=0)
     np.testing.assert_allclose(bn_param["running_mean"], expected_mean, rtol=1e-12)
     np.testing.assert_allclose(bn_param["running_var"], expected_var, rtol=1e-12)
+
+
+def test_fresh_running_statistics_are_the_homeworks(variant, rng):
+    """A fresh bn_param starts at running_mean = running_var = 0, as the homework's
+    batchnorm_forward does, so one train step leaves exactly (1 - momentum) * the batch's
+    statistics (the float64 merge of a single shard returns its mean and M2 / n)."""
+    forward, _, shape, axes = variant
+    x = sample(shape, rng)
+    bn_param = {"mode": "train", "momentum": 0.75}  # 1 - 0.75 is exact in binary
+    forward(x, np.ones(3), np.zeros(3), bn_param)
+    centered = x - x.mean(axis=axes, keepdims=True)
+    batch_var = (centered * centered).sum(axis=axes) / (x.size // 3)
+    np.testing.assert_array_equal(bn_param["running_mean"], 0.25 * x.mean(axis=axes))
+    np.testing.assert_array_equal(bn_param["running_var"], 0.25 * batch_var)
 
 
 def test_backward_needs_train_mode_cache(variant, rng):
@@ -156,7 +170,7 @@ def test_empty_batch_is_passed_through(variant):
     out, cache = forward(x, np.ones(3), np.zeros(3), bn_param)
     assert out.shape == x.shape
     np.testing.assert_array_equal(bn_param["running_mean"], np.zeros(3))
-    np.testing.assert_array_equal(bn_param["running_var"], np.ones(3))
+    np.testing.assert_array_equal(bn_param["running_var"], np.zeros(3))
     dx, dgamma, dbeta = backward(out, cache)
     assert dx.shape == x.shape
     np.testing.assert_array_equal(dgamma, np.zeros(3))

@@ -130,6 +130,48 @@ def test_seed_controls_the_run():
     assert a.loss_history != c.loss_history
 
 
+# ---------------------------------------------------------------- the update rule's contract
+
+def sgd_out_of_place(w, dw, config=None):
+    """The homework's contract written functionally: a NEW next_w and a NEW config, w and
+    the config passed in left untouched."""
+    config = dict(config or {})
+    config.setdefault("learning_rate", 1e-2)
+    config["steps"] = config.get("steps", 0) + 1
+    next_w = w - config["learning_rate"] * dw
+    return next_w, config
+
+
+def parameter_trajectory(solver):
+    """Make every training call of solver.model record the flat parameters it sees."""
+    seen, loss = [], solver.model.loss
+
+    def recording_loss(X, y=None):
+        if y is not None:
+            seen.append(flat_params(solver.model))
+        return loss(X, y)
+
+    solver.model.loss = recording_loss
+    return seen
+
+
+def test_out_of_place_rule_moves_the_model_as_in_place_sgd():
+    """A rule that returns next_w instead of updating w moves the parameters bit for bit as
+    dpnet.optim.sgd (w -= learning_rate * dw) does, and its returned config is kept."""
+    runs = {}
+    for rule in (sgd, sgd_out_of_place):
+        solver = make_solver(update_rule=rule, optim_config={"learning_rate": 0.1}, num_epochs=1)
+        runs[rule] = solver, parameter_trajectory(solver)
+        solver.train()
+    (inplace, expected), (solver, seen) = runs[sgd], runs[sgd_out_of_place]
+    assert len(seen) == len(expected) == 5
+    assert not np.array_equal(expected[0], expected[-1])  # control: in-place sgd trains
+    for step, (a, b) in enumerate(zip(seen, expected)):
+        np.testing.assert_array_equal(a, b, err_msg=f"parameters before step {step}")
+    assert solver.loss_history == inplace.loss_history
+    assert solver.optim_config["steps"] == 5
+
+
 # ---------------------------------------------------------------- learning-rate decay
 
 def test_lr_decay_per_epoch():

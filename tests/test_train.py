@@ -24,10 +24,11 @@ import pytest
 import dpnet
 from dpnet.checkpoint import CheckpointError, load_checkpoint
 from dpnet.flat import FlatParams
+from dpnet.gradient_check import normwise_rel_error
 from dpnet.parallel import SerialComm
 from dpnet.train import TrainConfig, build_model
 from tests.train_helpers import (STEPS_PER_EPOCH, TINY, assert_same_state, cifar_dir, clean_env,  # noqa: F401
-                           finish, kill_group, mpirun_path, normwise_rel_error, read_checkpoint,
+                           finish, kill_group, mpirun_path, read_checkpoint,
                            read_metrics, run_ok,
                            run_train, start, train_command, write_cifar_folder, write_pickle)
 

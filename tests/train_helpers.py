@@ -229,9 +229,3 @@ def assert_same_state(a, b, what=""):
     assert a["optimizer_attrs"] == b["optimizer_attrs"], f"{what}: optimizer scalars differ"
     assert a["attrs"]["step"] == b["attrs"]["step"], what
     assert a["attrs"]["epoch"] == b["attrs"]["epoch"], what
-
-
-def normwise_rel_error(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = max(np.max(np.abs(a)), np.max(np.abs(b)), 1e-300)
-    return float(np.max(np.abs(a - b)) / scale)

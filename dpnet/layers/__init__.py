@@ -7,7 +7,7 @@ take a communicator argument.
 
 from .activations import relu_backward, relu_forward
 from .affine import affine_backward, affine_forward
-from .batchnorm import (batchnorm_backward, batchnorm_forward, merge_moments,
+from .batchnorm import (batchnorm_backward, batchnorm_forward, init_bn_state, merge_moments,
                         spatial_batchnorm_backward, spatial_batchnorm_forward)
 from .conv import (conv_backward, conv_backward_naive, conv_forward, conv_forward_naive,
                    conv_output_shape)
@@ -26,7 +26,7 @@ __all__ = [
     "conv_forward", "conv_backward", "conv_forward_naive", "conv_backward_naive",
     "conv_output_shape", "max_pool_forward", "max_pool_backward", "max_pool_forward_naive",
     "max_pool_backward_naive", "pool_output_shape", "batchnorm_forward", "batchnorm_backward",
-    "spatial_batchnorm_forward", "spatial_batchnorm_backward", "merge_moments",
+    "spatial_batchnorm_forward", "spatial_batchnorm_backward", "merge_moments", "init_bn_state",
     "dropout_forward", "dropout_backward", "softmax_loss", "svm_loss",
     "affine_relu_forward", "affine_relu_backward", "affine_bn_relu_forward",
     "affine_bn_relu_backward", "conv_relu_forward", "conv_relu_backward",

@@ -7,8 +7,9 @@ one shard. With `comm` (any object with `allgather(array)` and `allreduce(array)
 such as a dpnet.parallel communicator) the shards are the ranks' local batches and
 the result is the statistics of the whole global batch; this module never imports MPI.
 
-Conventions (as in the homework): running = momentum * running + (1 - momentum) *
-batch, and running_var takes the biased batch variance (M2 / count).
+Conventions (as in the homework): running_mean and running_var start at zeros
+(init_bn_state), running = momentum * running + (1 - momentum) * batch, and running_var
+takes the biased batch variance (M2 / count).
 """
 
 import numpy as np
@@ -49,6 +50,13 @@ def merge_moments(rows):
     return int(total), mean, m2 / total
 
 
+def init_bn_state(channels, dtype):
+    """Fresh running statistics of one batchnorm layer, the homework's zeros:
+    {'running_mean': (channels,), 'running_var': (channels,)} of `dtype`."""
+    return {"running_mean": np.zeros(channels, dtype=dtype),
+            "running_var": np.zeros(channels, dtype=dtype)}
+
+
 def _param_shape(x):
     return (1, x.shape[1]) + (1,) * (x.ndim - 2)
 
@@ -64,8 +72,9 @@ def _forward(x, gamma, beta, bn_param, axes, comm):
             f"got {gamma.shape} and {beta.shape}"
         )
     shape = _param_shape(x)
-    running_mean = bn_param.setdefault("running_mean", np.zeros(channels, dtype=x.dtype))
-    running_var = bn_param.setdefault("running_var", np.ones(channels, dtype=x.dtype))
+    for key, value in init_bn_state(channels, x.dtype).items():
+        bn_param.setdefault(key, value)
+    running_mean, running_var = bn_param["running_mean"], bn_param["running_var"]
     if mode == "train":
         rows = _shard_moments(x, axes)[None]
         if comm is not None:
@@ -120,7 +129,7 @@ def batchnorm_forward(x, gamma, beta, bn_param, comm=None):
     - x: (N, D)
     - gamma, beta: scale and shift, (D,)
     - bn_param: dict with 'mode' ('train' or 'test'), optional 'eps' (1e-5), 'momentum'
-      (0.9), 'running_mean' and 'running_var' (D,), created on first use
+      (0.9), 'running_mean' and 'running_var' (D,), created on first use by init_bn_state
     - comm: None for this batch alone; a communicator to normalise with the statistics
       of the global batch spread over its ranks (synchronized batchnorm)
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from ..layers.batchnorm import init_bn_state
 from ..layers.losses import softmax_loss
 
 BN_MODES = ("local", "sync")
@@ -76,9 +77,7 @@ class Model:
 
     def add_bn_param(self, channels):
         """Append the state of one batchnorm layer over `channels` channels to bn_params."""
-        self.bn_params.append({"mode": "train",
-                               "running_mean": np.zeros(channels, dtype=self.dtype),
-                               "running_var": np.ones(channels, dtype=self.dtype)})
+        self.bn_params.append({"mode": "train", **init_bn_state(channels, self.dtype)})
 
     @property
     def bn_comm(self):
