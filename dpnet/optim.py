@@ -151,6 +151,16 @@ UPDATE_RULES = {
 }
 
 
+def apply_update(rule, w, dw, config):
+    """Run rule(w, dw, config) so that w ends holding next_w, whether the rule updates w in
+    place (as these do) or returns a new array (as the homework's starter sgd does).
+    Returns the config the rule returned."""
+    next_w, next_config = rule(w, dw, config)
+    if next_w is not w:
+        w[...] = next_w
+    return next_config
+
+
 def get_update_rule(name):
     """The update rule called `name` (a key of UPDATE_RULES) or a callable passed through."""
     if callable(name):

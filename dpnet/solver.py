@@ -3,7 +3,7 @@
 import numpy as np
 
 from .flat import FlatParams
-from .optim import get_update_rule
+from .optim import apply_update, get_update_rule
 
 
 class Solver:
@@ -65,10 +65,8 @@ class Solver:
         model = self.model
         loss, grads = model.loss(self.X_train[idx], self.y_train[idx])
         self.loss_history.append(loss)
-        next_w, self.optim_config = self.update_rule(self.flat.data, self.flat.pack_grads(grads),
-                                                     self.optim_config)
-        if next_w is not self.flat.data:  # a rule that returns a new array leaves w as it was
-            self.flat.data[...] = next_w
+        self.optim_config = apply_update(self.update_rule, self.flat.data, self.flat.pack_grads(grads),
+                                         self.optim_config)
 
     def check_accuracy(self, X, y, num_samples=None, batch_size=100):
         """Fraction of correct predictions on (a seeded subsample of num_samples of) X, y."""

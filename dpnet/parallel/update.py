@@ -21,18 +21,12 @@ import time
 
 import numpy as np
 
-
-def apply_rule(rule, w, dw, config):
-    """Run rule on (w, dw, config); w ends holding next_w; returns the config the rule returned."""
-    next_w, next_config = rule(w, dw, config)
-    if next_w is not w:
-        w[...] = next_w
-    return config if next_config is None else next_config
+from ..optim import apply_update
 
 
 def _keep_in(config, returned):
     """Make the caller's dict hold what the rule returned (a rule may return a new dict)."""
-    if returned is not config:
+    if returned is not None and returned is not config:
         config.clear()
         config.update(returned)
 
@@ -45,7 +39,7 @@ class ReplicatedUpdate:
 
     def step(self, rule, config, guard, step):
         """Apply rule once to the flat parameters; returns seconds spent waiting for other ranks."""
-        _keep_in(config, apply_rule(rule, self.flat.data, self.flat.grad, config))
+        _keep_in(config, apply_update(rule, self.flat.data, self.flat.grad, config))
         return 0.0
 
     def broadcast(self, root=0):
@@ -106,13 +100,13 @@ class DividedUpdate:
             if getattr(rule, "elementwise", False):
                 lo, hi = self.owned
                 view = self._slice_config(config, lo, hi)
-                view = apply_rule(rule, self.flat.data[lo:hi], self.flat.grad[lo:hi], view)
+                view = apply_update(rule, self.flat.data[lo:hi], self.flat.grad[lo:hi], view)
                 self._store_slice_config(config, view, lo, hi)
             else:
                 if not any(config is seen for seen in self._node_zero_configs):
                     self._node_zero_configs.append(config)
                 if self.node.rank == 0:
-                    _keep_in(config, apply_rule(rule, self.flat.data, self.flat.grad, config))
+                    _keep_in(config, apply_update(rule, self.flat.data, self.flat.grad, config))
             start = time.perf_counter()
             self.node.fence()  # every slice updated before anyone's next forward
             guard.leave(step, part=1)
