@@ -557,20 +557,25 @@ def test_backward_order_puts_the_last_layer_first():
 
 
 def test_a_gradient_stored_twice_is_an_error_not_a_skipped_bucket():
+    """Model._backward, the hook a model subclass implements, must store each gradient once."""
+    from dpnet.models import ThreeLayerConvNet
     from dpnet.parallel import DataParallel, SerialComm
-    model = make_model("threelayer", "sync")
-    backward = model._backward
 
-    def twice(dscores, caches, grads):
-        backward(dscores, caches, grads)
-        grads["W3"] = grads["W3"]  # stored again: the bucket counts would be off
-    model._backward = twice
-    dp = DataParallel(model, SerialComm(), bucket_bytes=256)
+    class StoresW3Twice(ThreeLayerConvNet):
+        def _backward(self, dscores, caches, grads):
+            super()._backward(dscores, caches, grads)
+            grads["W3"] = grads["W3"]  # stored again: the bucket counts would be off
+
     X, y = make_batch(4)
-    with pytest.raises(RuntimeError, match="each must be stored once"):
-        dp.loss(X, y)
-    model._backward = backward  # control: the real backward passes
-    dp.loss(X, y)
+    for model_class, fails in ((StoresW3Twice, True), (ThreeLayerConvNet, False)):  # control: the real one
+        model = model_class(input_dim=(3, 8, 8), num_filters=4, filter_size=3, hidden_dim=6,
+                            use_batchnorm=True, bn_mode="sync")
+        dp = DataParallel(model, SerialComm(), bucket_bytes=256)
+        if fails:
+            with pytest.raises(RuntimeError, match="each must be stored once"):
+                dp.loss(X, y)
+        else:
+            dp.loss(X, y)
 
 
 # ---------------------------------------------------------------- choosing the reduction
