@@ -493,6 +493,19 @@ def test_hang_in_the_update_ends_the_job(cifar_dir, tmp_path, ranks_per_node, fa
         assert_epoch_one_checkpoint_kept(run)
 
 
+def test_watchdog_after_resume_names_the_global_step(cifar_dir, tmp_path):
+    """A resumed run counts its steps on from the checkpoint's: the watchdog names the run's
+    step 7, not the 2nd step since the resume."""
+    args = base_args(cifar_dir, "--epochs", "2")
+    run_ok(args + ["--max-steps", str(STEPS_PER_EPOCH)], tmp_path, 2)
+    run = run_train(args + ["--resume", CKPT, "--timeout", "3"], tmp_path, 2,
+                    env=clean_env(DPNET_FAULT=f"1:{FAULT_STEP}:hang"), timeout=30)
+    assert run.returncode != 0, str(run)
+    assert run.lines[0].startswith(f"resumed from {CKPT} at step {STEPS_PER_EPOCH} "), str(run)
+    assert "rank(s) [1] never reached it" in run.stderr, str(run)
+    assert f"watchdog: step {FAULT_STEP} has not completed in 3 s" in run.stderr, str(run)
+
+
 def test_simulated_ranks_cannot_use_shared_memory(cifar_dir, tmp_path):
     run = run_train(base_args(cifar_dir, "--max-steps", "1", "--simulate-ranks", "2", "--reduction",
                               "shared-memory"), tmp_path, timeout=60)

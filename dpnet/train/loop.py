@@ -154,6 +154,7 @@ class Trainer:
             self.optim_config, attrs = on_every_rank(
                 comm, lambda: load_checkpoint(config.resume, self.model, self.dp.flat))
         self.step = attrs["step"]
+        self.dp.steps = self.step  # its watchdog and drift messages name the run's step, not one since the resume
         if attrs["world_size"] == comm.size and len(attrs["rng_states"]) == comm.size:
             for name, state in attrs["rng_states"][comm.rank].items():
                 self.rngs[name].bit_generator.state = state
