@@ -1,7 +1,8 @@
 """End-to-end tests of the real command, `[mpirun -n N] python -m dpnet.train`, run as
 subprocesses from a temporary working directory on a tiny CIFAR-10 folder written by a
 fixture (200 training images, 40 of them held out for validation, 40 test images; with
---batch-size 32 an epoch is 5 optimizer steps).
+--batch-size 32 an epoch is 5 optimizer steps). The checks of option values call
+parse_args and validate in-process instead.
 
 Every job runs under a hard time bound: a job that outlives it is killed (its whole
 process group) and the test fails; a job that leaves processes behind fails too.
@@ -26,7 +27,7 @@ from dpnet.checkpoint import CheckpointError, load_checkpoint
 from dpnet.flat import FlatParams
 from dpnet.gradient_check import normwise_rel_error
 from dpnet.parallel import SerialComm
-from dpnet.train import TrainConfig, build_model
+from dpnet.train import ConfigError, TrainConfig, build_model, parse_args, validate
 from tests.train_helpers import (STEPS_PER_EPOCH, TINY, assert_same_state, cifar_dir, clean_env,  # noqa: F401
                            finish, kill_group, mpirun_path, read_checkpoint,
                            read_metrics, run_ok,
@@ -494,12 +495,17 @@ def test_hang_in_the_update_ends_the_job(cifar_dir, tmp_path, ranks_per_node, fa
         assert_epoch_one_checkpoint_kept(run)
 
 
-def test_simulated_ranks_cannot_use_shared_memory(cifar_dir, tmp_path):
-    run = run_train(base_args(cifar_dir, "--max-steps", "1", "--simulate-ranks", "2", "--reduction",
-                              "shared-memory"), tmp_path, timeout=60)
-    assert run.returncode == 2, str(run)
-    assert run.err_lines == [f"{ERROR_PREFIX}--reduction shared-memory needs MPI ranks (mpirun); "
-                             "--simulate-ranks runs threads, which sum with allreduce"], str(run)
+def test_watchdog_after_resume_names_the_global_step(cifar_dir, tmp_path):
+    """A resumed run counts its steps on from the checkpoint's: the watchdog names the run's
+    step 7, not the 2nd step since the resume."""
+    args = base_args(cifar_dir, "--epochs", "2")
+    run_ok(args + ["--max-steps", str(STEPS_PER_EPOCH)], tmp_path, 2)
+    run = run_train(args + ["--resume", CKPT, "--timeout", "3"], tmp_path, 2,
+                    env=clean_env(DPNET_FAULT=f"1:{FAULT_STEP}:hang"), timeout=30)
+    assert run.returncode != 0, str(run)
+    assert run.lines[0].startswith(f"resumed from {CKPT} at step {STEPS_PER_EPOCH} "), str(run)
+    assert "rank(s) [1] never reached it" in run.stderr, str(run)
+    assert f"watchdog: step {FAULT_STEP} has not completed in 3 s" in run.stderr, str(run)
 
 
 def test_nan_loss_stops_cleanly(cifar_dir, tmp_path):
@@ -596,22 +602,53 @@ def _missing_batch(tmp_path, cifar_dir):
     return args, fragments + ["file not found"]
 
 
+OPTION_ERRORS = {  # id -> f(tmp_path) -> (flags, world size, fragments of the message, in order)
+    "unknown-flag": lambda t: (["--bogus-flag"], 1, ["unrecognized arguments: --bogus-flag"]),
+    "batch-size-0": lambda t: (["--batch-size", "0"], 1, ["--batch-size must be at least 1, got 0"]),
+    "lr-0": lambda t: (["--lr", "0"], 1, ["--lr must be positive"]),
+    "lr-negative": lambda t: (["--lr", "-1"], 1, ["--lr must be positive, got -1"]),
+    "batch-size-1-two-ranks": lambda t: (["--batch-size", "1"], 2, ["--batch-size 1 is smaller than the 2 ranks"]),
+    "buckets-with-shared-memory": lambda t: (["--reduction", "shared-memory", "--bucket-mb", "1"], 1,
+                                             ["--bucket-mb applies to --reduction allreduce"]),
+    "unknown-reduction": lambda t: (["--reduction", "nccl"], 1, ["--reduction", "invalid choice: 'nccl'"]),
+    "unknown-model": lambda t: (["--model", "resnet50"], 1, ["--model", "invalid choice: 'resnet50'"]),
+    "toml-unknown-key": lambda t: (["--config", _toml(t, "max_steps = 3\nlearning_rate = 0.1\n")], 1,
+                                   ["run.toml", "unknown key(s) learning_rate"]),
+    "toml-syntax": lambda t: (["--config", _toml(t, "max_steps = \n")], 1, ["run.toml"]),
+    "toml-string-for-an-integer": lambda t: (["--config", _toml(t, 'max_steps = "3"\n')], 1,
+                                             ["run.toml", "max_steps"]),
+    "toml-float-for-an-integer": lambda t: (["--config", _toml(t, "epochs = 1.5\n"), "--max-steps", "2"], 1,
+                                            ["run.toml", "epochs"]),
+    "resume-missing": lambda t: (["--resume", str(t / "nowhere.h5")], 1, ["nowhere.h5", "no such checkpoint file"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPTION_ERRORS))
+def test_bad_option_is_a_config_error(tmp_path, case):
+    """Flags and TOML values are checked by parse_args and validate: one ConfigError, one line.
+    (main() prints it once and exits 2: see test_bad_input_exits_2_with_one_message.)"""
+    flags, world, fragments = OPTION_ERRORS[case](tmp_path)
+    with pytest.raises(ConfigError, match=".*".join(map(re.escape, fragments))) as info:
+        validate(parse_args(["--max-steps", "1", *flags]), world)
+    assert "\n" not in str(info.value)
+
+
+def test_simulated_ranks_cannot_use_shared_memory():
+    config = parse_args(["--max-steps", "1", "--simulate-ranks", "2", "--reduction", "shared-memory"])
+    with pytest.raises(ConfigError) as info:
+        validate(config, config.simulate_ranks)  # as main() does before starting the threads
+    assert str(info.value) == ("--reduction shared-memory needs MPI ranks (mpirun); "
+                               "--simulate-ranks runs threads, which sum with allreduce")
+
+
 BAD_INPUT = {  # id -> f(tmp_path, cifar_dir, real_checkpoint, mode) -> (extra args, fragments of the message)
+    # two bad options, to show that main() reports them once (under mpirun too); the others are
+    # checked in-process by test_bad_option_is_a_config_error
     "unknown-flag": lambda t, d, c, m: (["--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
-    "batch-size-0": lambda t, d, c, m: (["--batch-size", "0"], ["--batch-size must be at least 1, got 0"]),
-    "lr-0": lambda t, d, c, m: (["--lr", "0"], ["--lr must be positive"]),
-    "lr-negative": lambda t, d, c, m: (["--lr", "-1"], ["--lr must be positive, got -1"]),
     "batch-size-1-two-ranks": lambda t, d, c, m: (
         ["--batch-size", "1"] + (["--simulate-ranks", "2"] if m == "serial" else []),
         ["--batch-size 1 is smaller than the 2 ranks"]),
-    "buckets-with-shared-memory": lambda t, d, c, m: (["--reduction", "shared-memory", "--bucket-mb", "1"],
-                                                      ["--bucket-mb applies to --reduction allreduce"]),
-    "unknown-reduction": lambda t, d, c, m: (["--reduction", "nccl"], ["--reduction", "invalid choice: 'nccl'"]),
-    "unknown-model": lambda t, d, c, m: (["--model", "resnet50"], ["--model", "invalid choice: 'resnet50'"]),
-    "toml-unknown-key": lambda t, d, c, m: (["--config", _toml(t, "max_steps = 3\nlearning_rate = 0.1\n")],
-                                            ["run.toml", "unknown key(s) learning_rate"]),
-    "toml-syntax": lambda t, d, c, m: (["--config", _toml(t, "max_steps = \n")], ["run.toml"]),
-    "resume-missing": lambda t, d, c, m: (["--resume", "nowhere.h5"], ["nowhere.h5", "no such checkpoint file"]),
+    # checkpoints and data sets, read on every rank
     "resume-garbage": lambda t, d, c, m: _garbage_checkpoint(t),
     "resume-truncated": lambda t, d, c, m: _truncated_checkpoint(t, c),
     "resume-other-model": lambda t, d, c, m: (["--resume", c, "--hidden-dim", "8"], [c, "W2"]),
@@ -658,23 +695,6 @@ def test_toml_config_is_honoured_and_flags_override_it(cifar_dir, tmp_path):
     ckpt = read_checkpoint(tmp_path / "from_toml" / "ck.h5")
     assert ckpt["attrs"]["step"] == 2 and ckpt["params"]["W3"].shape == (12, 10)
     assert "160 train / 40 val / 40 test" in run.lines[0]
-
-
-@pytest.mark.parametrize("mode", ["serial", "mpirun-2"])
-def test_toml_value_of_the_wrong_type_is_a_config_error(cifar_dir, tmp_path, mode):
-    config = _toml(tmp_path, 'max_steps = "3"\n')
-    run = run_train(base_args(cifar_dir, "--config", config), tmp_path, ranks=2 if mode == "mpirun-2" else None,
-                    timeout=60)
-    assert run.returncode == 2, str(run)
-    assert len(run.err_lines) == 1 and run.err_lines[0].startswith(ERROR_PREFIX), str(run)
-    assert "max_steps" in run.err_lines[0] or "max-steps" in run.err_lines[0], str(run)
-
-
-def test_toml_float_for_an_integer_option_is_a_config_error(cifar_dir, tmp_path):
-    config = _toml(tmp_path, "epochs = 1.5\n")
-    run = run_train(base_args(cifar_dir, "--config", config, "--max-steps", "2"), tmp_path, timeout=60)
-    assert run.returncode == 2, str(run)
-    assert len(run.err_lines) == 1 and "epochs" in run.err_lines[0], str(run)
 
 
 # ================================================================ 10. where the data comes from

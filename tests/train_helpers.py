@@ -75,10 +75,16 @@ def mpirun_path():
 _LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "OMPI_", "SLURM_", "MPI_LOCAL", "MPIR_", "DPNET_")
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def clean_env(**extra):
     """The environment for a training subprocess: no launcher variables leaking from an outer
-    mpirun, no DPNET_* switches, one BLAS/OpenMP thread per rank (2 cores)."""
+    mpirun, no DPNET_* switches, one BLAS/OpenMP thread per rank (2 cores), and this
+    checkout's dpnet first on the path (the jobs run in a temporary directory, where an
+    installed copy would otherwise be the one imported)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     env.update({k: v for k, v in extra.items() if v is not None})

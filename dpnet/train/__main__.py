@@ -1,0 +1,7 @@
+"""`python -m dpnet.train`: see dpnet.train.cli."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""`python -m dpnet.train`: data-parallel training of a dpnet CNN on CIFAR-10.
+
+The command line: flags and a --config TOML file become a TrainConfig; main() runs it on the
+MPI world (or on --simulate-ranks threads) and turns a user error into one line and exit 2.
+"""
+
+import argparse
+import dataclasses
+import signal
+import sys
+import threading
+import time
+import traceback
+
+from ..checkpoint import CheckpointError
+from ..data import DataError
+from ..parallel import SimComm, get_comm, launcher_rank
+from .config import CHOICES, OPTION_HELP, ConfigError, TrainConfig, validate
+from .loop import NonFiniteLoss, StartupError, stop_signal, train
+
+# Abort kills the launcher's output forwarding too: give it a moment to pass the report on.
+ABORT_GRACE_SECONDS = 0.5
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # reported once by main(), not by every rank
+        raise ConfigError(message)
+
+
+def parse_args(argv):
+    """TrainConfig from command-line flags and an optional --config TOML file (flags win)."""
+    parser = _Parser(prog="python -m dpnet.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="TOML file whose keys are the options below")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        helptext = f"{OPTION_HELP[f.name]} (default: {default})" if default not in (None, "") else OPTION_HELP[f.name]
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        else:
+            choices = CHOICES.get(f.name)
+            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+            parser.add_argument(flag, type=_option_type(f, default), default=None, metavar=metavar,
+                                choices=choices, help=helptext)
+    args = parser.parse_args(argv)
+    values = {}
+    if args.config:
+        values.update(_read_toml(args.config))
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    return TrainConfig(**values)
+
+
+def _option_type(field, default):
+    """The Python type of a TrainConfig field (int, float, str or bool), Optional[...] unwrapped."""
+    name = (type(default).__name__ if default is not None else
+            str(field.type).replace("typing.Optional[", "").rstrip("]").replace("Optional[", ""))
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(name, str)
+
+
+def _read_toml(path):
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--config {path}: {exc}") from exc
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key(s) {', '.join(unknown)}")
+    defaults = TrainConfig()
+    for key, value in values.items():
+        kind = _option_type(fields[key], getattr(defaults, key))
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, int) and not isinstance(value, bool) if kind is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+              isinstance(value, str))
+        if not ok:
+            raise ConfigError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
+    return values
+
+
+def install_abort_hook(comm):
+    """Under MPI, an uncaught exception on any rank prints that rank's traceback and aborts
+    the whole job (otherwise the other ranks wait forever in their next collective)."""
+    def hook(kind, value, tb):
+        sys.stderr.write(f"[rank {comm.rank}] uncaught exception, aborting all {comm.size} ranks:\n"
+                         + "".join(traceback.format_exception(kind, value, tb)))
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE_SECONDS)
+        comm.abort(1)
+    sys.excepthook = hook
+
+
+def main(argv=None):
+    """Run the command with argv (default: sys.argv[1:]); returns the exit status: 0, 2 for a
+    bad option, data set or checkpoint, 1 for a non-finite loss."""
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv)
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (a scheduler's preemption): every rank stops at the same step and saves
+            signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.set())
+        if config.simulate_ranks:
+            validate(config, config.simulate_ranks)
+            SimComm(config.simulate_ranks).run(lambda c: train(config, c))
+            return 0
+        comm = get_comm()
+        if comm.size > 1:
+            install_abort_hook(comm)
+        train(config, comm)
+        return 0
+    except (ConfigError, DataError, CheckpointError, StartupError) as exc:
+        if launcher_rank() == 0:
+            print(f"python -m dpnet.train: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as exc:  # raised on every rank at the same step: no abort needed
+        if launcher_rank() == 0:
+            print(f"python -m dpnet.train: error: {exc}", file=sys.stderr)
+        return 1

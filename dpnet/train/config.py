@@ -1,0 +1,116 @@
+"""The options of a training run (TrainConfig), what each means, and which values are possible."""
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from ..parallel import REDUCTIONS
+
+OPTIMIZERS = {"sgd": "sgd", "momentum": "sgd_momentum", "nesterov": "sgd_nesterov_momentum",
+              "rmsprop": "rmsprop", "adam": "adam"}
+DATA_ENV = "DPNET_DATA"  # names the data set when --data is not given
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run (the command-line flags, with - for _); OPTION_HELP
+    says what each means."""
+    data: Optional[str] = None
+    model: str = "threelayer"
+    bn_mode: str = "sync"
+    epochs: Optional[int] = None
+    max_steps: Optional[int] = None
+    batch_size: int = 128
+    val_size: int = 1000
+    lr: float = 1e-3
+    lr_decay: float = 1.0
+    lr_schedule: str = "cosine"
+    optimizer: str = "adam"
+    reg: float = 1e-3
+    hidden_dim: int = 500
+    seed: int = 0
+    dtype: str = "float32"
+    augment: bool = True
+    threads: Optional[int] = None
+    checkpoint: str = "dpnet_run/checkpoint.h5"
+    resume: Optional[str] = None
+    metrics: str = "dpnet_run/metrics.jsonl"
+    simulate_ranks: Optional[int] = None
+    check_every: int = 50
+    reduction: str = "auto"
+    bucket_mb: float = 0.0
+    timeout: float = 300.0
+    progress: bool = True
+
+
+OPTION_HELP = {
+    "data": f"cifar-10-batches-py folder, or a .h5 from `python -m dpnet.data prepare` "
+            f"(default: ${DATA_ENV}, then ~/.cache/dpnet; else a synthetic set)",
+    "model": "network to train",
+    "bn_mode": "batchnorm: none, per-rank statistics (local) or the global batch's (sync)",
+    "epochs": "total epochs (default: 10 on CIFAR-10, 3 on the synthetic set)",
+    "max_steps": "stop after this many optimizer steps in all",
+    "batch_size": "global batch, over all ranks",
+    "val_size": "training images held out for validation",
+    "lr": "learning rate",
+    "lr_decay": "with --lr-schedule step: multiply the rate by this after every epoch",
+    "lr_schedule": "cosine over --epochs, or step (see --lr-decay)",
+    "optimizer": "update rule",
+    "reg": "L2 strength: the loss adds 0.5 * reg * sum(W^2)",
+    "hidden_dim": "units of the hidden affine layer",
+    "seed": "seeds initialisation, shuffling, and (with the rank) augmentation and dropout",
+    "dtype": "dtype of parameters and activations",
+    "augment": "random crop + horizontal flip of training images",
+    "threads": "BLAS threads per rank (default: cores / ranks on this node)",
+    "checkpoint": "HDF5 file written atomically after every epoch and at the end ('': none)",
+    "resume": "continue from this checkpoint",
+    "metrics": "JSON-lines file of per-epoch metrics ('': none)",
+    "simulate_ranks": "without mpirun: run this many logical ranks as threads of one process",
+    "check_every": "compare parameter checksums across ranks every this many steps (0: never)",
+    "reduction": "how ranks sum gradients: node-local shared memory (auto picks it when it can) or MPI Allreduce",
+    "bucket_mb": "with allreduce: reduce buckets of this many MiB during backward (0: once, after it)",
+    "timeout": "seconds one step may take, waiting for other ranks included, before the job is aborted",
+    "progress": "progress bar on rank 0 (shown only on a terminal)",
+}
+
+CHOICES = {"model": ("threelayer", "convnet"), "bn_mode": ("none", "local", "sync"),
+           "lr_schedule": ("cosine", "step"), "optimizer": tuple(OPTIMIZERS),
+           "dtype": ("float32", "float64"), "reduction": REDUCTIONS}
+
+
+class ConfigError(ValueError):
+    """An option has an impossible value."""
+
+
+def validate(config, world_size):
+    """Raise ConfigError naming the first impossible option."""
+    for key, allowed in CHOICES.items():
+        if getattr(config, key) not in allowed:
+            raise ConfigError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                              f"got {getattr(config, key)!r}")
+    positive = {"batch_size": config.batch_size, "epochs": config.epochs, "max_steps": config.max_steps,
+                "threads": config.threads, "simulate_ranks": config.simulate_ranks,
+                "hidden_dim": config.hidden_dim}
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    if not config.lr > 0:
+        raise ConfigError(f"--lr must be positive, got {config.lr}")
+    if not config.lr_decay > 0:
+        raise ConfigError(f"--lr-decay must be positive, got {config.lr_decay}")
+    if config.reg < 0 or config.val_size < 0 or config.check_every < 0:
+        raise ConfigError("--reg, --val-size and --check-every must not be negative")
+    if config.bucket_mb < 0:
+        raise ConfigError(f"--bucket-mb must not be negative, got {config.bucket_mb}")
+    if config.simulate_ranks and config.simulate_ranks > 1 and config.reduction == "shared-memory":
+        raise ConfigError("--reduction shared-memory needs MPI ranks (mpirun); "
+                          "--simulate-ranks runs threads, which sum with allreduce")
+    if config.bucket_mb and config.reduction == "shared-memory":
+        raise ConfigError("--bucket-mb applies to --reduction allreduce (or auto) only")
+    if not config.timeout > 0:
+        raise ConfigError(f"--timeout must be positive, got {config.timeout}")
+    if config.resume and not os.path.isfile(config.resume):
+        raise ConfigError(f"--resume {config.resume}: no such checkpoint file")
+    if config.batch_size < world_size:
+        raise ConfigError(f"--batch-size {config.batch_size} is smaller than the {world_size} ranks: "
+                          "every rank needs at least one example per step")

@@ -1,0 +1,285 @@
+"""The training run: Trainer sets up the model, DataParallel and the data (resuming from a
+checkpoint if asked), then runs the epochs: steps, evaluation, metrics and checkpoints.
+train(config, comm) is the whole of it in one call."""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+
+from .. import __version__
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..data import DataError
+from ..models import ConvNet, ThreeLayerConvNet
+from ..optim import get_update_rule
+from ..parallel import DataParallel, shard_bounds, shard_indices, steps_per_epoch
+from .config import DATA_ENV, OPTIMIZERS, ConfigError, validate
+from .faults import inject_fault
+from .inputs import load_data, normaliser, split_train_val, training_batch
+
+stop_signal = threading.Event()  # set by SIGTERM; every logical rank votes to stop
+
+
+class StartupError(ValueError):
+    """Some rank could not start (bad data or checkpoint on that rank); every rank raises it."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The global loss became inf or nan (every rank sees it at the same step)."""
+
+
+def on_every_rank(comm, fn):
+    """Run fn() on every rank. If it fails on any rank with a user error (bad config, data or
+    checkpoint), every rank raises StartupError naming the ranks, so none is left waiting in a
+    collective the failed rank will never join."""
+    try:
+        result, error = fn(), None
+    except (ConfigError, DataError, CheckpointError) as exc:
+        result, error = None, str(exc)
+    errors = comm.allgather_obj(error)
+    failed = [rank for rank, message in enumerate(errors) if message is not None]
+    if failed:
+        message = errors[failed[0]]
+        if len(failed) < comm.size:
+            message = f"on rank(s) {failed}: {message}"
+        raise StartupError(message)
+    return result
+
+
+class Printer:
+    """Writes only on rank 0."""
+
+    def __init__(self, comm):
+        self.active = comm.rank == 0
+
+    def __call__(self, *args):
+        if self.active:
+            print(*args, flush=True)
+
+
+def build_model(config, comm):
+    dtype = np.dtype(config.dtype)
+    use_bn = config.bn_mode != "none"
+    bn_mode = config.bn_mode if use_bn else "local"
+    if config.model == "threelayer":
+        return ThreeLayerConvNet(hidden_dim=config.hidden_dim, weight_scale="he", reg=config.reg,
+                                 dtype=dtype, use_batchnorm=use_bn, bn_mode=bn_mode, comm=comm,
+                                 seed=config.seed)
+    return ConvNet(hidden_dims=(config.hidden_dim,), reg=config.reg, dtype=dtype, use_batchnorm=use_bn,
+                   bn_mode=bn_mode, comm=comm, seed=config.seed)
+
+
+def evaluate(model, comm, x, y, to_input, chunk=500):
+    """Accuracy on (x, y): each rank scores its contiguous share, counts are summed."""
+    lo, hi = shard_bounds(len(x), comm.size, comm.rank)
+    correct = 0
+    for i in range(lo, hi, chunk):
+        stop = min(i + chunk, hi)
+        correct += int((model.scores(to_input(x[i:stop])).argmax(axis=1) == y[i:stop]).sum())
+    counts = comm.allreduce(np.array([correct, hi - lo], dtype=np.int64))
+    return float(counts[0] / counts[1]) if counts[1] else None  # None: an empty set (--val-size 0)
+
+
+def learning_rate(config, step, total_steps, epoch):
+    if config.lr_schedule == "cosine":
+        return 0.5 * config.lr * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    return config.lr * config.lr_decay ** epoch
+
+
+def blas_threads(config, comm):
+    if config.threads:
+        return config.threads
+    local = int(os.environ.get("MPI_LOCALNRANKS") or os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or comm.size)
+    return max(1, (os.cpu_count() or 1) // max(local, 1))
+
+
+class Trainer:
+    """One training run on the ranks of comm. Constructing it is collective: it validates
+    the config, loads and splits the data, builds the model and its DataParallel and
+    resumes from config.resume; run() trains and returns the final metrics dict."""
+
+    def __init__(self, config, comm):
+        on_every_rank(comm, lambda: validate(config, comm.size))  # e.g. --resume missing on one node
+        self.config, self.comm = config, comm
+        self.say = Printer(comm)
+        self.data, source, self.synthetic = on_every_rank(comm, lambda: load_data(config))
+        self.epochs = config.epochs or (3 if self.synthetic else 10)
+        if self.synthetic:
+            self.say("=" * 72 + f"\n  {source}: training on a synthetic CIFAR-shaped set, not real images.\n"
+                     f"  Pass --data PATH or set {DATA_ENV}; `python -m dpnet.data download` fetches CIFAR-10.\n"
+                     + "=" * 72)
+        (self.x_train, self.y_train), (self.x_val, self.y_val) = on_every_rank(
+            comm, lambda: split_train_val(self.data, config.val_size, config.seed))
+        self.to_input = normaliser(self.x_train, np.dtype(config.dtype))
+
+        self.model = build_model(config, comm)
+        self.dp = DataParallel(self.model, comm, seed=config.seed, check_every=config.check_every,
+                               timeout=config.timeout, bucket_bytes=int(config.bucket_mb * 2**20) or None,
+                               reduction=config.reduction)
+        self.update_rule = get_update_rule(OPTIMIZERS[config.optimizer])
+        self.optim_config = {"learning_rate": config.lr}
+        self.rngs = {"augment": np.random.default_rng([config.seed, comm.rank, 1])}
+        if self.model.dropout_param is not None:
+            self.rngs["dropout"] = self.model.dropout_param["rng"]
+        self.per_epoch = steps_per_epoch(len(self.x_train), config.batch_size)
+        # the lr schedule spans --epochs; --max-steps only stops early
+        self.schedule_steps = self.epochs * self.per_epoch
+        self.total_steps = min(self.schedule_steps, config.max_steps or self.schedule_steps)
+        self.step = 0
+        if config.resume:
+            self._resume()
+        self.threads = blas_threads(config, comm)
+        self.say(f"dpnet {__version__}: {config.model} (bn {config.bn_mode}), {comm.size} rank(s) x {self.threads} "
+                 f"BLAS thread(s); {source}: {len(self.x_train)} train / {len(self.x_val)} val / "
+                 f"{len(self.data['x_test'])} test; "
+                 f"{self.epochs} epochs of {self.per_epoch} steps, global batch {config.batch_size}")
+        if comm.size > 1:
+            why = self.dp.why_not_shared_memory
+            fallback = f" (shared memory unavailable: {why})" if why else ""
+            self.say(f"gradients: {self.dp.flat.buffer.nbytes / 2**20:.1f} MiB per step, "
+                     f"summed by {self.dp.reduction}{fallback}")
+        self.metrics_file = None
+        if comm.rank == 0 and config.metrics:
+            os.makedirs(os.path.dirname(os.path.abspath(config.metrics)), exist_ok=True)
+            self.metrics_file = open(config.metrics, "a" if config.resume else "w")
+
+    def _resume(self):
+        config, comm = self.config, self.comm
+        with self.dp.writing_parameters():  # rank 0's checkpoint becomes everyone's
+            self.optim_config, attrs = on_every_rank(
+                comm, lambda: load_checkpoint(config.resume, self.model, self.dp.flat))
+        self.step = attrs["step"]
+        self.dp.steps = self.step  # its watchdog and drift messages name the run's step, not one since the resume
+        if attrs["world_size"] == comm.size and len(attrs["rng_states"]) == comm.size:
+            for name, state in attrs["rng_states"][comm.rank].items():
+                self.rngs[name].bit_generator.state = state
+        self.say(f"resumed from {config.resume} at step {self.step} (epoch {self.step // self.per_epoch}), "
+                 f"written by {attrs['world_size']} rank(s)")
+
+    def run(self):
+        """Train to the last step, or to a stop every rank agreed on (SIGTERM); save a final
+        checkpoint and return the metrics dict (with test_acc unless stopped)."""
+        from threadpoolctl import threadpool_limits
+
+        summary, stopped = {}, False
+        with threadpool_limits(self.threads, user_api="blas"):
+            while self.step < self.total_steps:
+                epoch = self.step // self.per_epoch
+                stopped, loss_sum, seen, seconds, comm_before = self.train_epoch(epoch)
+                if stopped:
+                    break
+                summary = self.end_epoch(epoch, loss_sum, seen, seconds, comm_before)
+            self.dp.average_running_stats()
+            self.save()
+            self.dp.close()
+            if stopped:
+                self.say(f"stop requested (SIGTERM): checkpoint saved at step {self.step}; continue with "
+                         f"--resume {self.config.checkpoint}")
+                if self.metrics_file:
+                    self.metrics_file.close()
+                return {**summary, "stopped": True, "step": self.step}
+            test_acc = evaluate(self.model, self.comm, self.data["x_test"], self.data["y_test"], self.to_input)
+        final = {"final": True, "step": self.step, "test_acc": test_acc, "synthetic": self.synthetic}
+        self.say(f"test accuracy {test_acc:.4f}" + (" (synthetic data)" if self.synthetic else "")
+                 + (f"; checkpoint {self.config.checkpoint}" if self.config.checkpoint else ""))
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(final) + "\n")
+            self.metrics_file.close()
+        return {**summary, **final}
+
+    def train_epoch(self, epoch):
+        """The steps of `epoch` from self.step on, up to the end of the epoch, total_steps or
+        an agreed stop. Returns (stopped, loss_sum, seen, seconds, comm_before): the loss summed
+        over the `seen` images, the time taken, and dp.comm_seconds at the start."""
+        config, comm = self.config, self.comm
+        skip = self.step - epoch * self.per_epoch
+        shards = shard_indices(len(self.x_train), config.batch_size, comm.rank, comm.size, config.seed, epoch)
+        bar = _progress(config, comm, len(shards), skip, epoch, self.epochs)
+        started, comm_before = time.perf_counter(), self.dp.comm_seconds
+        loss_sum, seen, stopped = 0.0, 0, False
+        augment_rng = self.rngs["augment"] if config.augment else None
+        for i in range(skip, len(shards)):
+            if self.step >= self.total_steps:
+                break
+            idx = shards[i]
+            global_len = min(config.batch_size, len(self.x_train) - i * config.batch_size)
+            xb = training_batch(self.x_train, idx, self.to_input, augment_rng)
+            loss = self.train_step(xb, self.y_train[idx], global_len, epoch)
+            loss_sum += loss * global_len
+            seen += global_len
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / (time.perf_counter() - started):.0f}")
+            if self.dp.stop_agreed:
+                stopped = True
+                break
+        seconds = time.perf_counter() - started
+        if bar is not None:
+            bar.close()
+        return stopped, loss_sum, seen, seconds, comm_before
+
+    def train_step(self, xb, yb, global_len, epoch):
+        """One optimizer step on this rank's shard (xb, yb) of a global batch of global_len
+        images; returns the global loss."""
+        self.optim_config["learning_rate"] = learning_rate(self.config, self.step, self.schedule_steps, epoch)
+        if stop_signal.is_set():
+            self.dp.request_stop()
+        xb = inject_fault(self.comm.rank, self.step, xb)
+        loss, _ = self.dp.loss(xb, yb, global_batch_size=global_len)
+        inject_fault(self.comm.rank, self.step, None, after_loss=True)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"the loss is {loss} at step {self.step} (epoch {epoch + 1}); "
+                                "stopping, the last checkpoint is kept")
+        self.dp.step(self.update_rule, self.optim_config)
+        self.step += 1
+        return loss
+
+    def end_epoch(self, epoch, loss_sum, seen, seconds, comm_before):
+        """After a whole epoch: average the batchnorm statistics, evaluate, print and record
+        the epoch's metrics, save a checkpoint. Returns the metrics dict."""
+        self.dp.average_running_stats()
+        train_acc = evaluate(self.model, self.comm, self.x_train[:1000], self.y_train[:1000], self.to_input)
+        val_acc = evaluate(self.model, self.comm, self.x_val, self.y_val, self.to_input)
+        summary = {"epoch": epoch + 1, "step": self.step, "train_loss": loss_sum / max(seen, 1),
+                   "train_acc": train_acc, "val_acc": val_acc, "images_per_s": seen / seconds,
+                   "comm_fraction": (self.dp.comm_seconds - comm_before) / seconds, "seconds": seconds,
+                   "synthetic": self.synthetic}
+        self.say(f"epoch {epoch + 1}/{self.epochs}: loss {summary['train_loss']:.4f}, "
+                 f"train acc {_fraction(train_acc)}, val acc {_fraction(val_acc)}, "
+                 f"{summary['images_per_s']:.0f} img/s, comm {100 * summary['comm_fraction']:.1f}%")
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(summary) + "\n")
+            self.metrics_file.flush()
+        self.save()
+        return summary
+
+    def save(self):
+        """Write the checkpoint (rank 0), with every rank's generator states (collective)."""
+        comm, config = self.comm, self.config
+        states = comm.allgather_obj({k: r.bit_generator.state for k, r in self.rngs.items()})
+        if comm.rank == 0 and config.checkpoint:
+            save_checkpoint(config.checkpoint, self.model, self.optim_config, self.step // self.per_epoch,
+                            self.step, dataclasses.asdict(config), comm.size, states, self.dp.flat)
+
+
+def train(config, comm):
+    """Train as `config` says on the ranks of `comm`; returns the final metrics dict."""
+    return Trainer(config, comm).run()
+
+
+def _fraction(value):
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _progress(config, comm, total, done, epoch, epochs):
+    if not config.progress or comm.rank != 0:
+        return None
+    from tqdm import tqdm
+    # disable=None: no bar when stderr is not a terminal (a log file, a batch job)
+    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr,
+                disable=None)
