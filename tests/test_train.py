@@ -116,7 +116,7 @@ def test_main_command(cached, cifar_dir, ranks):
     assert_unique_lines(run)
     lines = run.lines
     if world > 1:  # under mpirun, how gradients are summed: shared memory, all ranks on this node
-        assert lines.pop(1) == f"gradients: {(sum(p.nbytes for p in ckpt['params'].values()) + 8) / 2**20:.1f} MiB per step, summed by shared-memory"
+        assert lines.pop(1) == f"gradients: {(sum(p.nbytes for p in ckpt['params'].values()) + 8) / 2**20:.1f} MiB per step, summed by shared memory ({world} ranks on one node)"
     assert len(lines) == 4, str(run)
     assert lines[0].startswith(f"dpnet {dpnet.__version__}: threelayer (bn sync), {world} rank(s) x "), lines[0]
     assert lines[0].endswith(f"CIFAR-10 from {cifar_dir}: 160 train / 40 val / 40 test; "
@@ -168,9 +168,10 @@ def test_simulate_ranks_matches_mpirun(cifar_dir, tmp_path, ranks, extra):
     (tmp_path / "sim").mkdir()
     real = run_ok(args, tmp_path / "mpi", ranks)
     sim = run_ok(args + ["--simulate-ranks", str(ranks)], tmp_path / "sim")
-    for run in (real, sim):
+    for run in (real, sim):  # both sum through shared memory, the default
         assert_unique_lines(run)
         assert f" {ranks} rank(s) x " in run.lines[0], str(run)
+        assert f"summed by shared memory ({ranks} ranks on one node)" in run.lines[1], str(run)
     a, b = read_checkpoint(real.path(CKPT)), read_checkpoint(sim.path(CKPT))
     assert a["attrs"]["world_size"] == b["attrs"]["world_size"] == ranks
     assert a["attrs"]["step"] == b["attrs"]["step"] == 10
@@ -178,6 +179,8 @@ def test_simulate_ranks_matches_mpirun(cifar_dir, tmp_path, ranks, extra):
     for name, value in a["params"].items():
         assert value.dtype == np.float64
         assert normwise_rel_error(b["params"][name], value) <= 1e-12, name
+        if ranks == 2:  # every sum of two terms has one order: the same bits
+            assert np.array_equal(b["params"][name], value), name
         if not name.startswith("b"):  # biases feeding a batchnorm rightly stay at zero
             assert normwise_rel_error(initial.params[name], value) > 1e-3, f"{name} did not train"
     for group in ("optimizer", "batchnorm"):
@@ -488,7 +491,9 @@ def test_hang_in_the_update_ends_the_job(cifar_dir, tmp_path, ranks_per_node, fa
                     tmp_path, 2, env=clean_env(DPNET_FAULT=f"1:{fault_step}:hang-update",
                                                DPNET_RANKS_PER_NODE=ranks_per_node), timeout=30)
     assert run.returncode != 0, str(run)
-    assert "summed by shared-memory" in run.stdout, str(run)
+    summed = ("shared memory (2 ranks on one node)" if ranks_per_node is None else
+              "hierarchical (shared memory on each of 2 nodes of 1 rank(s), then Allreduce across nodes)")
+    assert f"summed by {summed}\n" in run.stdout, str(run)
     assert "rank(s) [1] never reached it" in run.stderr, str(run)
     assert f"step {fault_step} has not completed in 3 s" in run.stderr, str(run)
     if fault_step == FAULT_STEP:
@@ -631,14 +636,6 @@ def test_bad_option_is_a_config_error(tmp_path, case):
     with pytest.raises(ConfigError, match=".*".join(map(re.escape, fragments))) as info:
         validate(parse_args(["--max-steps", "1", *flags]), world)
     assert "\n" not in str(info.value)
-
-
-def test_simulated_ranks_cannot_use_shared_memory():
-    config = parse_args(["--max-steps", "1", "--simulate-ranks", "2", "--reduction", "shared-memory"])
-    with pytest.raises(ConfigError) as info:
-        validate(config, config.simulate_ranks)  # as main() does before starting the threads
-    assert str(info.value) == ("--reduction shared-memory needs MPI ranks (mpirun); "
-                               "--simulate-ranks runs threads, which sum with allreduce")
 
 
 BAD_INPUT = {  # id -> f(tmp_path, cifar_dir, real_checkpoint, mode) -> (extra args, fragments of the message)

@@ -113,7 +113,8 @@ class HierarchicalReducer(SharedMemoryReducer):
     name = "hierarchical"
 
     def describe(self):
-        return f"hierarchical (shared memory on {self.cross.size} nodes of {self.node.size} ranks, Allreduce across)"
+        return (f"hierarchical (shared memory on each of {self.cross.size} nodes of {self.node.size} rank(s), "
+                "then Allreduce across nodes)")
 
     def reduce(self, finish=None):
         self.node.fence()

@@ -102,9 +102,6 @@ def validate(config, world_size):
         raise ConfigError("--reg, --val-size and --check-every must not be negative")
     if config.bucket_mb < 0:
         raise ConfigError(f"--bucket-mb must not be negative, got {config.bucket_mb}")
-    if config.simulate_ranks and config.simulate_ranks > 1 and config.reduction == "shared-memory":
-        raise ConfigError("--reduction shared-memory needs MPI ranks (mpirun); "
-                          "--simulate-ranks runs threads, which sum with allreduce")
     if config.bucket_mb and config.reduction == "shared-memory":
         raise ConfigError("--bucket-mb applies to --reduction allreduce (or auto) only")
     if not config.timeout > 0:
