@@ -26,11 +26,12 @@ RUNS = {  # name -> extra flags
 }
 
 
-def group_digest(group):
+def group_digest(group, only=""):
+    """sha256 of the datasets in `group` whose path ends with `only`, and its attributes."""
     h = hashlib.sha256()
 
     def visit(name, obj):
-        if isinstance(obj, h5py.Dataset):
+        if isinstance(obj, h5py.Dataset) and name.endswith(only):
             h.update(name.encode())
             h.update(np.ascontiguousarray(obj[()]).tobytes())
     group.visititems(visit)
@@ -42,20 +43,24 @@ def group_digest(group):
 
 def digests(path):
     with h5py.File(path, "r") as f:
-        return {g: group_digest(f[g]) for g in ("params", "optimizer", "batchnorm")} | {"step": int(f.attrs["step"])}
+        return {"params": group_digest(f["params"]), "optimizer": group_digest(f["optimizer"]),
+                "bn mean": group_digest(f["batchnorm"], "running_mean"),
+                "bn var": group_digest(f["batchnorm"], "running_var"), "step": int(f.attrs["step"])}
 
 
 def main():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkout", default=here)
-    parser.add_argument("--data", default=os.path.join(here, "..", "shared", "data", "cifar-10-batches-py"))
+    parser.add_argument("--data", default=os.path.join(os.path.dirname(here), "shared", "data", "cifar-10-batches-py"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--models", nargs="+", default=["threelayer", "convnet"])
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=os.path.abspath(args.checkout), OMP_NUM_THREADS="1")
-    print(f"{'model':<11} {'ranks':>5} {'reduction':<14} {'params':<17} {'optimizer':<17} {'batchnorm':<17} step")
+    args.data = os.path.abspath(args.data)
+    print(f"{'model':<11} {'ranks':>5} {'reduction':<14} {'params':<17} {'optimizer':<17} {'bn mean':<17} "
+          f"{'bn var':<17} step")
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             for ranks in args.ranks:
@@ -70,7 +75,7 @@ def main():
                         continue
                     d = digests(ckpt)
                     print(f"{model:<11} {ranks:>5} {name:<14} {d['params']:<17} {d['optimizer']:<17} "
-                          f"{d['batchnorm']:<17} {d['step']}", flush=True)
+                          f"{d['bn mean']:<17} {d['bn var']:<17} {d['step']}", flush=True)
 
 
 if __name__ == "__main__":
