@@ -688,8 +688,9 @@ def test_close_stops_the_bucket_worker_thread():
         X, y = make_batch(6)
         lo, hi = shard_bounds(6, comm.size, comm.rank)
         dp.loss(X[lo:hi], y[lo:hi])
-        comm.barrier()
+        comm.barrier()  # every rank's worker has started
         running = workers()
+        comm.barrier()  # every rank has counted before any closes
         dp.close()
         loss, _ = dp.loss(X[lo:hi], y[lo:hi])  # still usable: one Allreduce after backward
         return overlapped, running, loss
