@@ -116,7 +116,7 @@ def test_main_command(cached, cifar_dir, ranks):
     assert_unique_lines(run)
     lines = run.lines
     if world > 1:  # under mpirun, how gradients are summed: shared memory, all ranks on this node
-        assert lines.pop(1) == f"gradients: {(sum(p.nbytes for p in ckpt['params'].values()) + 8) / 2**20:.1f} MiB per step, summed by shared memory ({world} ranks on one node)"
+        assert lines.pop(1) == f"gradients: {(sum(p.nbytes for p in ckpt['params'].values()) + 8) / 2**20:.1f} MiB per step; 1 node x {world} ranks: shared memory"
     assert len(lines) == 4, str(run)
     assert lines[0].startswith(f"dpnet {dpnet.__version__}: threelayer (bn sync), {world} rank(s) x "), lines[0]
     assert lines[0].endswith(f"CIFAR-10 from {cifar_dir}: 160 train / 40 val / 40 test; "
@@ -151,7 +151,7 @@ def test_every_reduction_trains_the_same_model(cached, cifar_dir, tmp_path, rank
     default = read_checkpoint(main_run(cached, cifar_dir, ranks).path(CKPT))
     run = run_ok(base_args(cifar_dir, "--epochs", "2", "--no-augment", "--reduction", "allreduce"),
                  tmp_path, ranks)
-    assert "summed by allreduce" in run.stdout
+    assert "; one Allreduce after backward" in run.stdout
     other = read_checkpoint(run.path(CKPT))
     if ranks == 2:
         assert_same_state(default, other, "shared memory vs allreduce")
@@ -171,7 +171,7 @@ def test_simulate_ranks_matches_mpirun(cifar_dir, tmp_path, ranks, extra):
     for run in (real, sim):  # both sum through shared memory, the default
         assert_unique_lines(run)
         assert f" {ranks} rank(s) x " in run.lines[0], str(run)
-        assert f"summed by shared memory ({ranks} ranks on one node)" in run.lines[1], str(run)
+        assert run.lines[1].endswith(f"; 1 node x {ranks} ranks: shared memory"), str(run)
     a, b = read_checkpoint(real.path(CKPT)), read_checkpoint(sim.path(CKPT))
     assert a["attrs"]["world_size"] == b["attrs"]["world_size"] == ranks
     assert a["attrs"]["step"] == b["attrs"]["step"] == 10
@@ -491,9 +491,8 @@ def test_hang_in_the_update_ends_the_job(cifar_dir, tmp_path, ranks_per_node, fa
                     tmp_path, 2, env=clean_env(DPNET_FAULT=f"1:{fault_step}:hang-update",
                                                DPNET_RANKS_PER_NODE=ranks_per_node), timeout=30)
     assert run.returncode != 0, str(run)
-    summed = ("shared memory (2 ranks on one node)" if ranks_per_node is None else
-              "hierarchical (shared memory on each of 2 nodes of 1 rank(s), then Allreduce across nodes)")
-    assert f"summed by {summed}\n" in run.stdout, str(run)
+    summed = "1 node x 2 ranks: shared memory" if ranks_per_node is None else "2 nodes x 1 rank: Allreduce across nodes"
+    assert f"; {summed}\n" in run.stdout, str(run)
     assert "rank(s) [1] never reached it" in run.stderr, str(run)
     assert f"step {fault_step} has not completed in 3 s" in run.stderr, str(run)
     if fault_step == FAULT_STEP:

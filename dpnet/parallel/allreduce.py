@@ -25,6 +25,9 @@ from .reducer import Reducer, finish_all
 class AllreduceReducer(Reducer):
     name = "allreduce"
 
+    def describe(self):
+        return "one Allreduce after backward"
+
     def __init__(self, comm, buffer):
         loss_range = (0, len(buffer)) if comm.rank == 0 else (0, 0)
         super().__init__(buffer, buffer, (0, len(buffer)), loss_range)
@@ -58,7 +61,7 @@ class BucketedAllreduce(AllreduceReducer):
 
     def describe(self):
         how = "overlapped with backward" if self.overlapped else "after backward"
-        return f"allreduce in {len(self.buckets)} buckets, {how}"
+        return f"Allreduce in {len(self.buckets)} buckets, {how}"
 
     def begin(self):
         self._pending = [stop - start for start, stop in self.buckets]

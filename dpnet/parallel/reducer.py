@@ -42,8 +42,8 @@ class Reducer:
         return ReplicatedUpdate(self.comm, flat)
 
     def describe(self):
-        """One line for the start-up message."""
-        return self.name
+        """How the gradients travel, in a few words for the start-up message."""
+        raise NotImplementedError
 
     def close(self):
         """Collective: release what the reducer holds. `result` stays readable."""

@@ -54,7 +54,7 @@ class SharedMemoryReducer(Reducer):
         node.fence()
 
     def describe(self):
-        return f"shared memory ({self.node.size} ranks on one node)"
+        return f"1 node x {self.node.size} ranks: shared memory"
 
     def make_update(self, flat):
         from .update import DividedUpdate
@@ -113,8 +113,9 @@ class HierarchicalReducer(SharedMemoryReducer):
     name = "hierarchical"
 
     def describe(self):
-        return (f"hierarchical (shared memory on each of {self.cross.size} nodes of {self.node.size} rank(s), "
-                "then Allreduce across nodes)")
+        if self.node.size == 1:
+            return f"{self.cross.size} nodes x 1 rank: Allreduce across nodes"
+        return f"{self.cross.size} nodes x {self.node.size} ranks: shared memory within each node, Allreduce across nodes"
 
     def reduce(self, finish=None):
         self.node.fence()

@@ -141,8 +141,8 @@ class Trainer:
         if comm.size > 1:
             why = self.dp.why_not_shared_memory
             fallback = f" (shared memory unavailable: {why})" if why else ""
-            self.say(f"gradients: {self.dp.flat.buffer.nbytes / 2**20:.1f} MiB per step, "
-                     f"summed by {self.dp.reducer.describe()}{fallback}")
+            self.say(f"gradients: {self.dp.flat.buffer.nbytes / 2**20:.1f} MiB per step; "
+                     f"{self.dp.reducer.describe()}{fallback}")
         self.metrics_file = None
         if comm.rank == 0 and config.metrics:
             os.makedirs(os.path.dirname(os.path.abspath(config.metrics)), exist_ok=True)
