@@ -42,6 +42,8 @@ def make_dp(model, comm, path, **options):
     """DataParallel over `path`'s reducer, checked to be that reducer."""
     dp = DataParallel(model, comm, **PATHS[path], **options)
     expected = path if comm.size > 1 or path == "buckets" else "allreduce"  # one rank: nothing to share
+    if expected == "shared-memory" and dp.reducer.cross.size > 1:  # the job spans several hosts
+        expected = "hierarchical"
     assert dp.reduction == expected, (dp.reduction, path, dp.why_not_shared_memory)
     return dp
 
