@@ -24,6 +24,16 @@ def _mapped_segments():
     return mapped
 
 
+def pytest_report_header(config):
+    """One line on whether the cluster tests (tests/test_cluster.py) run here, and why not."""
+    from dpnet.parallel import launched_by_mpi
+    if launched_by_mpi():
+        return None
+    from launch.netns_cluster import available
+    ok, why = available(reason=True)
+    return "cluster tests (network-namespace hosts): " + ("run" if ok else f"skipped, {why}")
+
+
 def pytest_sessionstart(session):
     session.config._mpich_segments_before = _mpich_segments()
 

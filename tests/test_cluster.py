@@ -1,0 +1,141 @@
+"""Training across hosts: a cluster of network-namespace hosts on this machine
+(launch/netns_cluster.py), jobs started across them by mpiexec over TCP. Needs root and
+network namespaces; skipped otherwise (the test session's header says why)."""
+
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from launch.netns_cluster import Cluster, available
+from tests.train_helpers import (TINY, cifar_dir, clean_env, finish, mpirun_path,  # noqa: F401 (fixture)
+                                 read_checkpoint, run_ok, start)
+
+AVAILABLE, WHY_NOT = available(reason=True)
+pytestmark = [pytest.mark.cluster, pytest.mark.skipif(not AVAILABLE, reason=f"cluster tests: {WHY_NOT}")]
+
+CKPT = "checkpoint.h5"
+STEPS = 6
+
+
+def train_args(data, *extra):
+    return ["--data", data, *TINY, "--max-steps", str(STEPS), "--dtype", "float64", "--no-augment",
+            "--checkpoint", CKPT, "--metrics", "", "--threads", "1", *extra]
+
+
+def run_across(ranks, args, cwd, rate=None, timeout=180):
+    """Train on a fresh cluster with ranks[i] ranks on host i; returns (Run, MiB that crossed the links)."""
+    with Cluster(len(ranks), rate=rate) as cluster:
+        before = sum(map(sum, cluster.link_bytes()))
+        mpiexec = os.path.join(os.path.dirname(mpirun_path()), "mpiexec")
+        cmd = cluster.mpiexec(ranks, [sys.executable, "-m", "dpnet.train", *args], mpiexec=mpiexec)
+        started = time.monotonic()
+        run = finish(start(cmd, cwd, clean_env()), cmd, cwd, started, timeout)
+        crossed = (sum(map(sum, cluster.link_bytes())) - before) / 2**20
+    assert run.returncode == 0, str(run)
+    return run, crossed
+
+
+def assert_same_params(a, b, exact):
+    for name, value in a["params"].items():
+        if exact:
+            assert np.array_equal(b["params"][name], value), name
+        else:
+            assert np.abs(b["params"][name] - value).max() <= 1e-12 * np.abs(value).max(), name
+
+
+@pytest.mark.parametrize("ranks", [(2, 2), (2, 2, 2)], ids=["2x2", "3x2"])
+def test_training_across_hosts_equals_one_host(cifar_dir, tmp_path, ranks):
+    """Across hosts the gradients are summed in shared memory within each host and by
+    Allreduce over TCP across hosts; the start-up line says so, the gradients really cross
+    the links, and the parameters equal those of the same layout on one host (nodes
+    pretended with DPNET_RANKS_PER_NODE): bit for bit over 2 hosts, to rounding over 3."""
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "one").mkdir()
+    run, crossed = run_across(list(ranks), train_args(cifar_dir), tmp_path / "cluster")
+    hosts, per_host = len(ranks), ranks[0]
+    assert (f"; {hosts} nodes x {per_host} ranks: shared memory within each node, Allreduce across nodes"
+            in run.lines[1]), str(run)
+    gradient_mib = float(run.lines[1].split("gradients: ")[1].split(" MiB")[0])
+    assert crossed > STEPS * gradient_mib / per_host, (crossed, str(run))  # each slice crosses every step
+    one = run_ok(train_args(cifar_dir), tmp_path / "one", sum(ranks),
+                 env=clean_env(DPNET_RANKS_PER_NODE=str(per_host)))
+    assert run.lines[1] == one.lines[1]
+    assert_same_params(read_checkpoint(one.path(CKPT)), read_checkpoint(run.path(CKPT)), exact=hosts == 2)
+
+
+def test_unequal_hosts_fall_back_with_a_reason(cifar_dir, tmp_path):
+    """3 + 1 ranks: shared memory cannot serve nodes of unequal size; the job says why and
+    sums with one Allreduce, training the model a one-host Allreduce run trains."""
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "one").mkdir()
+    run, _ = run_across([3, 1], train_args(cifar_dir), tmp_path / "cluster")
+    assert run.lines[1].endswith("; one Allreduce after backward (shared memory unavailable: "
+                                 "nodes hold different numbers of ranks (1 to 3))"), str(run)
+    one = run_ok(train_args(cifar_dir, "--reduction", "allreduce"), tmp_path / "one", 4)
+    assert_same_params(read_checkpoint(one.path(CKPT)), read_checkpoint(run.path(CKPT)), exact=False)
+
+
+def test_a_link_limited_to_1_gbit_trains_the_same_model(cifar_dir, tmp_path):
+    (tmp_path / "fast").mkdir()
+    (tmp_path / "slow").mkdir()
+    fast, _ = run_across([2, 2], train_args(cifar_dir), tmp_path / "fast")
+    slow, crossed = run_across([2, 2], train_args(cifar_dir), tmp_path / "slow", rate="1gbit")
+    assert crossed > 0
+    assert_same_params(read_checkpoint(fast.path(CKPT)), read_checkpoint(slow.path(CKPT)), exact=True)
+
+
+def test_the_mpi_suite_passes_across_two_hosts(tmp_path):
+    """tests/mpi, the multi-rank consistency suite, on 2 hosts x 2 ranks."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with Cluster(2) as cluster:
+        mpiexec = os.path.join(os.path.dirname(mpirun_path()), "mpiexec")
+        cmd = cluster.mpiexec([2, 2], [sys.executable, "-m", "pytest", "--with-mpi", "-q", "-p", "no:cacheprovider",
+                                       os.path.join(repo, "tests", "mpi")], mpiexec=mpiexec)
+        started = time.monotonic()
+        run = finish(start(cmd, repo, clean_env()), cmd, repo, started, 300)
+    assert run.returncode == 0, str(run)
+    assert " passed" in run.stdout and " failed" not in run.stdout, str(run)
+
+
+def test_what_a_killed_run_left_is_removed_by_the_next(tmp_path):
+    """kill -9 of the cluster script mid-job leaves namespaces, links and processes behind;
+    the next cluster (or --cleanup) removes all of them, and leaves concurrent runs alone."""
+    import glob
+    import json
+    import signal
+    import subprocess
+
+    from launch.netns_cluster import STATE_DIR, cleanup_stale
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "netns_cluster.py")
+    before = set(glob.glob(os.path.join(STATE_DIR, "*.json")))
+    with Cluster(1) as alive:  # a concurrent run, which must survive the cleanup
+        victim = subprocess.Popen([sys.executable, script, "--ranks", "1,1", "--", "sleep", "600"],
+                                  env=clean_env(), start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            new = set(glob.glob(os.path.join(STATE_DIR, "*.json"))) - before - {alive.state_path}
+            states = [json.load(open(path)) for path in new]
+            pids = [p for s in states for ns in s["namespaces"]
+                    for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()]
+            if len(pids) >= 2:  # both hosts' sleep (and proxies) are running
+                break
+            time.sleep(0.2)
+        assert states and pids, "the victim's job never started"
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        assert cleanup_stale() == [states[0]["id"]]
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for link in states[0]["links"]:
+            assert f" {link}:" not in links and f" {link}@" not in links, link
+        for ns in states[0]["namespaces"]:
+            assert ns not in namespaces
+        assert not os.path.exists(states[0]["workdir"])
+        for pid in pids:
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
+        assert alive.namespaces[0] in namespaces  # the concurrent run is untouched
+
