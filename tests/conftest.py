@@ -1,29 +1,6 @@
 import os
 
 
-# ---------------------------------------------------------------- /dev/shm hygiene
-
-SHM_GLOB = "/dev/shm/mpich_shm_*"
-
-
-def _mpich_segments():
-    import glob
-    return set(glob.glob(SHM_GLOB))
-
-
-def _mapped_segments():
-    """/dev/shm files some live process still maps."""
-    import glob
-    mapped = set()
-    for maps in glob.glob("/proc/[0-9]*/maps"):
-        try:
-            with open(maps) as fh:
-                mapped.update(line.split()[-1] for line in fh if "/dev/shm/" in line)
-        except OSError:  # the process ended, or is not ours to read
-            pass
-    return mapped
-
-
 def pytest_report_header(config):
     """One line on whether the cluster tests (tests/test_cluster.py) run here, and why not."""
     from dpnet.parallel import launched_by_mpi
@@ -34,8 +11,11 @@ def pytest_report_header(config):
     return "cluster tests (network-namespace hosts): " + ("run" if ok else f"skipped, {why}")
 
 
+# ---------------------------------------------------------------- /dev/shm hygiene
+
 def pytest_sessionstart(session):
-    session.config._mpich_segments_before = _mpich_segments()
+    from dpnet.parallel.shm_leftovers import segments
+    session.config._mpich_segments_before = segments()
 
 
 def pytest_sessionfinish(session):
@@ -45,7 +25,8 @@ def pytest_sessionfinish(session):
     before = getattr(session.config, "_mpich_segments_before", None)
     if before is None:
         return
-    for path in _mpich_segments() - before - _mapped_segments():
+    from dpnet.parallel.shm_leftovers import mapped_segments, segments
+    for path in segments() - before - mapped_segments():
         try:
             os.remove(path)
         except OSError:

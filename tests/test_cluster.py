@@ -139,3 +139,107 @@ def test_what_a_killed_run_left_is_removed_by_the_next(tmp_path):
             assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
         assert alive.namespaces[0] in namespaces  # the concurrent run is untouched
 
+
+
+# ---------------------------------------------------------------- faults across hosts
+
+class Job:
+    """A training job across a cluster, its output read as it comes."""
+
+    def __init__(self, cluster, ranks, args, cwd):
+        import subprocess
+        import threading
+        mpiexec = os.path.join(os.path.dirname(mpirun_path()), "mpiexec")
+        self.cmd = cluster.mpiexec(ranks, [sys.executable, "-m", "dpnet.train", *args], mpiexec=mpiexec)
+        self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=clean_env(), start_new_session=True, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines = []
+        threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True).start()
+
+    def wait_for(self, text, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert time.monotonic() < deadline and self.proc.poll() is None, f"no {text!r} in:\n{self.output}"
+            time.sleep(0.1)
+
+    @property
+    def output(self):
+        return "".join(self.lines)
+
+
+def ranks_in(namespace):
+    """{world rank: pid} of the dpnet ranks running in a host's namespace."""
+    import subprocess
+    found = {}
+    for pid in subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split():
+        try:
+            with open(f"/proc/{pid}/environ") as fh:
+                env = dict(item.split("=", 1) for item in fh.read().split("\0") if "=" in item)
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().split(") ")[1][0] == "Z":
+                    continue
+        except OSError:
+            continue
+        if "PMI_RANK" in env:
+            found[int(env["PMI_RANK"])] = int(pid)
+    return found
+
+
+def shm_segments():
+    """MPICH's segments in /dev/shm that no live process maps (a concurrent job's are mapped)."""
+    from dpnet.parallel.shm_leftovers import mapped_segments, segments
+    return segments() - mapped_segments()
+
+
+def test_a_host_that_loses_its_link_ends_the_job(cifar_dir, tmp_path):
+    """Host 1 loses its link mid-run: the ranks on host 0 name ranks 2 and 3 as unreachable
+    and end the job within the timeout plus a few seconds, non-zero; the cut-off ranks, which
+    no abort can reach, end themselves; no shared-memory segment of the job is left."""
+    import subprocess
+
+    from dpnet.parallel.watchdog import EXIT_GRACE_SECONDS, PING_SECONDS
+    timeout = 4
+    before = shm_segments()
+    args = train_args(cifar_dir, "--timeout", str(timeout), "--max-steps", "100000", "--epochs", "100000")
+    with Cluster(2) as cluster:
+        job = Job(cluster, [2, 2], args, str(tmp_path))
+        job.wait_for("gradients: ")
+        time.sleep(2)  # a few steps in
+        cut = time.monotonic()
+        subprocess.run(["ip", "link", "set", cluster.veths[1], "down"], check=True)
+        try:
+            job.proc.wait(timeout=timeout + PING_SECONDS + 10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the job had not ended {time.monotonic() - cut:.0f} s after the cut\n{job.output}")
+        ended = time.monotonic() - cut
+        assert job.proc.returncode != 0, job.output
+        assert "rank(s) [2, 3] do not answer (unreachable" in job.output, job.output
+        deadline = time.monotonic() + EXIT_GRACE_SECONDS + timeout + 5
+        while (ranks_in(cluster.namespaces[0]) or ranks_in(cluster.namespaces[1])) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not ranks_in(cluster.namespaces[0]) and not ranks_in(cluster.namespaces[1]), "ranks outlived the job"
+    assert ended <= timeout + PING_SECONDS + 8, f"the job took {ended:.1f} s to end\n{job.output}"
+    assert not shm_segments() - before, "the aborted job left MPICH segments in /dev/shm"
+
+
+def test_kill_9_of_a_rank_on_another_host_ends_the_job(cifar_dir, tmp_path):
+    """kill -9 of rank 2 (on host 1): the job ends within seconds, non-zero, and the launcher's
+    report names the killed process (its pid and host); no rank outlives the job."""
+    import signal
+    args = train_args(cifar_dir, "--timeout", "30", "--max-steps", "100000", "--epochs", "100000")
+    with Cluster(2) as cluster:
+        job = Job(cluster, [2, 2], args, str(tmp_path))
+        job.wait_for("gradients: ")
+        time.sleep(2)
+        victim = ranks_in(cluster.namespaces[1])[2]
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        job.proc.wait(timeout=20)
+        ended = time.monotonic() - killed
+        assert job.proc.returncode != 0, job.output
+        assert f"PID {victim} RUNNING AT {cluster.addresses[1]}" in job.output, job.output
+        deadline = time.monotonic() + 10
+        while (ranks_in(cluster.namespaces[0]) or ranks_in(cluster.namespaces[1])) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not ranks_in(cluster.namespaces[0]) and not ranks_in(cluster.namespaces[1])
+    assert ended < 10, f"the job took {ended:.1f} s to end\n{job.output}"

@@ -30,13 +30,15 @@ SerialComm, a world of one, needs none of them):
                                            threads: no), so a watchdog can end a hung job
 
 MPIComm alone has point-to-point calls, which its watchdog's heartbeats use:
-isend(array, dest, tag) -> request, recv(array, source, tag), iprobe(source, tag), wait_all(requests).
+isend(array, dest, tag) -> request, recv(array, source, tag), iprobe(source, tag), probe_status(tag),
+wait_all(requests).
 
 SerialComm is the world of one process; MPIComm wraps an mpi4py communicator;
 SimComm (dpnet.parallel.simcomm) runs N logical ranks as threads of one process.
 """
 
 import os
+import pickle
 
 import numpy as np
 
@@ -101,7 +103,11 @@ def ranks_per_node(environ=None):
 
 
 class MPIComm:
-    """dpnet's interface over an mpi4py communicator (default: COMM_WORLD)."""
+    """dpnet's interface over an mpi4py communicator (default: COMM_WORLD).
+
+    The array collectives are MPI's non-blocking ones, waited for by polling: a blocking
+    MPICH collective that cannot finish (a lost link) keeps MPI's lock, and then no other
+    thread, the watchdog's included, could make an MPI call to find out why."""
 
     def __init__(self, mpi_comm=None):
         MPI = import_mpi()
@@ -116,29 +122,42 @@ class MPIComm:
         _check_op(op)
         if not array.flags.c_contiguous:
             raise ValueError("allreduce needs a C-contiguous array (it reduces in place)")
-        self.comm.Allreduce(self.MPI.IN_PLACE, array, op=self._ops[op])
+        _wait(self.comm.Iallreduce(self.MPI.IN_PLACE, array, op=self._ops[op]))
         return array
 
     def allgather(self, array):
         array = np.ascontiguousarray(array)
         out = np.empty((self.size,) + array.shape, dtype=array.dtype)
-        self.comm.Allgather(array, out)
+        _wait(self.comm.Iallgather(array, out))
         return out
 
     def bcast(self, array, root=0):
         if not array.flags.c_contiguous:
             raise ValueError("bcast needs a C-contiguous array (it broadcasts in place)")
-        self.comm.Bcast(array, root=root)
+        _wait(self.comm.Ibcast(array, root=root))
         return array
 
     def bcast_obj(self, obj, root=0):
-        return self.comm.bcast(obj, root=root)
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8) if self.rank == root else None
+        size = np.array([0 if data is None else data.size], dtype=np.int64)
+        self.bcast(size, root)
+        if data is None:
+            data = np.empty(int(size[0]), dtype=np.uint8)
+        else:
+            data = data.copy()  # a writable buffer for Ibcast
+        self.bcast(data, root)
+        return pickle.loads(data.tobytes())
 
     def allgather_obj(self, obj):
-        return self.comm.allgather(obj)
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        sizes = self.allgather(np.array([data.size], dtype=np.int64))[:, 0]
+        out = np.empty(int(sizes.sum()), dtype=np.uint8)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        _wait(self.comm.Iallgatherv(data, [out, (sizes, offsets), self.MPI.BYTE]))
+        return [pickle.loads(out[o:o + n].tobytes()) for o, n in zip(offsets, sizes)]
 
     def barrier(self):
-        self.comm.Barrier()
+        _wait(self.comm.Ibarrier())
 
     def dup(self):
         """A new communicator over the same ranks whose collectives never mix with these
@@ -167,7 +186,7 @@ class MPIComm:
     def fence(self):
         for window in self._windows:
             window.Sync()
-        self.comm.Barrier()
+        _wait(self.comm.Ibarrier())
         for window in self._windows:
             window.Sync()
 
@@ -194,6 +213,13 @@ class MPIComm:
     def iprobe(self, source, tag):
         return self.comm.Iprobe(source=source, tag=tag)
 
+    def probe_status(self, tag):
+        """The source of a waiting message with `tag` from any rank, or None."""
+        status = self.MPI.Status()
+        if self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=tag, status=status):
+            return status.Get_source()
+        return None
+
     def wait_all(self, requests):
         self.MPI.Request.Waitall(requests)
 
@@ -204,10 +230,19 @@ class MPIComm:
     abort_ends_every_rank = True
 
     def abort(self, code=1):
+        from .shm_leftovers import unlink_own
+        unlink_own()  # MPICH would leave its shared-memory segments behind
         self.comm.Abort(code)
 
     def __repr__(self):
         return f"MPIComm(rank={self.rank}, size={self.size})"
+
+
+def _wait(request):
+    """Wait for a non-blocking MPI call, leaving MPI's lock free between polls (and the core
+    to another process between them: ranks may outnumber cores)."""
+    while not request.Test():
+        os.sched_yield()
 
 
 def import_mpi():

@@ -25,8 +25,10 @@ The collectives of one training step (loss(), then step()), in order:
                     other nodes; node fence
 5. guard.leave: a receive of every peer's heartbeat
 6. every check_every steps, an Allgather of parameter digests (the drift check)
-7. step(): with DividedUpdate, guard.enter (part 1), a node fence, guard.leave (part 1);
+7. step(): with DividedUpdate, guard.enter ("update"), a node fence, guard.leave ("update");
    with ReplicatedUpdate, none
+Collectives outside loss() and step() (evaluation, checkpointing) are guarded the same way
+inside `with dp.guarded("evaluation" | "checkpoint"):`.
 
 Randomness policy: whatever must agree across ranks (initial weights, the shuffling
 order) comes from shared seeds, and the initial parameters and batchnorm statistics
@@ -208,6 +210,15 @@ class DataParallel:
         if self.check_every and self.steps % self.check_every == 0:
             self.check_consistency()
         return loss, self.flat.grads
+
+    @contextlib.contextmanager
+    def guarded(self, part):
+        """Collective context that guards collectives outside loss() and step() with the
+        watchdog: part is 'evaluation' or 'checkpoint' (dpnet.parallel.watchdog.PARTS)."""
+        self.guard.enter(self.steps, part)
+        with self.guard.disarmed_on_error():
+            yield
+            self.guard.leave(self.steps, part)
 
     def request_stop(self):
         """Vote to stop; after the next loss() every rank sees stop_agreed at the same step."""

@@ -95,7 +95,7 @@ class DividedUpdate:
         self.flat.rebind(data=shared)
 
     def step(self, rule, config, guard, step):
-        guard.enter(step, part=1)  # from here: moving state to shared memory is collective too
+        guard.enter(step, part="update")  # from here: moving state to shared memory is collective too
         with guard.disarmed_on_error():
             if getattr(rule, "elementwise", False):
                 lo, hi = self.owned
@@ -109,7 +109,7 @@ class DividedUpdate:
                     _keep_in(config, apply_update(rule, self.flat.data, self.flat.grad, config))
             start = time.perf_counter()
             self.node.fence()  # every slice updated before anyone's next forward
-            guard.leave(step, part=1)
+            guard.leave(step, part="update")
         return time.perf_counter() - start
 
     def _is_state(self, value):

@@ -3,10 +3,14 @@
 When it starts a guarded step every rank posts a tiny non-blocking heartbeat (the
 step number) to every other rank on a private duplicate of the communicator, and
 receives its peers' heartbeats once the step's last collective has completed, so nothing
-piles up. A background thread makes no MPI call while all is well; when the main thread
-has been inside one step for longer than `timeout` seconds, it probes which peers never
-posted that step's heartbeat (those are the silent ranks), prints that, and aborts the
-job. MPI must provide MPI_THREAD_MULTIPLE (mpi4py asks for it by default).
+piles up. A background thread answers other ranks' pings (one probe a second) and
+watches: when the main thread has been inside one step for longer than `timeout`
+seconds, it probes which peers never posted that step's heartbeat (they never reached
+it) and pings the others (those that do not answer within PING_SECONDS are unreachable:
+a lost link, a dead host, a process stopped), prints that, and aborts the job. Whatever
+MPI does then, the rank ends itself EXIT_GRACE_SECONDS later, so no rank outlives its
+job, even one that no abort reaches. MPI must provide MPI_THREAD_MULTIPLE (mpi4py asks
+for it by default).
 
     guard = make_guard(comm, timeout)   # a Watchdog, or Unguarded where none can serve
     guard.enter(step); ...collectives...; guard.leave(step)
@@ -14,11 +18,16 @@ job. MPI must provide MPI_THREAD_MULTIPLE (mpi4py asks for it by default).
 """
 
 import contextlib
+import os
 import sys
 import threading
 import time
 
 import numpy as np
+
+PING_SECONDS = 3.0  # how long a peer may take to answer a ping before it counts as unreachable
+EXIT_GRACE_SECONDS = 10.0  # after a timeout, the rank ends itself this much later whatever MPI does
+PING, PONG = 32766, 32767  # tags above the heartbeats' (which stay below 32766)
 
 
 def make_guard(comm, timeout):
@@ -44,10 +53,10 @@ class _Guard:
 class Unguarded(_Guard):
     """The guard of a job with no watchdog: every call does nothing."""
 
-    def enter(self, step, part=0):
+    def enter(self, step, part="step"):
         pass
 
-    def leave(self, step, part=0):
+    def leave(self, step, part="step"):
         pass
 
     def disarm(self):
@@ -72,20 +81,22 @@ class Watchdog(_Guard):
         self._stamp = np.zeros(1, dtype=np.int64)
         self._inbox = np.zeros(1, dtype=np.int64)
         self._closed = threading.Event()
+        self._ping = np.zeros(1, dtype=np.int64)
+        self._pongs = []
         self._thread = threading.Thread(target=self._watch, name="dpnet-watchdog", daemon=True)
         self._thread.start()
 
-    def enter(self, step, part=0):
-        """Call when the guarded `step` (or its part 0 or 1: gradients, update) starts,
-        before its first collective."""
+    def enter(self, step, part="step"):
+        """Call when a guarded part of the run (one of PARTS: a step's gradients, its update,
+        an evaluation or a checkpoint, at `step`) starts, before its first collective."""
         self._stamp[0] = step
         tag = _tag(step, part)
         self._sends = [self.heartbeats.isend(self._stamp, dest=peer, tag=tag) for peer in self.peers]
         with self._lock:
             self._heard = set()
-            self._inside = (step, tag, time.monotonic())
+            self._inside = (step, tag, time.monotonic(), part)
 
-    def leave(self, step, part=0):
+    def leave(self, step, part="step"):
         """Call once the last collective of `step` (or its part) has completed. Waits, still
         guarded, for every peer's heartbeat: a collective over only some ranks (a node's)
         says nothing of the others."""
@@ -110,21 +121,78 @@ class Watchdog(_Guard):
 
     def _watch(self):
         while not self._closed.wait(min(1.0, self.timeout / 4)):
+            self._answer_pings()
             with self._lock:
                 inside, heard = self._inside, set(self._heard)
             if inside is None or time.monotonic() - inside[2] < self.timeout:
                 continue
-            step, tag = inside[:2]
-            silent = [p for p in self.peers
-                      if p not in heard and not self.heartbeats.iprobe(source=p, tag=tag)]
-            who = f"rank(s) {silent} never reached it" if silent else "every rank reached it"
-            sys.stderr.write(
-                f"[rank {self.comm.rank}] watchdog: step {step} has not completed in {self.timeout:g} s; "
-                f"{who}. Aborting the job.\n")
-            sys.stderr.flush()
-            time.sleep(0.5)  # let the launcher forward the message before Abort tears it down
-            self.comm.abort(1)
+            self._end_job(inside[0], inside[1], inside[3], heard)
+
+    def _answer_pings(self):
+        self._pongs = [r for r in self._pongs if not r.Test()]
+        while True:
+            status = self.heartbeats.probe_status(tag=PING)
+            if status is None:
+                return
+            self.heartbeats.recv(self._ping, source=status, tag=PING)
+            self._pongs.append(self.heartbeats.isend(self._ping, dest=status, tag=PONG))
+
+    def _end_job(self, step, tag, part, heard):
+        what_part = _describe(step, part)
+        threading.Thread(target=_exit_later, args=(self.comm.rank, what_part), name="dpnet-exit", daemon=True).start()
+        silent = [p for p in self.peers if p not in heard and not self.heartbeats.iprobe(source=p, tag=tag)]
+        unreachable = self._unanswered([p for p in self.peers if p not in silent])
+        never = [p for p in silent if p not in unreachable]
+        unreachable = sorted(set(unreachable) | set(self._unanswered(silent)))
+        never = [p for p in never if p not in unreachable]
+        what = []
+        if unreachable:
+            what.append(f"rank(s) {unreachable} do not answer (unreachable: a lost link, a dead host or a "
+                        "stopped process)")
+        if never:
+            what.append(f"rank(s) {never} never reached it")
+        sys.stderr.write(
+            f"[rank {self.comm.rank}] watchdog: {what_part} has not completed in {self.timeout:g} s; "
+            f"{'; '.join(what) or 'every rank reached it and answers'}. Aborting the job.\n")
+        sys.stderr.flush()
+        time.sleep(0.5)  # let the launcher forward the message before Abort tears it down
+        self.comm.abort(1)
+
+    def _unanswered(self, peers):
+        """The peers that do not answer a ping within PING_SECONDS."""
+        stamp = np.zeros(1, dtype=np.int64)
+        sends = [self.heartbeats.isend(stamp, dest=p, tag=PING) for p in peers]
+        waiting, deadline = set(peers), time.monotonic() + PING_SECONDS
+        while waiting and time.monotonic() < deadline:
+            self._answer_pings()  # two watchdogs may be pinging each other
+            for p in sorted(waiting):
+                if self.heartbeats.iprobe(source=p, tag=PONG):
+                    self.heartbeats.recv(np.zeros(1, dtype=np.int64), source=p, tag=PONG)
+                    waiting.discard(p)
+            time.sleep(0.05)
+        del sends  # never waited for: an unreachable peer would never complete them
+        return sorted(waiting)
+
+
+def _exit_later(rank, what_part):
+    """End this process EXIT_GRACE_SECONDS from now, whether or not MPI's abort reaches it."""
+    time.sleep(EXIT_GRACE_SECONDS)
+    sys.stderr.write(f"[rank {rank}] watchdog: the job did not end {EXIT_GRACE_SECONDS:g} s after {what_part} "
+                     "timed out (no abort reached this rank, or MPI did not answer); ending it.\n")
+    sys.stderr.flush()
+    from .shm_leftovers import unlink_own
+    unlink_own()
+    os._exit(1)
+
+
+PARTS = ("step", "update", "evaluation", "checkpoint")  # what a guarded part of the run can be
+
+
+def _describe(step, part):
+    return f"step {step}" if part == "step" else f"the {part} of step {step}" if part == "update" else \
+        f"the {part} after step {step}"
 
 
 def _tag(step, part):
-    return (2 * step + part) % 32768  # MPI guarantees tags up to 32767
+    # MPI guarantees tags up to 32767; PING and PONG stay free
+    return (len(PARTS) * step + PARTS.index(part)) % PING

@@ -18,6 +18,7 @@ from ..data import DataError
 from ..models import ConvNet, ThreeLayerConvNet
 from ..optim import get_update_rule
 from ..parallel import DataParallel, shard_bounds, shard_indices, steps_per_epoch
+from ..parallel.shm_leftovers import remove_stale
 from .config import DATA_ENV, OPTIMIZERS, ConfigError, validate
 from .faults import inject_fault
 from .inputs import load_data, normaliser, split_train_val, training_batch
@@ -105,6 +106,8 @@ class Trainer:
 
     def __init__(self, config, comm):
         on_every_rank(comm, lambda: validate(config, comm.size))  # e.g. --resume missing on one node
+        if comm.size > 1:
+            remove_stale()  # segments that killed MPI jobs left in /dev/shm
         self.config, self.comm = config, comm
         self.say = Printer(comm)
         self.data, source, self.synthetic = on_every_rank(comm, lambda: load_data(config))
@@ -174,8 +177,13 @@ class Trainer:
                 if stopped:
                     break
                 summary = self.end_epoch(epoch, loss_sum, seen, seconds, comm_before)
-            self.dp.average_running_stats()
-            self.save()
+            with self.dp.guarded("checkpoint"):
+                self.dp.average_running_stats()
+                self.save()
+            if not stopped:
+                with self.dp.guarded("evaluation"):
+                    test_acc = evaluate(self.model, self.comm, self.data["x_test"], self.data["y_test"],
+                                        self.to_input)
             self.dp.close()
             if stopped:
                 self.say(f"stop requested (SIGTERM): checkpoint saved at step {self.step}; continue with "
@@ -183,7 +191,6 @@ class Trainer:
                 if self.metrics_file:
                     self.metrics_file.close()
                 return {**summary, "stopped": True, "step": self.step}
-            test_acc = evaluate(self.model, self.comm, self.data["x_test"], self.data["y_test"], self.to_input)
         final = {"final": True, "step": self.step, "test_acc": test_acc, "synthetic": self.synthetic}
         self.say(f"test accuracy {test_acc:.4f}" + (" (synthetic data)" if self.synthetic else "")
                  + (f"; checkpoint {self.config.checkpoint}" if self.config.checkpoint else ""))
@@ -242,9 +249,10 @@ class Trainer:
     def end_epoch(self, epoch, loss_sum, seen, seconds, comm_before):
         """After a whole epoch: average the batchnorm statistics, evaluate, print and record
         the epoch's metrics, save a checkpoint. Returns the metrics dict."""
-        self.dp.average_running_stats()
-        train_acc = evaluate(self.model, self.comm, self.x_train[:1000], self.y_train[:1000], self.to_input)
-        val_acc = evaluate(self.model, self.comm, self.x_val, self.y_val, self.to_input)
+        with self.dp.guarded("evaluation"):  # the watchdog ends the job if a rank never arrives
+            self.dp.average_running_stats()
+            train_acc = evaluate(self.model, self.comm, self.x_train[:1000], self.y_train[:1000], self.to_input)
+            val_acc = evaluate(self.model, self.comm, self.x_val, self.y_val, self.to_input)
         summary = {"epoch": epoch + 1, "step": self.step, "train_loss": loss_sum / max(seen, 1),
                    "train_acc": train_acc, "val_acc": val_acc, "images_per_s": seen / seconds,
                    "comm_fraction": (self.dp.comm_seconds - comm_before) / seconds, "seconds": seconds,
@@ -255,7 +263,8 @@ class Trainer:
         if self.metrics_file:
             self.metrics_file.write(json.dumps(summary) + "\n")
             self.metrics_file.flush()
-        self.save()
+        with self.dp.guarded("checkpoint"):
+            self.save()
         return summary
 
     def save(self):
