@@ -583,7 +583,7 @@ def test_a_gradient_stored_twice_is_an_error_not_a_skipped_bucket():
 def test_reduction_choice(monkeypatch):
     """'auto' shares memory where every node holds the same number (> 1) of ranks, across
     nodes hierarchically; 'shared-memory' where nodes are uneven is an error that says why."""
-    from dpnet.parallel import DataParallel, SerialComm, SimComm
+    from dpnet.parallel import DataParallel, ReducerUnavailable, SerialComm, SimComm
     from dpnet.parallel.comm import RANKS_PER_NODE_ENV
 
     def chosen(size, **options):
@@ -599,7 +599,7 @@ def test_reduction_choice(monkeypatch):
     assert chosen(4) == [("hierarchical", None)] * 4
     uneven = "nodes hold different numbers of ranks (1 to 2)"
     assert chosen(3) == [("allreduce", uneven)] * 3
-    with pytest.raises(RuntimeError, match=r"'shared-memory' is unavailable: nodes hold different numbers"):
+    with pytest.raises(ReducerUnavailable, match=r"'shared-memory' is unavailable: nodes hold different numbers"):
         chosen(3, reduction="shared-memory")
     monkeypatch.setenv(RANKS_PER_NODE_ENV, "1")
     assert chosen(2) == [("allreduce", "one rank per node: nothing to share")] * 2

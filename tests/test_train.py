@@ -558,6 +558,47 @@ def test_sigterm_saves_and_resumes(cifar_dir, tmp_path):
     assert final.get("final") is True and final["step"] == total
 
 
+def start_and_wait_for_an_epoch(args, tmp_path, ranks):
+    """Start the training command; return (cmd, proc) once it has written one more epoch's metrics."""
+    def epochs():
+        return (tmp_path / METRICS).read_text().count("\n") if os.path.exists(tmp_path / METRICS) else 0
+    before = epochs()
+    cmd = train_command(args, ranks)
+    proc = start(cmd, tmp_path)
+    deadline = time.monotonic() + 60
+    while epochs() <= before:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before the signal"
+        time.sleep(0.02)
+    return cmd, proc
+
+
+def test_ctrl_c_saves_and_exits_130(cifar_dir, tmp_path):
+    """Ctrl-C (SIGINT to mpirun, which passes it to the ranks) stops every rank at the same step,
+    saves, and exits 130 with one line; a second Ctrl-C ends the job at once."""
+    args = base_args(cifar_dir, "--epochs", "40")
+    cmd, proc = start_and_wait_for_an_epoch(args, tmp_path, 2)
+    try:
+        proc.send_signal(signal.SIGINT)
+        run = finish(proc, cmd, tmp_path, time.monotonic(), timeout=20)
+    finally:
+        kill_group(proc)
+    assert run.returncode == 130, str(run)
+    saved = re.findall(r"^stop requested \(SIGINT\): checkpoint saved at step (\d+); continue with "
+                       + re.escape(f"--resume {CKPT}") + "$", run.stdout, re.M)
+    assert len(saved) == 1 and read_checkpoint(tmp_path / CKPT)["attrs"]["step"] == int(saved[0]), str(run)
+    assert "Traceback" not in run.stderr, str(run)
+
+    cmd, proc = start_and_wait_for_an_epoch(args + ["--resume", CKPT], tmp_path, 2)
+    try:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        run = finish(proc, cmd, tmp_path, time.monotonic(), timeout=10)
+    finally:
+        kill_group(proc)
+    assert run.returncode != 0 and "stop requested" not in run.stdout, str(run)
+
+
 # ================================================================ 8. bad input: exit 2, one line, once
 
 @pytest.fixture(scope="module")
@@ -609,8 +650,15 @@ def _missing_batch(tmp_path, cifar_dir):
 OPTION_ERRORS = {  # id -> f(tmp_path) -> (flags, world size, fragments of the message, in order)
     "unknown-flag": lambda t: (["--bogus-flag"], 1, ["unrecognized arguments: --bogus-flag"]),
     "batch-size-0": lambda t: (["--batch-size", "0"], 1, ["--batch-size must be at least 1, got 0"]),
-    "lr-0": lambda t: (["--lr", "0"], 1, ["--lr must be positive"]),
-    "lr-negative": lambda t: (["--lr", "-1"], 1, ["--lr must be positive, got -1"]),
+    "lr-0": lambda t: (["--lr", "0"], 1, ["--lr must be a positive finite number"]),
+    "lr-negative": lambda t: (["--lr", "-1"], 1, ["--lr must be a positive finite number, got -1"]),
+    "lr-inf": lambda t: (["--lr", "inf"], 1, ["--lr must be a positive finite number, got inf"]),
+    "reg-nan": lambda t: (["--reg", "nan"], 1, ["--reg must be a finite number >= 0, got nan"]),
+    "seed-negative": lambda t: (["--seed", "-1"], 1, ["--seed must not be negative, got -1"]),
+    "bucket-mb-nan": lambda t: (["--bucket-mb", "nan"], 1, ["--bucket-mb must be a finite number >= 0, got nan"]),
+    "bucket-mb-inf": lambda t: (["--bucket-mb", "inf"], 1, ["--bucket-mb must be a finite number >= 0, got inf"]),
+    "toml-bucket-mb-inf": lambda t: (["--config", _toml(t, "bucket_mb = inf\n")], 1,
+                                     ["--bucket-mb must be a finite number >= 0, got inf"]),
     "batch-size-1-two-ranks": lambda t: (["--batch-size", "1"], 2, ["--batch-size 1 is smaller than the 2 ranks"]),
     "buckets-with-shared-memory": lambda t: (["--reduction", "shared-memory", "--bucket-mb", "1"], 1,
                                              ["--bucket-mb applies to --reduction allreduce"]),
@@ -653,7 +701,16 @@ BAD_INPUT = {  # id -> f(tmp_path, cifar_dir, real_checkpoint, mode) -> (extra a
     "data-foreign-pickle": lambda t, d, c, m: _data_with(t, d, "data_batch_2", {b"labels": [1, 2], b"x": 0}),
     "data-pickled-list": lambda t, d, c, m: _data_with(t, d, "test_batch", [1, 2, 3]),
     "data-missing-batch": lambda t, d, c, m: _missing_batch(t, d),
+    # output folders, checked before any training ('file' is a file, so nothing can be made in it)
+    "metrics-unwritable": lambda t, d, c, m: _unwritable(t, "--metrics"),
+    "checkpoint-unwritable": lambda t, d, c, m: _unwritable(t, "--checkpoint"),
 }
+
+
+def _unwritable(tmp_path, option):
+    (tmp_path / "file").write_text("not a folder")
+    path = str(tmp_path / "file" / "out")
+    return [option, path], [f"{option} {path}: cannot write to {tmp_path / 'file'}"]
 
 
 @pytest.mark.parametrize("mode", ["serial", "mpirun-2"])
@@ -671,6 +728,25 @@ def test_bad_input_exits_2_with_one_message(cifar_dir, real_checkpoint, tmp_path
         assert fragment in line, f"{fragment!r} not in the message\n{run}"
     assert run.stdout == "", str(run)
     assert not os.path.exists(tmp_path / CKPT)
+
+
+def test_mpirun_with_simulated_ranks_is_refused(cifar_dir, tmp_path):
+    """Under mpirun each process would run its own simulated job, all writing the same files."""
+    run = run_train(base_args(cifar_dir, "--max-steps", "1", "--simulate-ranks", "2"), tmp_path, ranks=2,
+                    timeout=60)
+    assert run.returncode == 2 and len(run.err_lines) == 1, str(run)
+    assert run.err_lines[0] == (ERROR_PREFIX + "--simulate-ranks runs logical ranks in one process; under "
+                                "mpirun each of the processes would run its own simulated job: use one or the other")
+    assert run.stdout == ""
+
+
+def test_shared_memory_that_cannot_serve_is_one_message(cifar_dir, tmp_path):
+    """--reduction shared-memory on nodes of unequal size (3 ranks as 2 + 1): exit 2, one line."""
+    run = run_train(base_args(cifar_dir, "--max-steps", "1", "--reduction", "shared-memory"), tmp_path, ranks=3,
+                    env=clean_env(DPNET_RANKS_PER_NODE="2"), timeout=60)
+    assert run.returncode == 2 and len(run.err_lines) == 1, str(run)
+    assert run.err_lines[0] == (ERROR_PREFIX + "--reduction shared-memory: reduction 'shared-memory' is "
+                                "unavailable: nodes hold different numbers of ranks (1 to 2)")
 
 
 def test_toml_config_is_honoured_and_flags_override_it(cifar_dir, tmp_path):

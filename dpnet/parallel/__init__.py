@@ -8,7 +8,7 @@ which composes them.
 """
 
 from .allreduce import AllreduceReducer, BucketedAllreduce
-from .choice import REDUCTIONS, choose_reducer
+from .choice import REDUCTIONS, ReducerUnavailable, choose_reducer
 from .comm import MPIComm, SerialComm, get_comm, launched_by_mpi, launcher_rank
 from .consistency import ParameterDriftError, checksum
 from .data_parallel import DataParallel
@@ -19,6 +19,6 @@ from .simcomm import SimComm, SimCommError
 __all__ = [
     "get_comm", "launched_by_mpi", "launcher_rank", "SerialComm", "MPIComm", "SimComm", "SimCommError",
     "DataParallel", "REDUCTIONS", "ParameterDriftError", "checksum",
-    "choose_reducer", "AllreduceReducer", "BucketedAllreduce", "SharedMemoryReducer", "HierarchicalReducer",
+    "choose_reducer", "ReducerUnavailable", "AllreduceReducer", "BucketedAllreduce", "SharedMemoryReducer", "HierarchicalReducer",
     "shard_indices", "shard_bounds", "epoch_permutation", "steps_per_epoch",
 ]

@@ -10,6 +10,10 @@ SHM_HEADROOM = 1.25  # leave room for shared arrays beyond what they need
 SPARE_ARRAYS = 3  # shared arrays of `count` elements room is checked for: parameters, Adam's m and v
 
 
+class ReducerUnavailable(RuntimeError):
+    """The reduction asked for cannot serve this job (raised on every rank alike)."""
+
+
 def choose_reducer(comm, reduction, bucket_bytes, sizes, extra, dtype):
     """(reducer, reason): the reducer for `reduction`, and why shared memory is not used
     when 'auto' could not use it (None otherwise). Collective over comm.
@@ -18,7 +22,7 @@ def choose_reducer(comm, reduction, bucket_bytes, sizes, extra, dtype):
     - 'allreduce', or bucket_bytes given: AllreduceReducer, or BucketedAllreduce with buckets
       of about bucket_bytes
     - 'shared-memory': SharedMemoryReducer on one node, HierarchicalReducer on several;
-      RuntimeError if it cannot serve (nodes of unequal size, too little room)
+      ReducerUnavailable if it cannot serve (nodes of unequal size, too little room)
     - 'auto': 'shared-memory' where it can serve and nodes hold more than one rank, else
       'allreduce'
     With one rank there is nothing to sum: AllreduceReducer (or buckets, as asked).
@@ -35,7 +39,7 @@ def choose_reducer(comm, reduction, bucket_bytes, sizes, extra, dtype):
         if reducer is not None:
             return reducer, None
         if reduction == "shared-memory":
-            raise RuntimeError(f"reduction 'shared-memory' is unavailable: {why_not}")
+            raise ReducerUnavailable(f"reduction 'shared-memory' is unavailable: {why_not}")
         return AllreduceReducer(comm, np.zeros(count, dtype)), why_not
     if bucket_bytes:
         ends = np.cumsum(sizes).tolist()

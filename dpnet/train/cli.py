@@ -6,6 +6,7 @@ MPI world (or on --simulate-ranks threads) and turns a user error into one line 
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 import threading
@@ -14,7 +15,7 @@ import traceback
 
 from ..checkpoint import CheckpointError
 from ..data import DataError
-from ..parallel import SimComm, get_comm, launcher_rank
+from ..parallel import SimComm, get_comm, launched_by_mpi, launcher_rank
 from .config import CHOICES, OPTION_HELP, ConfigError, TrainConfig, validate
 from .loop import NonFiniteLoss, StartupError, stop_signal, train
 
@@ -97,23 +98,38 @@ def install_abort_hook(comm):
     sys.excepthook = hook
 
 
+def _on_sigint(signum, frame):
+    """The first Ctrl-C stops the run at the next step, saved; a second ends it at once."""
+    if stop_signal.is_set():
+        os._exit(130)
+    stop_signal.set("SIGINT")
+
+
+def _status(result):
+    """Exit status of a finished run: 130 after a stop asked for by Ctrl-C, else 0."""
+    return 130 if result.get("stopped") and stop_signal.signal == "SIGINT" else 0
+
+
 def main(argv=None):
     """Run the command with argv (default: sys.argv[1:]); returns the exit status: 0, 2 for a
     bad option, data set or checkpoint, 1 for a non-finite loss."""
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
         if threading.current_thread() is threading.main_thread():
-            # SIGTERM (a scheduler's preemption): every rank stops at the same step and saves
-            signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.set())
+            # SIGTERM (a scheduler's preemption) or Ctrl-C: every rank stops at the same step and saves
+            signal.signal(signal.SIGTERM, lambda signum, frame: stop_signal.set("SIGTERM"))
+            signal.signal(signal.SIGINT, _on_sigint)
+        if config.simulate_ranks and launched_by_mpi():
+            raise ConfigError("--simulate-ranks runs logical ranks in one process; under mpirun each of the "
+                              "processes would run its own simulated job: use one or the other")
         if config.simulate_ranks:
             validate(config, config.simulate_ranks)
-            SimComm(config.simulate_ranks).run(lambda c: train(config, c))
-            return 0
+            results = SimComm(config.simulate_ranks).run(lambda c: train(config, c))
+            return _status(results[0])
         comm = get_comm()
         if comm.size > 1:
             install_abort_hook(comm)
-        train(config, comm)
-        return 0
+        return _status(train(config, comm))
     except (ConfigError, DataError, CheckpointError, StartupError) as exc:
         if launcher_rank() == 0:
             print(f"python -m dpnet.train: error: {exc}", file=sys.stderr)

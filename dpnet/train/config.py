@@ -1,5 +1,6 @@
 """The options of a training run (TrainConfig), what each means, and which values are possible."""
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -94,17 +95,20 @@ def validate(config, world_size):
     for key, value in positive.items():
         if value is not None and value < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
-    if not config.lr > 0:
-        raise ConfigError(f"--lr must be positive, got {config.lr}")
-    if not config.lr_decay > 0:
-        raise ConfigError(f"--lr-decay must be positive, got {config.lr_decay}")
-    if config.reg < 0 or config.val_size < 0 or config.check_every < 0:
-        raise ConfigError("--reg, --val-size and --check-every must not be negative")
-    if config.bucket_mb < 0:
-        raise ConfigError(f"--bucket-mb must not be negative, got {config.bucket_mb}")
+    if not 0 < config.lr < math.inf:
+        raise ConfigError(f"--lr must be a positive finite number, got {config.lr}")
+    if not 0 < config.lr_decay < math.inf:
+        raise ConfigError(f"--lr-decay must be a positive finite number, got {config.lr_decay}")
+    for key in ("reg", "bucket_mb"):
+        value = getattr(config, key)
+        if not 0 <= value < math.inf:
+            raise ConfigError(f"--{key.replace('_', '-')} must be a finite number >= 0, got {value}")
+    for key in ("val_size", "check_every", "seed"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must not be negative, got {getattr(config, key)}")
     if config.bucket_mb and config.reduction == "shared-memory":
         raise ConfigError("--bucket-mb applies to --reduction allreduce (or auto) only")
-    if not config.timeout > 0:
+    if not config.timeout > 0:  # inf: wait forever
         raise ConfigError(f"--timeout must be positive, got {config.timeout}")
     if config.resume and not os.path.isfile(config.resume):
         raise ConfigError(f"--resume {config.resume}: no such checkpoint file")

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import threading
 import time
 
@@ -17,13 +18,29 @@ from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..data import DataError
 from ..models import ConvNet, ThreeLayerConvNet
 from ..optim import get_update_rule
-from ..parallel import DataParallel, shard_bounds, shard_indices, steps_per_epoch
+from ..parallel import DataParallel, ReducerUnavailable, shard_bounds, shard_indices, steps_per_epoch
 from ..parallel.shm_leftovers import remove_stale
 from .config import DATA_ENV, OPTIMIZERS, ConfigError, validate
 from .faults import inject_fault
 from .inputs import load_data, normaliser, split_train_val, training_batch
 
-stop_signal = threading.Event()  # set by SIGTERM; every logical rank votes to stop
+class StopRequest:
+    """Set by SIGTERM or SIGINT (`signal`: the first one's name): every rank votes to stop, and
+    all stop at the same step."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self.signal = None
+
+    def set(self, name):
+        self.signal = self.signal or name
+        self._event.set()
+
+    def is_set(self):
+        return self._event.is_set()
+
+
+stop_signal = StopRequest()
 
 
 class StartupError(ValueError):
@@ -61,6 +78,22 @@ class Printer:
     def __call__(self, *args):
         if self.active:
             print(*args, flush=True)
+
+
+def check_outputs(config):
+    """Raise ConfigError unless the checkpoint's and the metrics' folders can be written (before
+    any training, rather than after an epoch of it)."""
+    for option, path in (("checkpoint", config.checkpoint), ("metrics", config.metrics)):
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".dpnet-probe-")
+            os.close(fd)
+            os.remove(probe)
+        except OSError as exc:
+            raise ConfigError(f"--{option} {path}: cannot write to {folder} ({exc.strerror})") from None
 
 
 def build_model(config, comm):
@@ -120,10 +153,14 @@ class Trainer:
             comm, lambda: split_train_val(self.data, config.val_size, config.seed))
         self.to_input = normaliser(self.x_train, np.dtype(config.dtype))
 
+        on_every_rank(comm, lambda: check_outputs(config) if comm.rank == 0 else None)  # rank 0 writes them
         self.model = build_model(config, comm)
-        self.dp = DataParallel(self.model, comm, seed=config.seed, check_every=config.check_every,
-                               timeout=config.timeout, bucket_bytes=int(config.bucket_mb * 2**20) or None,
-                               reduction=config.reduction)
+        try:
+            self.dp = DataParallel(self.model, comm, seed=config.seed, check_every=config.check_every,
+                                   timeout=config.timeout, bucket_bytes=int(config.bucket_mb * 2**20) or None,
+                                   reduction=config.reduction)
+        except ReducerUnavailable as exc:  # on every rank alike
+            raise ConfigError(f"--reduction {config.reduction}: {exc}") from None
         self.update_rule = get_update_rule(OPTIMIZERS[config.optimizer])
         self.optim_config = {"learning_rate": config.lr}
         self.rngs = {"augment": np.random.default_rng([config.seed, comm.rank, 1])}
@@ -186,8 +223,10 @@ class Trainer:
                                         self.to_input)
             self.dp.close()
             if stopped:
-                self.say(f"stop requested (SIGTERM): checkpoint saved at step {self.step}; continue with "
-                         f"--resume {self.config.checkpoint}")
+                how = stop_signal.signal or "by another rank"
+                saved = f"checkpoint saved at step {self.step}; continue with --resume {self.config.checkpoint}" \
+                    if self.config.checkpoint else f"stopped at step {self.step}; no checkpoint (--checkpoint '')"
+                self.say(f"stop requested ({how}): {saved}")
                 if self.metrics_file:
                     self.metrics_file.close()
                 return {**summary, "stopped": True, "step": self.step}
