@@ -694,6 +694,7 @@ BAD_INPUT = {  # id -> f(tmp_path, cifar_dir, real_checkpoint, mode) -> (extra a
         ["--batch-size 1 is smaller than the 2 ranks"]),
     # checkpoints and data sets, read on every rank
     "resume-garbage": lambda t, d, c, m: _garbage_checkpoint(t),
+    "fault-kind-unknown": lambda t, d, c, m: ([], ["DPNET_FAULT: unknown fault kind 'explode'"]),
     "resume-truncated": lambda t, d, c, m: _truncated_checkpoint(t, c),
     "resume-other-model": lambda t, d, c, m: (["--resume", c, "--hidden-dim", "8"], [c, "W2"]),
     "data-missing": lambda t, d, c, m: (["--data", str(t / "no-such-folder")], [str(t / "no-such-folder")]),
@@ -717,8 +718,9 @@ def _unwritable(tmp_path, option):
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_bad_input_exits_2_with_one_message(cifar_dir, real_checkpoint, tmp_path, case, mode):
     extra, fragments = BAD_INPUT[case](tmp_path, cifar_dir, real_checkpoint, mode)
+    env = clean_env(DPNET_FAULT="1:0:explode" if case == "fault-kind-unknown" else None)
     run = run_train(base_args(cifar_dir, "--max-steps", "1", *extra), tmp_path,
-                    ranks=2 if mode == "mpirun-2" else None, timeout=60)
+                    ranks=2 if mode == "mpirun-2" else None, env=env, timeout=60)
     assert run.returncode == 2, str(run)
     assert len(run.err_lines) == 1, f"expected one line on stderr\n{run}"
     assert run.stderr.count(ERROR_PREFIX) == 1, f"printed more than once\n{run}"  # even if interleaved

@@ -21,7 +21,7 @@ from ..optim import get_update_rule
 from ..parallel import DataParallel, ReducerUnavailable, shard_bounds, shard_indices, steps_per_epoch
 from ..parallel.shm_leftovers import remove_stale
 from .config import DATA_ENV, OPTIMIZERS, ConfigError, validate
-from .faults import inject_fault
+from .faults import fault_spec, inject_fault
 from .inputs import load_data, normaliser, split_train_val, training_batch
 
 class StopRequest:
@@ -138,7 +138,7 @@ class Trainer:
     resumes from config.resume; run() trains and returns the final metrics dict."""
 
     def __init__(self, config, comm):
-        on_every_rank(comm, lambda: validate(config, comm.size))  # e.g. --resume missing on one node
+        on_every_rank(comm, lambda: (validate(config, comm.size), fault_spec()))  # e.g. --resume missing on one node
         if comm.size > 1:
             remove_stale()  # segments that killed MPI jobs left in /dev/shm
         self.config, self.comm = config, comm
