@@ -751,6 +751,17 @@ def test_shared_memory_that_cannot_serve_is_one_message(cifar_dir, tmp_path):
                                 "unavailable: nodes hold different numbers of ranks (1 to 2)")
 
 
+@pytest.mark.parametrize("ranks", [None, 2], ids=["serial", "mpirun-2"])
+def test_progress_is_a_line_every_few_seconds_in_a_log(cifar_dir, tmp_path, ranks):
+    """Where the output is a pipe or a file (a batch job's log) and no terminal can show a bar,
+    rank 0 writes one progress line every DPNET_PROGRESS_SECONDS."""
+    args = [a for a in base_args(cifar_dir, "--epochs", "1") if a != "--no-progress"]
+    run = run_ok(args, tmp_path, ranks, env=clean_env(DPNET_PROGRESS_SECONDS="0"))
+    lines = [line for line in run.err_lines if line.startswith("epoch 1/1: step ")]
+    assert len(lines) == STEPS_PER_EPOCH, str(run)  # every step, printed once
+    assert re.fullmatch(r"epoch 1/1: step 5/5, loss \d+\.\d{3}, img/s \d+", lines[-1]), str(run)
+
+
 def test_toml_config_is_honoured_and_flags_override_it(cifar_dir, tmp_path):
     config = _toml(tmp_path, f"""
         data = "{cifar_dir}"

@@ -23,6 +23,7 @@ from ..parallel.shm_leftovers import remove_stale
 from .config import DATA_ENV, OPTIMIZERS, ConfigError, validate
 from .faults import fault_spec, inject_fault
 from .inputs import load_data, normaliser, split_train_val, training_batch
+from .progress import progress
 
 class StopRequest:
     """Set by SIGTERM or SIGINT (`signal`: the first one's name): every rank votes to stop, and
@@ -327,7 +328,4 @@ def _fraction(value):
 def _progress(config, comm, total, done, epoch, epochs):
     if not config.progress or comm.rank != 0:
         return None
-    from tqdm import tqdm
-    # disable=None: no bar when stderr is not a terminal (a log file, a batch job)
-    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr,
-                disable=None)
+    return progress(total, done, f"epoch {epoch + 1}/{epochs}")

@@ -1,0 +1,48 @@
+"""Progress of an epoch on rank 0: a live bar where stderr is a terminal, else a line every
+DPNET_PROGRESS_SECONDS (10 s by default), which suits a log file, a pipe or a SLURM log.
+
+Under mpirun the ranks' output reaches the terminal through the launcher, a pipe, and the
+ranks have no terminal of their own (Hydra starts them in a session of their own), so there
+it is the line every 10 s.
+"""
+
+import os
+import sys
+import time
+
+PROGRESS_SECONDS_ENV = "DPNET_PROGRESS_SECONDS"
+
+
+def progress(total, done, description):
+    """A progress display for `total` steps of which `done` are done: a tqdm bar or LineProgress.
+    Both take update(1), set_postfix(**fields) and close()."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(total=total, initial=done, desc=description, leave=False, file=sys.stderr)
+    seconds = float(os.environ.get(PROGRESS_SECONDS_ENV) or 10)
+    return LineProgress(total, done, description, seconds, sys.stderr)
+
+
+class LineProgress:
+    """One line `description: step k/total, field value, ...` every `seconds` seconds."""
+
+    def __init__(self, total, done, description, seconds, stream):
+        self.total, self.done, self.description = total, done, description
+        self.seconds, self.stream = seconds, stream
+        self.fields = {}
+        self.last = time.monotonic()
+
+    def update(self, steps):
+        self.done += steps
+
+    def set_postfix(self, **fields):
+        self.fields = fields
+        now = time.monotonic()
+        if now - self.last >= self.seconds:
+            self.last = now
+            shown = ", ".join(f"{key.replace('_', '/')} {value}" for key, value in self.fields.items())
+            self.stream.write(f"{self.description}: step {self.done}/{self.total}, {shown}\n")
+            self.stream.flush()
+
+    def close(self):
+        pass
