@@ -762,6 +762,26 @@ def test_progress_is_a_line_every_few_seconds_in_a_log(cifar_dir, tmp_path, rank
     assert re.fullmatch(r"epoch 1/1: step 5/5, loss \d+\.\d{3}, img/s \d+", lines[-1]), str(run)
 
 
+def test_a_run_never_replaces_another_runs_files(cifar_dir, tmp_path):
+    """A second run in the same folder is refused (one line, exit 2) and leaves the first run's
+    checkpoint and metrics as they were; --overwrite replaces them, but only once it has trained
+    an epoch does the metrics file change (a run that dies first leaves it whole)."""
+    first = run_ok(base_args(cifar_dir, "--max-steps", "3"), tmp_path)
+    saved = {p: (tmp_path / p).read_bytes() for p in (CKPT, METRICS)}
+    again = run_train(base_args(cifar_dir, "--max-steps", "3"), tmp_path, timeout=60)
+    assert again.returncode == 2 and len(again.err_lines) == 1, str(again)
+    assert again.err_lines[0] == (ERROR_PREFIX + f"--checkpoint {CKPT} exists (an earlier run's): continue that "
+                                  "run with --resume, choose another --checkpoint, or pass --overwrite to replace it")
+    assert {p: (tmp_path / p).read_bytes() for p in saved} == saved
+    dies = run_train(base_args(cifar_dir, "--max-steps", "3", "--overwrite"), tmp_path,
+                     env=clean_env(DPNET_FAULT="0:1:nan"), timeout=60)
+    assert dies.returncode == 1 and "loss is nan at step 1" in dies.stderr, str(dies)
+    assert (tmp_path / METRICS).read_bytes() == saved[METRICS]  # not truncated by a run that never trained
+    run_ok(base_args(cifar_dir, "--max-steps", "6", "--overwrite"), tmp_path)
+    assert read_metrics(tmp_path / METRICS)[-1]["step"] == 6
+    assert first.returncode == 0
+
+
 def test_toml_config_is_honoured_and_flags_override_it(cifar_dir, tmp_path):
     config = _toml(tmp_path, f"""
         data = "{cifar_dir}"
@@ -776,7 +796,7 @@ def test_toml_config_is_honoured_and_flags_override_it(cifar_dir, tmp_path):
     ckpt = read_checkpoint(tmp_path / "from_toml" / "ck.h5")
     assert ckpt["attrs"]["step"] == 3 and ckpt["params"]["W3"].shape == (16, 10)
     assert ckpt["attrs"]["config"]["max_steps"] == 3 and ckpt["attrs"]["config"]["data"] == cifar_dir
-    run = run_ok(["--config", config, "--max-steps", "2", "--hidden-dim", "12"], tmp_path)
+    run = run_ok(["--config", config, "--max-steps", "2", "--hidden-dim", "12", "--overwrite"], tmp_path)
     ckpt = read_checkpoint(tmp_path / "from_toml" / "ck.h5")
     assert ckpt["attrs"]["step"] == 2 and ckpt["params"]["W3"].shape == (12, 10)
     assert "160 train / 40 val / 40 test" in run.lines[0]

@@ -35,6 +35,7 @@ class TrainConfig:
     threads: Optional[int] = None
     checkpoint: str = "dpnet_run/checkpoint.h5"
     resume: Optional[str] = None
+    overwrite: bool = False
     metrics: str = "dpnet_run/metrics.jsonl"
     simulate_ranks: Optional[int] = None
     check_every: int = 50
@@ -65,6 +66,7 @@ OPTION_HELP = {
     "threads": "BLAS threads per rank (default: cores / ranks on this node)",
     "checkpoint": "HDF5 file written atomically after every epoch and at the end ('': none)",
     "resume": "continue from this checkpoint",
+    "overwrite": "replace the checkpoint and metrics of an earlier run at the same paths (else refused)",
     "metrics": "JSON-lines file of per-epoch metrics ('': none)",
     "simulate_ranks": "without mpirun: run this many logical ranks as threads of one process",
     "check_every": "compare parameter checksums across ranks every this many steps (0: never)",

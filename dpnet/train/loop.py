@@ -81,12 +81,40 @@ class Printer:
             print(*args, flush=True)
 
 
+class MetricsLog:
+    """The JSON-lines metrics file, opened at the first record: a run that never finishes an
+    epoch leaves an earlier file as it was. append: continue it (a resumed run)."""
+
+    def __init__(self, path, append):
+        self.path, self.mode, self.file = path, "a" if append else "w", None
+
+    def write(self, text):
+        if self.file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.file = open(self.path, self.mode)
+        self.file.write(text)
+
+    def flush(self):
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
 def check_outputs(config):
     """Raise ConfigError unless the checkpoint's and the metrics' folders can be written (before
-    any training, rather than after an epoch of it)."""
+    any training, rather than after an epoch of it), and unless this run would replace another
+    run's files without --resume (continuing them) or --overwrite."""
+    continuing = {"checkpoint": bool(config.resume) and os.path.abspath(config.resume) == os.path.abspath(
+        config.checkpoint or ""), "metrics": bool(config.resume)}
     for option, path in (("checkpoint", config.checkpoint), ("metrics", config.metrics)):
         if not path:
             continue
+        if os.path.exists(path) and not continuing[option] and not config.overwrite:
+            raise ConfigError(f"--{option} {path} exists (an earlier run's): continue that run with --resume, "
+                              f"choose another --{option}, or pass --overwrite to replace it")
         folder = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(folder, exist_ok=True)
@@ -186,8 +214,7 @@ class Trainer:
                      f"{self.dp.reducer.describe()}{fallback}")
         self.metrics_file = None
         if comm.rank == 0 and config.metrics:
-            os.makedirs(os.path.dirname(os.path.abspath(config.metrics)), exist_ok=True)
-            self.metrics_file = open(config.metrics, "a" if config.resume else "w")
+            self.metrics_file = MetricsLog(config.metrics, append=bool(config.resume))
 
     def _resume(self):
         config, comm = self.config, self.comm
