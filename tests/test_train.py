@@ -591,12 +591,11 @@ def test_ctrl_c_saves_and_exits_130(cifar_dir, tmp_path):
     cmd, proc = start_and_wait_for_an_epoch(args + ["--resume", CKPT], tmp_path, 2)
     try:
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         run = finish(proc, cmd, tmp_path, time.monotonic(), timeout=10)
     finally:
         kill_group(proc)
-    assert run.returncode != 0 and "stop requested" not in run.stdout, str(run)
+    assert run.returncode != 0, str(run)  # within the 10 s bound, whether or not the first stop had saved
 
 
 # ================================================================ 8. bad input: exit 2, one line, once
@@ -696,7 +695,14 @@ BAD_INPUT = {  # id -> f(tmp_path, cifar_dir, real_checkpoint, mode) -> (extra a
     "resume-garbage": lambda t, d, c, m: _garbage_checkpoint(t),
     "fault-kind-unknown": lambda t, d, c, m: ([], ["DPNET_FAULT: unknown fault kind 'explode'"]),
     "resume-truncated": lambda t, d, c, m: _truncated_checkpoint(t, c),
-    "resume-other-model": lambda t, d, c, m: (["--resume", c, "--hidden-dim", "8"], [c, "W2"]),
+    "resume-other-model": lambda t, d, c, m: (["--resume", c, "--hidden-dim", "8"],
+                                              ["--hidden-dim 8 does not match the checkpoint's 16", c,
+                                               "leave --hidden-dim out to continue the run as it was"]),
+    "resume-other-optimizer": lambda t, d, c, m: (["--resume", c, "--optimizer", "momentum"],
+                                                  ["--optimizer momentum does not match the checkpoint's adam",
+                                                   "or pass --reset-optimizer"]),
+    "resume-other-dtype": lambda t, d, c, m: (["--resume", c, "--dtype", "float64"],
+                                              ["--dtype float64 does not match the checkpoint's float32"]),
     "data-missing": lambda t, d, c, m: (["--data", str(t / "no-such-folder")], [str(t / "no-such-folder")]),
     "data-truncated-batch": lambda t, d, c, m: _truncated_batch(t, d),
     "data-foreign-pickle": lambda t, d, c, m: _data_with(t, d, "data_batch_2", {b"labels": [1, 2], b"x": 0}),
@@ -760,6 +766,26 @@ def test_progress_is_a_line_every_few_seconds_in_a_log(cifar_dir, tmp_path, rank
     lines = [line for line in run.err_lines if line.startswith("epoch 1/1: step ")]
     assert len(lines) == STEPS_PER_EPOCH, str(run)  # every step, printed once
     assert re.fullmatch(r"epoch 1/1: step 5/5, loss \d+\.\d{3}, img/s \d+", lines[-1]), str(run)
+
+
+def test_resume_takes_the_runs_settings_from_the_checkpoint(cifar_dir, tmp_path):
+    """Resumed without --data, --optimizer or --hidden-dim, a run goes on with the checkpoint's
+    (not synthetic data, not Adam); --reset-optimizer allows another optimizer, afresh."""
+    run_ok(base_args(cifar_dir, "--max-steps", "3", "--optimizer", "momentum", "--lr", "0.01",
+                     "--hidden-dim", "12"), tmp_path)
+    resumed = run_ok(["--resume", CKPT, "--max-steps", "6", "--no-progress"], tmp_path)
+    assert f"CIFAR-10 from {cifar_dir}" in resumed.lines[1], str(resumed)
+    ckpt = read_checkpoint(tmp_path / CKPT)
+    assert ckpt["attrs"]["step"] == 6 and ckpt["params"]["W3"].shape == (12, 10)
+    assert ckpt["attrs"]["config"]["optimizer"] == "momentum"
+    assert {key.split("/")[0] for key in ckpt["optimizer"]} == {"velocity"}
+    reset = run_ok(["--resume", CKPT, "--max-steps", "8", "--no-progress", "--optimizer", "adam",
+                    "--reset-optimizer"], tmp_path)
+    assert reset.lines[0].endswith(", fresh optimizer"), str(reset)
+    ckpt = read_checkpoint(tmp_path / CKPT)
+    assert ckpt["attrs"]["config"]["optimizer"] == "adam"
+    assert {key.split("/")[0] for key in ckpt["optimizer"]} == {"m", "v"}
+    assert ckpt["attrs"]["step"] == 8
 
 
 def test_a_run_never_replaces_another_runs_files(cifar_dir, tmp_path):
@@ -883,7 +909,8 @@ def test_help_explains_every_option(capsys):
     """--help lists every TrainConfig field as a flag with a sentence and, where there is one,
     its default; a field without help text would be an error."""
     from dpnet.train import OPTION_HELP, TrainConfig, parse_args
-    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    from dpnet.train.config import option_fields
+    fields = [f.name for f in option_fields()]
     assert sorted(OPTION_HELP) == sorted(fields)
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--help"])

@@ -5,7 +5,6 @@ MPI world (or on --simulate-ranks threads) and turns a user error into one line 
 """
 
 import argparse
-import dataclasses
 import os
 import signal
 import sys
@@ -16,7 +15,7 @@ import traceback
 from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..parallel import SimComm, get_comm, launched_by_mpi, launcher_rank
-from .config import CHOICES, OPTION_HELP, ConfigError, TrainConfig, validate
+from .config import CHOICES, OPTION_HELP, ConfigError, TrainConfig, option_fields, validate
 from .loop import NonFiniteLoss, StartupError, stop_signal, train
 
 # Abort kills the launcher's output forwarding too: give it a moment to pass the report on.
@@ -33,7 +32,7 @@ def parse_args(argv):
     parser = _Parser(prog="python -m dpnet.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="TOML file whose keys are the options below")
     defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
+    for f in option_fields():
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         helptext = f"{OPTION_HELP[f.name]} (default: {default})" if default not in (None, "") else OPTION_HELP[f.name]
@@ -49,7 +48,7 @@ def parse_args(argv):
     if args.config:
         values.update(_read_toml(args.config))
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
-    return TrainConfig(**values)
+    return TrainConfig(**values, given=tuple(sorted(values)))
 
 
 def _option_type(field, default):
@@ -69,7 +68,7 @@ def _read_toml(path):
             raw = tomllib.load(fh)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"--config {path}: {exc}") from exc
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name: f for f in option_fields()}
     values = {k.replace("-", "_"): v for k, v in raw.items()}
     unknown = sorted(set(values) - set(fields))
     if unknown:

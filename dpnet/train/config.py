@@ -2,7 +2,7 @@
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from ..parallel import REDUCTIONS
@@ -35,6 +35,7 @@ class TrainConfig:
     threads: Optional[int] = None
     checkpoint: str = "dpnet_run/checkpoint.h5"
     resume: Optional[str] = None
+    reset_optimizer: bool = False
     overwrite: bool = False
     metrics: str = "dpnet_run/metrics.jsonl"
     simulate_ranks: Optional[int] = None
@@ -43,6 +44,13 @@ class TrainConfig:
     bucket_mb: float = 0.0
     timeout: float = 300.0
     progress: bool = True
+    # the options set explicitly (flags, TOML), which a resumed run checks against its checkpoint
+    given: tuple = field(default=(), metadata={"option": False})
+
+
+def option_fields():
+    """The TrainConfig fields that are options (flags and TOML keys)."""
+    return [f for f in fields(TrainConfig) if f.metadata.get("option", True)]
 
 
 OPTION_HELP = {
@@ -65,7 +73,9 @@ OPTION_HELP = {
     "augment": "random crop + horizontal flip of training images",
     "threads": "BLAS threads per rank (default: cores / ranks on this node)",
     "checkpoint": "HDF5 file written atomically after every epoch and at the end ('': none)",
-    "resume": "continue from this checkpoint",
+    "resume": "continue from this checkpoint, with its settings (data, model, optimizer, dtype, batch size, "
+              "seed, schedule); options given again must agree",
+    "reset_optimizer": "with --resume: start a fresh optimizer, whose settings may then differ",
     "overwrite": "replace the checkpoint and metrics of an earlier run at the same paths (else refused)",
     "metrics": "JSON-lines file of per-epoch metrics ('': none)",
     "simulate_ranks": "without mpirun: run this many logical ranks as threads of one process",

@@ -24,6 +24,7 @@ from .config import DATA_ENV, OPTIMIZERS, ConfigError, validate
 from .faults import fault_spec, inject_fault
 from .inputs import load_data, normaliser, split_train_val, training_batch
 from .progress import progress
+from .resume import restore_settings, stored_config
 
 class StopRequest:
     """Set by SIGTERM or SIGINT (`signal`: the first one's name): every rank votes to stop, and
@@ -168,6 +169,9 @@ class Trainer:
 
     def __init__(self, config, comm):
         on_every_rank(comm, lambda: (validate(config, comm.size), fault_spec()))  # e.g. --resume missing on one node
+        if config.resume:  # the run's own settings, unless an option given again disagrees
+            config = on_every_rank(comm, lambda: restore_settings(config, stored_config(config.resume)))
+            on_every_rank(comm, lambda: validate(config, comm.size))
         if comm.size > 1:
             remove_stale()  # segments that killed MPI jobs left in /dev/shm
         self.config, self.comm = config, comm
@@ -221,13 +225,15 @@ class Trainer:
         with self.dp.writing_parameters():  # rank 0's checkpoint becomes everyone's
             self.optim_config, attrs = on_every_rank(
                 comm, lambda: load_checkpoint(config.resume, self.model, self.dp.flat))
+        if config.reset_optimizer:  # --reset-optimizer: the stored state belongs to other settings
+            self.optim_config = {"learning_rate": config.lr}
         self.step = attrs["step"]
         self.dp.steps = self.step  # its watchdog and drift messages name the run's step, not one since the resume
         if attrs["world_size"] == comm.size and len(attrs["rng_states"]) == comm.size:
             for name, state in attrs["rng_states"][comm.rank].items():
                 self.rngs[name].bit_generator.state = state
         self.say(f"resumed from {config.resume} at step {self.step} (epoch {self.step // self.per_epoch}), "
-                 f"written by {attrs['world_size']} rank(s)")
+                 f"written by {attrs['world_size']} rank(s)" + (", fresh optimizer" if config.reset_optimizer else ""))
 
     def run(self):
         """Train to the last step, or to a stop every rank agreed on (SIGTERM); save a final

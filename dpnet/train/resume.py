@@ -1,0 +1,46 @@
+"""What a resumed run takes from its checkpoint: the settings that define the run.
+
+A checkpoint stores the run's TrainConfig. Resuming restores RESTORED from it, so that
+forgetting --data or --optimizer cannot silently continue another run; an option given
+again must agree with the stored value. With --reset-optimizer the optimizer's settings
+(OPTIMIZER_SETTINGS) may change, and the optimizer starts afresh.
+"""
+
+import dataclasses
+import json
+
+from ..checkpoint import CheckpointError
+from .config import ConfigError
+
+RESTORED = ("data", "model", "bn_mode", "hidden_dim", "dtype", "batch_size", "val_size", "seed", "augment",
+            "optimizer", "lr", "lr_schedule", "lr_decay", "reg")
+OPTIMIZER_SETTINGS = ("optimizer", "lr", "lr_schedule", "lr_decay")
+
+
+def stored_config(path):
+    """The TrainConfig (as a dict) that a checkpoint was written with."""
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f.attrs["config"])
+    except Exception as exc:  # h5py raises OSError/KeyError/... for corrupt or foreign files
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def restore_settings(config, stored):
+    """config with the RESTORED settings of the checkpoint's `stored` config; ConfigError naming
+    the setting and both values where an option given again (config.given) disagrees."""
+    changes = {}
+    for key in RESTORED:
+        if key not in stored:
+            continue
+        mine, theirs = getattr(config, key), stored[key]
+        if key in config.given and mine != theirs:
+            if config.reset_optimizer and key in OPTIMIZER_SETTINGS:
+                continue  # a deliberate change: the optimizer starts afresh
+            flag = "--" + key.replace("_", "-")
+            hint = " or pass --reset-optimizer" if key in OPTIMIZER_SETTINGS else ""
+            raise ConfigError(f"{flag} {mine} does not match the checkpoint's {theirs} ({config.resume}): "
+                              f"leave {flag} out to continue the run as it was{hint}")
+        changes[key] = theirs
+    return dataclasses.replace(config, **changes)
