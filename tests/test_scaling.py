@@ -1,5 +1,5 @@
 """The scaling model (dpnet.scaling): its formulas against hand-computed values, predict's
-JSON, the fit file and `fit --quick` end to end.
+JSON, the fit file, `fit --quick` end to end, and the prediction in dpnet.train's metrics.
 No speed is asserted: measured times only have to be positive and finite."""
 
 import json
@@ -14,7 +14,7 @@ from dpnet.scaling import (auto_reducer, compute_s, fit_line, load_fit, machine,
                            recursive_doubling_s, ring_s, save_fit, step_s)
 from dpnet.scaling import comm_s as comm_seconds
 from dpnet.scaling.__main__ import main as scaling_main
-from tests.train_helpers import clean_env
+from tests.train_helpers import REPO_ROOT, cifar_dir, clean_env  # noqa: F401 (fixture)
 
 # a hand-made fit: links as 2-rank lines t = a + b bytes (alpha = a / 2, beta = b)
 FIT = {
@@ -174,3 +174,30 @@ def test_fit_quick_end_to_end(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dpnet.scaling", "predict", "--fit", str(path), "--ranks", "1,2",
                           "--link", "shm", "--json"], capture_output=True, text=True, env=env, timeout=60, check=True)
     assert [r["ranks"] for r in json.loads(out.stdout)] == [1, 2]
+
+
+@pytest.mark.parametrize("have_fit", [True, False], ids=["fit", "no-fit"])
+def test_training_metrics_carry_the_accounting(cifar_dir, tmp_path, monkeypatch, have_fit):  # noqa: F811
+    """Each epoch's metrics: bytes summed and seconds per step, and the model's prediction
+    for the layout when this machine has a fit (else null)."""
+    from dpnet.parallel import SerialComm
+    from dpnet.train import TrainConfig, train
+
+    path = tmp_path / "fit.json"
+    fit = {**with_bytes(16429248), "machine": machine()}
+    if have_fit:
+        path.write_text(json.dumps({machine_key(): fit}))
+    monkeypatch.setenv("DPNET_SCALING_FIT", str(path))
+    metrics = tmp_path / "metrics.jsonl"
+    config = TrainConfig(data=cifar_dir, max_steps=2, batch_size=16, threads=1, metrics=str(metrics),
+                         checkpoint="", val_size=20, progress=False)
+    train(config, SerialComm())
+    record = json.loads(metrics.read_text().splitlines()[0])
+    assert record["bytes_per_step"] == 0  # one rank sums nothing
+    assert record["step_s"] == pytest.approx(record["seconds"] / 2)
+    assert 0 <= record["comm_s_per_step"] < record["step_s"]
+    if have_fit:
+        assert record["predicted_step_s"] == pytest.approx(0.1 + 0.01 * 8 + 0.02)  # 16 images on 1 rank
+        assert record["predicted_comm_s"] == 0.0
+    else:
+        assert record["predicted_step_s"] is None and record["predicted_comm_s"] is None
