@@ -139,7 +139,7 @@ def test_predict_table_and_plot(tmp_path, capsys):
     scaling_main(["predict", "--fit", str(path), "--model", "threelayer", "--ranks", "1,2,4", "--weak", "--link", "shm",
                   "--plot", str(tmp_path / "curves.png")])
     out = capsys.readouterr().out
-    assert out.startswith("threelayer, weak, 128 per rank, one node") and len(out.splitlines()) == 5
+    assert out.startswith("threelayer, weak, 128 per rank, one node") and len(out.splitlines()) == 6
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 

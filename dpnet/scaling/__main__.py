@@ -71,18 +71,18 @@ def check_links(fit, link):
 def print_table(rows, args):
     mode = f"weak, {args.batch_size} per rank" if args.weak else f"strong, global batch {args.batch_size}"
     where = "one node" if args.link == "shm" else f"{args.ranks_per_node} rank(s) per node, {args.link} links"
-    print(f"{args.model}, {mode}, {where}; step ms (images/s, efficiency); * = dpnet's choice")
+    print(f"{args.model}, {mode}, {where}\nper reducer: step ms, images/s, efficiency; * dpnet's choice; "
+          f"+o: overlapped with backward")
     variants = [(r["reducer"], r["overlap"]) for r in rows if r["ranks"] == rows[0]["ranks"] and not r["auto"]]
-    header = ["ranks"] + [f"{r}{' +overlap' if o else ''}" for r, o in variants]
-    print("  ".join(f"{h:>28s}" if i else f"{h:>6s}" for i, h in enumerate(header)))
+    print(f"{'ranks':>6s}" + "".join(f"{r + (' +o' if o else ''):>24s}" for r, o in variants))
     for ranks in args.ranks:
         mine = [r for r in rows if r["ranks"] == ranks]
         chosen = next(r for r in mine if r["auto"])
         cells = []
         for r in (r for r in mine if not r["auto"]):
             star = "*" if (r["reducer"], r["overlap"]) == (chosen["reducer"], chosen["overlap"]) else " "
-            cells.append(f"{1e3 * r['step_s']:9.1f} ({r['images_per_s']:8.0f}, {r['efficiency']:4.0%}){star}")
-        print(f"{ranks:6d}  " + "  ".join(f"{c:>28s}" for c in cells))
+            cells.append(f"{1e3 * r['step_s']:.1f} {r['images_per_s']:.0f} {r['efficiency']:.0%}{star}")
+        print(f"{ranks:6d}" + "".join(f"{c:>24s}" for c in cells))
 
 
 def plot(rows, args, path):
@@ -94,12 +94,13 @@ def plot(rows, args, path):
         raise SystemExit('--plot needs matplotlib: pip install "dpnet[plot]"')
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     variants = sorted({(r["reducer"], r["overlap"]) for r in rows if not r["auto"]})
+    colours = {reducer: f"C{i}" for i, reducer in enumerate(sorted({v[0] for v in variants}))}
     for reducer, overlap in variants:
         mine = [r for r in rows if (r["reducer"], r["overlap"], r["auto"]) == (reducer, overlap, False)]
-        style = "--" if overlap else "-"
-        label = reducer + (" + overlap" if overlap else "")
-        left.plot([r["ranks"] for r in mine], [r["images_per_s"] for r in mine], style, label=label)
-        right.plot([r["ranks"] for r in mine], [r["efficiency"] for r in mine], style, label=label)
+        style = dict(linestyle="--" if overlap else "-", color=colours[reducer],
+                     label=reducer + (" + overlap" if overlap else ""))
+        left.plot([r["ranks"] for r in mine], [r["images_per_s"] for r in mine], **style)
+        right.plot([r["ranks"] for r in mine], [r["efficiency"] for r in mine], **style)
     ranks = sorted({r["ranks"] for r in rows})
     base = rows[0]["images_per_s"] / rows[0]["efficiency"] / rows[0]["ranks"]
     left.plot(ranks, [base * n for n in ranks], ":", color="gray", label="ideal")
