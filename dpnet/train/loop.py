@@ -329,16 +329,27 @@ class Trainer:
         summary = {"epoch": epoch + 1, "step": self.step, "train_loss": loss_sum / max(seen, 1),
                    "train_acc": train_acc, "val_acc": val_acc, "images_per_s": seen / seconds,
                    "comm_fraction": (self.dp.comm_seconds - comm_before) / seconds, "seconds": seconds,
-                   "synthetic": self.synthetic}
+                   "synthetic": self.synthetic,
+                   **self.step_accounting(seen, seconds, self.dp.comm_seconds - comm_before)}
         self.say(f"epoch {epoch + 1}/{self.epochs}: loss {summary['train_loss']:.4f}, "
                  f"train acc {_fraction(train_acc)}, val acc {_fraction(val_acc)}, "
-                 f"{summary['images_per_s']:.0f} img/s, comm {100 * summary['comm_fraction']:.1f}%")
+                 f"{summary['images_per_s']:.0f} img/s, comm {100 * summary['comm_fraction']:.1f}%"
+                 f"{_accounting_text(summary)}")
         if self.metrics_file:
             self.metrics_file.write(json.dumps(summary) + "\n")
             self.metrics_file.flush()
         with self.dp.guarded("checkpoint"):
             self.save()
         return summary
+
+    def step_accounting(self, seen, seconds, comm_seconds):
+        """Per step of the epoch: bytes summed, seconds measured (all of it, and in communication)
+        and the scaling model's prediction of both for this layout (None without a fit)."""
+        from ..scaling import run_prediction
+        steps = max(math.ceil(seen / self.config.batch_size), 1)  # only an epoch's last batch is short
+        return {"bytes_per_step": int(self.dp.flat.buffer.nbytes) if self.comm.size > 1 else 0,
+                "step_s": seconds / steps, "comm_s_per_step": comm_seconds / steps,
+                **run_prediction(self.config, self.dp, self.comm.size, self.threads)}
 
     def save(self):
         """Write the checkpoint (rank 0), with every rank's generator states (collective)."""
@@ -352,6 +363,15 @@ class Trainer:
 def train(config, comm):
     """Train as `config` says on the ranks of `comm`; returns the final metrics dict."""
     return Trainer(config, comm).run()
+
+
+def _accounting_text(summary):
+    text = (f"; per step {summary['bytes_per_step'] / 2**20:.1f} MiB summed, "
+            f"comm {1e3 * summary['comm_s_per_step']:.1f} ms, {1e3 * summary['step_s']:.1f} ms")
+    if summary["predicted_step_s"] is not None:
+        text += (f" (predicted: comm {1e3 * summary['predicted_comm_s']:.1f} ms, "
+                 f"{1e3 * summary['predicted_step_s']:.1f} ms)")
+    return text
 
 
 def _fraction(value):
