@@ -40,6 +40,8 @@ def run_prediction(config, dp, comm_size, threads, fit=None):
     needed = ["shm", "mpi-local"] + ([link] if comm_size > k else [])
     if not all(name in fit["links"] for name in needed):
         return none
+    # every node is taken to have this node's cores: K ranks on fewer cores share them
+    cores = (os.cpu_count() or 1) * max(1, comm_size // k)
     parts = step_s(fit, config.model, comm_size, math.ceil(config.batch_size / comm_size), reducer,
-                   ranks_per_node=k, link=link)
+                   ranks_per_node=k, link=link, cores=cores)
     return {"predicted_step_s": parts["step_s"], "predicted_comm_s": parts["comm_s"]}
