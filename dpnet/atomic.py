@@ -1,6 +1,7 @@
 """Write a file so that a crash at any moment leaves either the old file or the new one."""
 
 import contextlib
+import glob
 import os
 import tempfile
 
@@ -22,3 +23,15 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(path):
+    """Remove the temporary files that writers of `path` killed mid-write left beside it;
+    returns how many. Call it only where no other process is writing `path`."""
+    pattern = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.*.tmp")
+    removed = 0
+    for tmp in glob.glob(pattern):
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+            removed += 1
+    return removed

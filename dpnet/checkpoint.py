@@ -11,8 +11,10 @@ depend on the buffer's layout), group
 dpnet_version, config (JSON) and rng_states (JSON: each rank's generator states).
 """
 
+import glob
 import json
 import os
+import re
 
 import numpy as np
 
@@ -114,3 +116,19 @@ def load_checkpoint(path, model, flat=None):
     attrs["epoch"], attrs["step"], attrs["world_size"] = (int(attrs["epoch"]), int(attrs["step"]),
                                                           int(attrs["world_size"]))
     return optim_config, attrs
+
+
+def step_checkpoint_path(path, step):
+    """Where the checkpoint of `step` goes beside `path`: checkpoint.h5 -> checkpoint-step00000120.h5."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-step{step:08d}{ext}"
+
+
+def step_checkpoints(path):
+    """The step checkpoints beside `path`, as [(step, file)] oldest first."""
+    stem, ext = os.path.splitext(path)
+    found = []
+    for name in glob.glob(glob.escape(stem) + "-step" + "[0-9]" * 8 + glob.escape(ext)):
+        match = re.search(r"-step(\d{8})" + re.escape(ext) + "$", name)
+        found.append((int(match.group(1)), name))
+    return sorted(found)

@@ -788,6 +788,26 @@ def test_resume_takes_the_runs_settings_from_the_checkpoint(cifar_dir, tmp_path)
     assert ckpt["attrs"]["step"] == 8
 
 
+def test_step_checkpoints_keep_the_newest_three_and_resume_exactly(cifar_dir, tmp_path):
+    """--checkpoint-every 2 over 11 steps leaves the checkpoints of steps 6, 8 and 10 beside
+    --checkpoint; resuming from step 6 in another folder ends bit-identical to the whole run.
+    A temporary file that a killed writer left is removed at the next start."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    args = base_args(cifar_dir, "--max-steps", "11")
+    whole = run_ok(args + ["--checkpoint-every", "2"], tmp_path / "a", 2)
+    steps = sorted(name for name in os.listdir(whole.path("dpnet_run")) if "-step" in name)
+    assert steps == [f"checkpoint-step{s:08d}.h5" for s in (6, 8, 10)], steps
+    assert read_checkpoint(whole.path("dpnet_run", steps[0]))["attrs"]["step"] == 6
+    (tmp_path / "b" / "dpnet_run").mkdir()
+    leftover = tmp_path / "b" / "dpnet_run" / ".checkpoint.h5.abc123.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    resumed = run_ok(args + ["--resume", whole.path("dpnet_run", steps[0])], tmp_path / "b", 2)
+    assert resumed.lines[0].startswith(f"resumed from {whole.path('dpnet_run', steps[0])} at step 6 "), str(resumed)
+    assert_same_state(read_checkpoint(whole.path(CKPT)), read_checkpoint(resumed.path(CKPT)), "resumed at step 6")
+    assert not leftover.exists()
+
+
 def test_a_run_never_replaces_another_runs_files(cifar_dir, tmp_path):
     """A second run in the same folder is refused (one line, exit 2) and leaves the first run's
     checkpoint and metrics as they were; --overwrite replaces them, but only once it has trained

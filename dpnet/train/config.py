@@ -34,6 +34,7 @@ class TrainConfig:
     augment: bool = True
     threads: Optional[int] = None
     checkpoint: str = "dpnet_run/checkpoint.h5"
+    checkpoint_every: int = 0
     resume: Optional[str] = None
     reset_optimizer: bool = False
     overwrite: bool = False
@@ -73,6 +74,8 @@ OPTION_HELP = {
     "augment": "random crop + horizontal flip of training images",
     "threads": "BLAS threads per rank (default: cores / ranks on this node)",
     "checkpoint": "HDF5 file written atomically after every epoch and at the end ('': none)",
+    "checkpoint_every": "also save every this many optimizer steps, as CHECKPOINT-stepNNNNNNNN.h5 beside "
+                        "--checkpoint, keeping the newest 3 (0: at epoch ends only)",
     "resume": "continue from this checkpoint, with its settings (data, model, optimizer, dtype, batch size, "
               "seed, schedule); options given again must agree",
     "reset_optimizer": "with --resume: start a fresh optimizer, whose settings may then differ",
@@ -115,7 +118,7 @@ def validate(config, world_size):
         value = getattr(config, key)
         if not 0 <= value < math.inf:
             raise ConfigError(f"--{key.replace('_', '-')} must be a finite number >= 0, got {value}")
-    for key in ("val_size", "check_every", "seed"):
+    for key in ("val_size", "check_every", "seed", "checkpoint_every"):
         if getattr(config, key) < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must not be negative, got {getattr(config, key)}")
     if config.bucket_mb and config.reduction == "shared-memory":

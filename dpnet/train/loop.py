@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from .. import __version__
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..atomic import remove_stale_temporaries
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
 from ..data import DataError
 from ..models import ConvNet, ThreeLayerConvNet
 from ..optim import get_update_rule
@@ -43,6 +44,7 @@ class StopRequest:
 
 
 stop_signal = StopRequest()
+KEEP_STEP_CHECKPOINTS = 3  # --checkpoint-every keeps this many of its newest files
 
 
 class StartupError(ValueError):
@@ -108,8 +110,9 @@ def check_outputs(config):
     """Raise ConfigError unless the checkpoint's and the metrics' folders can be written (before
     any training, rather than after an epoch of it), and unless this run would replace another
     run's files without --resume (continuing them) or --overwrite."""
-    continuing = {"checkpoint": bool(config.resume) and os.path.abspath(config.resume) == os.path.abspath(
-        config.checkpoint or ""), "metrics": bool(config.resume)}
+    same_run = [config.checkpoint] + [f for _, f in step_checkpoints(config.checkpoint or "")]
+    continuing = {"checkpoint": bool(config.resume) and os.path.abspath(config.resume) in map(os.path.abspath, same_run),
+                  "metrics": bool(config.resume)}
     for option, path in (("checkpoint", config.checkpoint), ("metrics", config.metrics)):
         if not path:
             continue
@@ -124,6 +127,11 @@ def check_outputs(config):
             os.remove(probe)
         except OSError as exc:
             raise ConfigError(f"--{option} {path}: cannot write to {folder} ({exc.strerror})") from None
+    if config.checkpoint:
+        remove_stale_temporaries(config.checkpoint)  # what writers killed mid-write left
+        if config.overwrite and not config.resume:  # an earlier run's step checkpoints are not this run's
+            for _, old in step_checkpoints(config.checkpoint):
+                os.remove(old)
 
 
 def build_model(config, comm):
@@ -290,6 +298,8 @@ class Trainer:
             global_len = min(config.batch_size, len(self.x_train) - i * config.batch_size)
             xb = training_batch(self.x_train, idx, self.to_input, augment_rng)
             loss = self.train_step(xb, self.y_train[idx], global_len, epoch)
+            if config.checkpoint and config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                self.save_step_checkpoint()
             loss_sum += loss * global_len
             seen += global_len
             if bar is not None:
@@ -351,13 +361,23 @@ class Trainer:
                 "step_s": seconds / steps, "comm_s_per_step": comm_seconds / steps,
                 **run_prediction(self.config, self.dp, self.comm.size, self.threads)}
 
-    def save(self):
-        """Write the checkpoint (rank 0), with every rank's generator states (collective)."""
+    def save(self, path=None):
+        """Write the checkpoint (rank 0; default --checkpoint), with every rank's generator states
+        (collective)."""
         comm, config = self.comm, self.config
         states = comm.allgather_obj({k: r.bit_generator.state for k, r in self.rngs.items()})
         if comm.rank == 0 and config.checkpoint:
-            save_checkpoint(config.checkpoint, self.model, self.optim_config, self.step // self.per_epoch,
+            save_checkpoint(path or config.checkpoint, self.model, self.optim_config, self.step // self.per_epoch,
                             self.step, dataclasses.asdict(config), comm.size, states, self.dp.flat)
+
+    def save_step_checkpoint(self):
+        """--checkpoint-every: the checkpoint of this step beside --checkpoint, keeping the newest
+        KEEP_STEP_CHECKPOINTS (collective)."""
+        with self.dp.guarded("checkpoint"):
+            self.save(step_checkpoint_path(self.config.checkpoint, self.step))
+        if self.comm.rank == 0:
+            for _, old in step_checkpoints(self.config.checkpoint)[:-KEEP_STEP_CHECKPOINTS]:
+                os.remove(old)
 
 
 def train(config, comm):
