@@ -588,14 +588,16 @@ def test_ctrl_c_saves_and_exits_130(cifar_dir, tmp_path):
     assert len(saved) == 1 and read_checkpoint(tmp_path / CKPT)["attrs"]["step"] == int(saved[0]), str(run)
     assert "Traceback" not in run.stderr, str(run)
 
-    cmd, proc = start_and_wait_for_an_epoch(args + ["--resume", CKPT], tmp_path, 2)
+    # the second Ctrl-C, checked on one process: through mpirun, Hydra acts on it first, its own way
+    cmd, proc = start_and_wait_for_an_epoch(args + ["--resume", CKPT], tmp_path, None)
     try:
         proc.send_signal(signal.SIGINT)
         proc.send_signal(signal.SIGINT)
         run = finish(proc, cmd, tmp_path, time.monotonic(), timeout=10)
     finally:
         kill_group(proc)
-    assert run.returncode != 0, str(run)  # within the 10 s bound, whether or not the first stop had saved
+    assert run.returncode == 130, str(run)  # at once, or (if the first stop was quicker) saved: 130 both ways
+    assert "Traceback" not in run.stderr, str(run)
 
 
 # ================================================================ 8. bad input: exit 2, one line, once
