@@ -941,3 +941,13 @@ def test_help_explains_every_option(capsys):
     for name in fields:
         assert " ".join(OPTION_HELP[name].split()) in text, name
     assert "--reduction {auto,shared-memory,allreduce}" in text and "(default: 128)" in text
+
+
+def test_a_rank_stuck_at_start_up_ends_the_job(cifar_dir, tmp_path):
+    """The watchdog guards the start-up too: a rank that never finishes starting (here it sleeps
+    before loading the data) ends the job after --timeout, named."""
+    run = run_train(base_args(cifar_dir, "--max-steps", "2", "--timeout", "3"), tmp_path, 2,
+                    env=clean_env(DPNET_FAULT="1:0:hang-start"), timeout=40)
+    assert run.returncode != 0, str(run)
+    assert ("watchdog: the start-up has not completed in 3 s; rank(s) [1] reached it but wait in no "
+            "collective (still computing, or stuck)") in run.stderr, str(run)  # said by rank 0 or rank 1

@@ -208,7 +208,7 @@ class MPIComm:
         return self.comm.Isend(array, dest=dest, tag=tag)
 
     def recv(self, array, source, tag):
-        self.comm.Recv(array, source=source, tag=tag)
+        _wait(self.comm.Irecv(array, source=source, tag=tag))
 
     def iprobe(self, source, tag):
         return self.comm.Iprobe(source=source, tag=tag)
@@ -238,11 +238,24 @@ class MPIComm:
         return f"MPIComm(rank={self.rank}, size={self.size})"
 
 
+_waiting = [0]  # threads of this process waiting in a collective now (see waiting_in_collective)
+
+
+def waiting_in_collective():
+    """True while a thread of this process waits for an MPIComm collective to complete: what a
+    watchdog tells its peers, so a rank busy elsewhere (computing, stuck) can be told apart."""
+    return _waiting[0] > 0
+
+
 def _wait(request):
     """Wait for a non-blocking MPI call, leaving MPI's lock free between polls (and the core
     to another process between them: ranks may outnumber cores)."""
-    while not request.Test():
-        os.sched_yield()
+    _waiting[0] += 1
+    try:
+        while not request.Test():
+            os.sched_yield()
+    finally:
+        _waiting[0] -= 1
 
 
 def import_mpi():

@@ -92,6 +92,8 @@ class DataParallel:
     - timeout: where abort ends every rank (MPI), abort the job when one step (its
       forward, backward and collectives) takes longer than this many seconds, naming
       the rank(s) that never reached it; None: wait forever
+    - guard: a guard from dpnet.parallel.watchdog.make_guard to use (and close) instead of
+      one made from timeout, e.g. one that has guarded the job's start-up already
 
     Attributes: reducer, reduction (its name), why_not_shared_memory (the reason 'auto'
     did not use it, or None), flat, steps (steps taken: set it when resuming a run, so
@@ -99,7 +101,7 @@ class DataParallel:
     """
 
     def __init__(self, model, comm, seed=0, check_every=0, timeout=None, bucket_bytes=None,
-                 reduction="auto"):
+                 reduction="auto", guard=None):
         self.model = model
         self.comm = comm
         self.check_every = check_every
@@ -118,7 +120,7 @@ class DataParallel:
         self.flat = FlatParams(model.params, extra=TAIL, order=order, buffer=self.reducer.result)
         self.l2 = SlicedL2(model, self.flat)
         self.update = self.reducer.make_update(self.flat)
-        self.guard = make_guard(comm, timeout)
+        self.guard = make_guard(comm, timeout) if guard is None else guard
         self._bind_send()
         self.broadcast_state()
 
@@ -215,10 +217,8 @@ class DataParallel:
     def guarded(self, part):
         """Collective context that guards collectives outside loss() and step() with the
         watchdog: part is 'evaluation' or 'checkpoint' (dpnet.parallel.watchdog.PARTS)."""
-        self.guard.enter(self.steps, part)
-        with self.guard.disarmed_on_error():
+        with self.guard.guarding(self.steps, part):
             yield
-            self.guard.leave(self.steps, part)
 
     def request_stop(self):
         """Vote to stop; after the next loss() every rank sees stop_agreed at the same step."""

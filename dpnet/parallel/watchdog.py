@@ -17,6 +17,7 @@ for it by default).
     guard.close()                       # collective: thread and communicator released
 """
 
+import atexit
 import contextlib
 import os
 import sys
@@ -24,6 +25,8 @@ import threading
 import time
 
 import numpy as np
+
+from .comm import waiting_in_collective
 
 PING_SECONDS = 3.0  # how long a peer may take to answer a ping before it counts as unreachable
 EXIT_GRACE_SECONDS = 10.0  # after a timeout, the rank ends itself this much later whatever MPI does
@@ -39,6 +42,14 @@ def make_guard(comm, timeout):
 
 
 class _Guard:
+    @contextlib.contextmanager
+    def guarding(self, step, part):
+        """Guard the collectives of the block as `part` (one of PARTS) at `step`."""
+        self.enter(step, part)
+        with self.disarmed_on_error():
+            yield
+            self.leave(step, part)
+
     @contextlib.contextmanager
     def disarmed_on_error(self):
         """Stop guarding the step if it fails here: a caller that handles the error must not
@@ -85,10 +96,12 @@ class Watchdog(_Guard):
         self._pongs = []
         self._thread = threading.Thread(target=self._watch, name="dpnet-watchdog", daemon=True)
         self._thread.start()
+        atexit.register(self._stop)  # before mpi4py finalizes MPI at exit (atexit runs last-in first-out)
 
     def enter(self, step, part="step"):
         """Call when a guarded part of the run (one of PARTS: a step's gradients, its update,
-        an evaluation or a checkpoint, at `step`) starts, before its first collective."""
+        an evaluation, a checkpoint or the start-up, at `step`) starts, before its first
+        collective."""
         self._stamp[0] = step
         tag = _tag(step, part)
         self._sends = [self.heartbeats.isend(self._stamp, dest=peer, tag=tag) for peer in self.peers]
@@ -115,9 +128,13 @@ class Watchdog(_Guard):
 
     def close(self):
         """Collective: stop the watching thread and release the heartbeat communicator."""
+        self._stop()
+        self.heartbeats.free()
+
+    def _stop(self):
+        """Stop the watching thread (it makes MPI calls: none may come after MPI_Finalize)."""
         self._closed.set()
         self._thread.join()
-        self.heartbeats.free()
 
     def _watch(self):
         while not self._closed.wait(min(1.0, self.timeout / 4)):
@@ -129,28 +146,32 @@ class Watchdog(_Guard):
             self._end_job(inside[0], inside[1], inside[3], heard)
 
     def _answer_pings(self):
-        self._pongs = [r for r in self._pongs if not r.Test()]
+        self._pongs = [(r, buffer) for r, buffer in self._pongs if not r.Test()]
         while True:
             status = self.heartbeats.probe_status(tag=PING)
             if status is None:
                 return
             self.heartbeats.recv(self._ping, source=status, tag=PING)
-            self._pongs.append(self.heartbeats.isend(self._ping, dest=status, tag=PONG))
+            pong = np.array([int(waiting_in_collective())], dtype=np.int64)  # each send keeps its own buffer
+            self._pongs.append((self.heartbeats.isend(pong, dest=status, tag=PONG), pong))
 
     def _end_job(self, step, tag, part, heard):
         what_part = _describe(step, part)
         threading.Thread(target=_exit_later, args=(self.comm.rank, what_part), name="dpnet-exit", daemon=True).start()
         silent = [p for p in self.peers if p not in heard and not self.heartbeats.iprobe(source=p, tag=tag)]
-        unreachable = self._unanswered([p for p in self.peers if p not in silent])
-        never = [p for p in silent if p not in unreachable]
-        unreachable = sorted(set(unreachable) | set(self._unanswered(silent)))
-        never = [p for p in never if p not in unreachable]
+        answers = self._ping_all(self.peers)  # peer -> waiting in a collective, for those that answer
+        unreachable = [p for p in self.peers if p not in answers]
+        never = [p for p in silent if p in answers]
+        answers[self.comm.rank] = int(waiting_in_collective())  # this rank may be the one holding the others up
+        busy = [p for p in sorted(answers) if answers[p] == 0 and p not in never]
         what = []
         if unreachable:
             what.append(f"rank(s) {unreachable} do not answer (unreachable: a lost link, a dead host or a "
                         "stopped process)")
         if never:
             what.append(f"rank(s) {never} never reached it")
+        if busy:
+            what.append(f"rank(s) {busy} reached it but wait in no collective (still computing, or stuck)")
         sys.stderr.write(
             f"[rank {self.comm.rank}] watchdog: {what_part} has not completed in {self.timeout:g} s; "
             f"{'; '.join(what) or 'every rank reached it and answers'}. Aborting the job.\n")
@@ -158,20 +179,22 @@ class Watchdog(_Guard):
         time.sleep(0.5)  # let the launcher forward the message before Abort tears it down
         self.comm.abort(1)
 
-    def _unanswered(self, peers):
-        """The peers that do not answer a ping within PING_SECONDS."""
+    def _ping_all(self, peers):
+        """{peer: 1 if it waits in a collective, else 0} for the peers that answer a ping within
+        PING_SECONDS."""
         stamp = np.zeros(1, dtype=np.int64)
         sends = [self.heartbeats.isend(stamp, dest=p, tag=PING) for p in peers]
-        waiting, deadline = set(peers), time.monotonic() + PING_SECONDS
-        while waiting and time.monotonic() < deadline:
+        answers, deadline = {}, time.monotonic() + PING_SECONDS
+        while len(answers) < len(peers) and time.monotonic() < deadline:
             self._answer_pings()  # two watchdogs may be pinging each other
-            for p in sorted(waiting):
-                if self.heartbeats.iprobe(source=p, tag=PONG):
-                    self.heartbeats.recv(np.zeros(1, dtype=np.int64), source=p, tag=PONG)
-                    waiting.discard(p)
+            for p in peers:
+                if p not in answers and self.heartbeats.iprobe(source=p, tag=PONG):
+                    reply = np.zeros(1, dtype=np.int64)
+                    self.heartbeats.recv(reply, source=p, tag=PONG)
+                    answers[p] = int(reply[0])
             time.sleep(0.05)
         del sends  # never waited for: an unreachable peer would never complete them
-        return sorted(waiting)
+        return answers
 
 
 def _exit_later(rank, what_part):
@@ -185,10 +208,12 @@ def _exit_later(rank, what_part):
     os._exit(1)
 
 
-PARTS = ("step", "update", "evaluation", "checkpoint")  # what a guarded part of the run can be
+PARTS = ("step", "update", "evaluation", "checkpoint", "start-up")  # what a guarded part of the run can be
 
 
 def _describe(step, part):
+    if part == "start-up":
+        return "the start-up"
     return f"step {step}" if part == "step" else f"the {part} of step {step}" if part == "update" else \
         f"the {part} after step {step}"
 

@@ -8,7 +8,7 @@ import numpy as np
 from .config import ConfigError
 
 FAULT_ENV = "DPNET_FAULT"
-KINDS = ("raise", "exit", "hang", "hang-update", "nan")
+KINDS = ("raise", "exit", "hang", "hang-update", "nan", "hang-start")
 
 
 def fault_spec(environ=None):
@@ -27,6 +27,14 @@ def fault_spec(environ=None):
     return fault_rank, fault_step, kind
 
 
+def inject_start_fault(rank):
+    """hang-start: RANK sleeps forever while the job starts (STEP is ignored)."""
+    spec = fault_spec()
+    if spec is not None and spec[2] == "hang-start" and spec[0] == rank:
+        while True:
+            time.sleep(60)
+
+
 def inject_fault(rank, step, xb, after_loss=False):
     """Make this rank fail as DPNET_FAULT says, if it names this rank and step: raise (an
     exception), exit (os._exit(3)), hang (sleep forever), nan (NaN inputs, hence a NaN global
@@ -36,7 +44,7 @@ def inject_fault(rank, step, xb, after_loss=False):
     if spec is None:
         return xb
     fault_rank, fault_step, kind = spec
-    if rank != fault_rank or step != fault_step or after_loss != (kind == "hang-update"):
+    if rank != fault_rank or step != fault_step or after_loss != (kind == "hang-update") or kind == "hang-start":
         return xb
     if kind in ("hang", "hang-update"):
         while True:

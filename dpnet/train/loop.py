@@ -21,8 +21,9 @@ from ..models import ConvNet, ThreeLayerConvNet
 from ..optim import get_update_rule
 from ..parallel import DataParallel, ReducerUnavailable, shard_bounds, shard_indices, steps_per_epoch
 from ..parallel.shm_leftovers import remove_stale
+from ..parallel.watchdog import make_guard
 from .config import DATA_ENV, OPTIMIZERS, ConfigError, validate
-from .faults import fault_spec, inject_fault
+from .faults import fault_spec, inject_fault, inject_start_fault
 from .inputs import load_data, normaliser, split_train_val, training_batch
 from .progress import progress
 from .resume import restore_settings, stored_config
@@ -177,6 +178,17 @@ class Trainer:
 
     def __init__(self, config, comm):
         on_every_rank(comm, lambda: (validate(config, comm.size), fault_spec()))  # e.g. --resume missing on one node
+        self.guard = make_guard(comm, config.timeout)  # the start-up's watchdog, then DataParallel's
+        try:
+            with self.guard.guarding(0, "start-up"):
+                self._start(config, comm)
+        except (ConfigError, DataError, CheckpointError, StartupError):  # on every rank alike
+            self.guard.close()
+            raise
+
+    def _start(self, config, comm):
+        """Everything the constructor does once the options are known to be valid (collective)."""
+        inject_start_fault(comm.rank)
         if config.resume:  # the run's own settings, unless an option given again disagrees
             config = on_every_rank(comm, lambda: restore_settings(config, stored_config(config.resume)))
             on_every_rank(comm, lambda: validate(config, comm.size))
@@ -199,7 +211,7 @@ class Trainer:
         try:
             self.dp = DataParallel(self.model, comm, seed=config.seed, check_every=config.check_every,
                                    timeout=config.timeout, bucket_bytes=int(config.bucket_mb * 2**20) or None,
-                                   reduction=config.reduction)
+                                   reduction=config.reduction, guard=self.guard)
         except ReducerUnavailable as exc:  # on every rank alike
             raise ConfigError(f"--reduction {config.reduction}: {exc}") from None
         self.update_rule = get_update_rule(OPTIMIZERS[config.optimizer])
