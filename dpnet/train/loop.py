@@ -22,6 +22,7 @@ from ..optim import get_update_rule
 from ..parallel import DataParallel, ReducerUnavailable, shard_bounds, shard_indices, steps_per_epoch
 from ..parallel.shm_leftovers import remove_stale
 from ..parallel.watchdog import make_guard
+from ..scaling import run_prediction
 from .config import DATA_ENV, OPTIMIZERS, ConfigError, validate
 from .faults import fault_spec, inject_fault, inject_start_fault
 from .inputs import load_data, normaliser, split_train_val, training_batch
@@ -227,6 +228,8 @@ class Trainer:
         if config.resume:
             self._resume()
         self.threads = blas_threads(config, comm)
+        # the scaling model's per-step prediction for this layout: the same for every epoch
+        self.prediction = run_prediction(config, self.dp, comm.size, self.threads)
         self.say(f"dpnet {__version__}: {config.model} (bn {config.bn_mode}), {comm.size} rank(s) x {self.threads} "
                  f"BLAS thread(s); {source}: {len(self.x_train)} train / {len(self.x_val)} val / "
                  f"{len(self.data['x_test'])} test; "
@@ -367,11 +370,9 @@ class Trainer:
     def step_accounting(self, seen, seconds, comm_seconds):
         """Per step of the epoch: bytes summed, seconds measured (all of it, and in communication)
         and the scaling model's prediction of both for this layout (None without a fit)."""
-        from ..scaling import run_prediction
         steps = max(math.ceil(seen / self.config.batch_size), 1)  # only an epoch's last batch is short
         return {"bytes_per_step": int(self.dp.flat.buffer.nbytes) if self.comm.size > 1 else 0,
-                "step_s": seconds / steps, "comm_s_per_step": comm_seconds / steps,
-                **run_prediction(self.config, self.dp, self.comm.size, self.threads)}
+                "step_s": seconds / steps, "comm_s_per_step": comm_seconds / steps, **self.prediction}
 
     def save(self, path=None):
         """Write the checkpoint (rank 0; default --checkpoint), with every rank's generator states
