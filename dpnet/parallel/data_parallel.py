@@ -154,8 +154,7 @@ class DataParallel:
         batchnorm statistics become every rank's."""
         with self.update.writing():
             yield
-        for array in self._bn_state():
-            self.comm.bcast(array, 0)
+        self.broadcast_state()
 
     def loss(self, X, y, global_batch_size=None):
         """Loss and gradients of the global batch formed by every rank's (X, y) shard.

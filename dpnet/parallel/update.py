@@ -47,8 +47,8 @@ class ReplicatedUpdate:
 
     @contextlib.contextmanager
     def writing(self):
+        """Each rank writes its own copy already."""
         yield
-        self.broadcast()
 
     def close(self):
         return self
@@ -79,12 +79,11 @@ class DividedUpdate:
     @contextlib.contextmanager
     def writing(self):
         """Each rank writes a private copy (never the node's shared one, which ranks would
-        write at once); on leaving, rank 0's values become every rank's."""
+        write at once); on leaving, node rank 0's copy becomes the node's."""
         shared = self.flat.data
         self.flat.rebind(data=shared.copy())
         yield
         self._move_parameters_to(shared)
-        self.broadcast()
 
     def _move_parameters_to(self, shared):
         """Rebind the parameters to the node's shared array, filled with node rank 0's
@@ -95,8 +94,7 @@ class DividedUpdate:
         self.flat.rebind(data=shared)
 
     def step(self, rule, config, guard, step):
-        guard.enter(step, part="update")  # from here: moving state to shared memory is collective too
-        with guard.disarmed_on_error():
+        with guard.guarding(step, "update"):  # moving state to shared memory is collective too
             if getattr(rule, "elementwise", False):
                 lo, hi = self.owned
                 view = self._slice_config(config, lo, hi)
@@ -109,7 +107,6 @@ class DividedUpdate:
                     _keep_in(config, apply_update(rule, self.flat.data, self.flat.grad, config))
             start = time.perf_counter()
             self.node.fence()  # every slice updated before anyone's next forward
-            guard.leave(step, part="update")
         return time.perf_counter() - start
 
     def _is_state(self, value):
