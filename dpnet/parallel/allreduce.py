@@ -25,13 +25,13 @@ from .reducer import Reducer, finish_all
 class AllreduceReducer(Reducer):
     name = "allreduce"
 
-    def describe(self):
-        return "one Allreduce after backward"
-
     def __init__(self, comm, buffer):
         loss_range = (0, len(buffer)) if comm.rank == 0 else (0, 0)
         super().__init__(buffer, buffer, (0, len(buffer)), loss_range)
         self.comm = comm
+
+    def describe(self):
+        return "one Allreduce after backward"
 
     def reduce(self, finish=None):
         self.comm.allreduce(self.result)
@@ -49,7 +49,7 @@ class BucketedAllreduce(AllreduceReducer):
         super().__init__(comm, buffer)
         self.buckets = list(bounds)
         self._starts = [start for start, _ in self.buckets]
-        self._pending = [stop - start for start, stop in self.buckets]
+        self.begin()
         self.overlapped = len(self.buckets) > 1 and comm.size > 1 and comm.thread_multiple
         self._worker = None
         if self.overlapped:
@@ -73,13 +73,12 @@ class BucketedAllreduce(AllreduceReducer):
             self._queue.put(self.buckets[b])
 
     def reduce(self, finish=None):
-        if self.overlapped:
-            self._queue.put(self.buckets[-1])
-            self._queue.join()  # every bucket of this step reduced
-            if self._failure is not None:
-                raise self._failure
-        else:
-            self.comm.allreduce(self.result)
+        if not self.overlapped:  # one Allreduce of the whole buffer
+            return super().reduce(finish)
+        self._queue.put(self.buckets[-1])
+        self._queue.join()  # every bucket of this step reduced
+        if self._failure is not None:
+            raise self._failure
         finish_all(self.result, finish, *self.owned)
         return self.result
 
@@ -114,7 +113,7 @@ def bucket_bounds(ends, count, bucket_bytes, itemsize):
         if (stop - start) * itemsize >= bucket_bytes:
             bounds.append((start, stop))
             start = stop
-    if bounds and start == bounds[-1][1] and start == (ends[-1] if ends else 0):
+    if bounds and start == ends[-1]:
         bounds[-1] = (bounds[-1][0], count)  # the last parameter closed a bucket: give it the tail
     else:
         bounds.append((start, count))
