@@ -138,13 +138,11 @@ class MPIComm:
         return array
 
     def bcast_obj(self, obj, root=0):
-        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8) if self.rank == root else None
+        # a bytearray, so the root's buffer is writable as Ibcast wants
+        data = np.frombuffer(bytearray(pickle.dumps(obj)), dtype=np.uint8) if self.rank == root else None
         size = np.array([0 if data is None else data.size], dtype=np.int64)
         self.bcast(size, root)
-        if data is None:
-            data = np.empty(int(size[0]), dtype=np.uint8)
-        else:
-            data = data.copy()  # a writable buffer for Ibcast
+        data = np.empty(int(size[0]), dtype=np.uint8) if data is None else data
         self.bcast(data, root)
         return pickle.loads(data.tobytes())
 
