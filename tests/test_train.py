@@ -13,6 +13,8 @@ import json
 import os
 import random
 import re
+import shlex
+import shutil
 import signal
 import sys
 import textwrap
@@ -768,6 +770,23 @@ def test_progress_is_a_line_every_few_seconds_in_a_log(cifar_dir, tmp_path, rank
     lines = [line for line in run.err_lines if line.startswith("epoch 1/1: step ")]
     assert len(lines) == STEPS_PER_EPOCH, str(run)  # every step, printed once
     assert re.fullmatch(r"epoch 1/1: step 5/5, loss \d+\.\d{3}, img/s \d+", lines[-1]), str(run)
+
+
+@pytest.mark.skipif(not (shutil.which("script") and os.path.isdir("/proc/self")),
+                    reason="needs util-linux's script (a terminal for mpirun) and /proc")
+def test_progress_is_a_live_bar_when_mpirun_writes_to_a_terminal(cifar_dir, tmp_path):
+    """mpirun on a terminal (script gives it one): rank 0's output passes through Hydra's pipes,
+    yet it draws the live bar, redrawn in place with carriage returns, not progress lines."""
+    args = [a for a in base_args(cifar_dir, "--epochs", "1") if a != "--no-progress"]
+    command = " ".join(shlex.quote(a) for a in train_command(args, 2))
+    typescript = tmp_path / "typescript"
+    cmd = ["script", "-qec", command, str(typescript)]
+    run = finish(start(cmd, tmp_path, clean_env(DPNET_PROGRESS_SECONDS="0")), cmd, tmp_path, time.monotonic(), 60)
+    assert run.returncode == 0, str(run)
+    shown = typescript.read_bytes().decode(errors="replace")  # with its carriage returns
+    assert re.search(r"\repoch 1/1: +\d+%\|", shown), shown  # tqdm's bar, redrawn in place
+    assert "epoch 1/1: step " not in shown, shown
+    assert "epoch 1/1: loss " in shown, str(run)
 
 
 def test_resume_takes_the_runs_settings_from_the_checkpoint(cifar_dir, tmp_path):

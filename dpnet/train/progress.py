@@ -1,9 +1,10 @@
-"""Progress of an epoch on rank 0: a live bar where stderr is a terminal, else a line every
-DPNET_PROGRESS_SECONDS (10 s by default), which suits a log file, a pipe or a SLURM log.
+"""Progress of an epoch on rank 0: a live bar where the output ends on a terminal, else a line
+every DPNET_PROGRESS_SECONDS (10 s by default), which suits a log file, a pipe or a SLURM log.
 
-Under mpirun the ranks' output reaches the terminal through the launcher, a pipe, and the
-ranks have no terminal of their own (Hydra starts them in a session of their own), so there
-it is the line every 10 s.
+Under mpirun the ranks' output reaches the terminal through the launcher, a pipe: the ranks
+have no terminal of their own (Hydra starts them in a session of their own). Where the
+launcher runs on rank 0's machine, its stderr tells: a terminal there gets the live bar
+(Hydra passes the bar's carriage returns on as they come).
 """
 
 import os
@@ -16,11 +17,33 @@ PROGRESS_SECONDS_ENV = "DPNET_PROGRESS_SECONDS"
 def progress(total, done, description):
     """A progress display for `total` steps of which `done` are done: a tqdm bar or LineProgress.
     Both take update(1), set_postfix(**fields) and close()."""
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() or launcher_on_terminal():
         from tqdm import tqdm
         return tqdm(total=total, initial=done, desc=description, leave=False, file=sys.stderr)
     seconds = float(os.environ.get(PROGRESS_SECONDS_ENV) or 10)
     return LineProgress(total, done, description, seconds, sys.stderr)
+
+
+def launcher_on_terminal(levels=3):
+    """True if, under an MPI launcher on this machine, the launcher writes to a terminal: its
+    stderr (found within `levels` parent processes: Hydra's proxy, then mpiexec) is a tty.
+    False without /proc (not Linux), or where the launcher runs elsewhere (ssh, srun)."""
+    from ..parallel import launched_by_mpi
+    if not launched_by_mpi():
+        return False
+    pid = os.getppid()
+    for _ in range(levels):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/2").startswith(("/dev/pts/", "/dev/tty")):
+                return True
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            return False
+        pid = int(stat[stat.rindex(")") + 2:].split()[1])  # pid (comm) state ppid ...
+        if pid <= 1:
+            return False
+    return False
 
 
 class LineProgress:
