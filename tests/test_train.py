@@ -970,3 +970,19 @@ def test_a_rank_stuck_at_start_up_ends_the_job(cifar_dir, tmp_path):
     assert run.returncode != 0, str(run)
     assert ("watchdog: the start-up has not completed in 3 s; rank(s) [1] reached it but wait in no "
             "collective (still computing, or stuck)") in run.stderr, str(run)  # said by rank 0 or rank 1
+
+
+@pytest.mark.parametrize("part, said", [
+    ("evaluation", "the evaluation after step 5 has not completed in 3 s; rank(s) [1] reached it but wait in no "
+                   "collective (still computing, or stuck)"),
+    ("checkpoint", "the checkpoint after step 5 has not completed in 3 s; rank(s) [1] reached it but wait in no "
+                   "collective (still computing, or stuck)"),
+    ("shutdown", "the shutdown has not completed in 3 s; rank(s) [1] never reached it"),
+])
+def test_a_rank_stuck_outside_the_steps_ends_the_job(cifar_dir, tmp_path, part, said):
+    """The watchdog guards evaluation, checkpoint writing and the shutdown as it guards the steps:
+    rank 1 stuck there ends the job after --timeout, named, with no rank left running."""
+    run = run_train(base_args(cifar_dir, "--epochs", "2", "--timeout", "3"), tmp_path, 2,
+                    env=clean_env(DPNET_FAULT=f"1:5:hang-{part}"), timeout=40)
+    assert run.returncode != 0, str(run)
+    assert f"watchdog: {said}" in run.stderr, str(run)

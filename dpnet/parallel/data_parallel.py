@@ -236,9 +236,10 @@ class DataParallel:
         move to private copies first, so the model, the configs passed to step() and this
         object stay usable (unguarded, summing with one Allreduce); views taken of them
         earlier may point into released memory."""
-        self.update = self.update.close()
-        self.flat.rebind(buffer=np.array(self.flat.buffer))
-        self.reducer.close()
+        with self.guard.guarding(self.steps, "shutdown"):  # a rank that never gets here is named
+            self.update = self.update.close()
+            self.flat.rebind(buffer=np.array(self.flat.buffer))
+            self.reducer.close()
         self.reducer = AllreduceReducer(self.comm, self.flat.buffer)
         self._bind_send()
         self.guard.close()

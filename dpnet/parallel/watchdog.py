@@ -208,12 +208,13 @@ def _exit_later(rank, what_part):
     os._exit(1)
 
 
-PARTS = ("step", "update", "evaluation", "checkpoint", "start-up")  # what a guarded part of the run can be
+# what a guarded part of the run can be
+PARTS = ("step", "update", "evaluation", "checkpoint", "start-up", "shutdown")
 
 
 def _describe(step, part):
-    if part == "start-up":
-        return "the start-up"
+    if part in ("start-up", "shutdown"):
+        return f"the {part}"
     return f"step {step}" if part == "step" else f"the {part} of step {step}" if part == "update" else \
         f"the {part} after step {step}"
 

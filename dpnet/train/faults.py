@@ -8,7 +8,8 @@ import numpy as np
 from .config import ConfigError
 
 FAULT_ENV = "DPNET_FAULT"
-KINDS = ("raise", "exit", "hang", "hang-update", "nan", "hang-start")
+KINDS = ("raise", "exit", "hang", "hang-update", "nan", "hang-start", "hang-evaluation", "hang-checkpoint",
+         "hang-shutdown")
 
 
 def fault_spec(environ=None):
@@ -35,6 +36,15 @@ def inject_start_fault(rank):
             time.sleep(60)
 
 
+def inject_part_fault(rank, step, part):
+    """hang-evaluation, hang-checkpoint, hang-shutdown: RANK sleeps forever in the first such part
+    of the run (evaluation, checkpoint writing, the shutdown) at or after STEP."""
+    spec = fault_spec()
+    if spec is not None and spec[2] == f"hang-{part}" and spec[0] == rank and step >= spec[1]:
+        while True:
+            time.sleep(60)
+
+
 def inject_fault(rank, step, xb, after_loss=False):
     """Make this rank fail as DPNET_FAULT says, if it names this rank and step: raise (an
     exception), exit (os._exit(3)), hang (sleep forever), nan (NaN inputs, hence a NaN global
@@ -44,7 +54,8 @@ def inject_fault(rank, step, xb, after_loss=False):
     if spec is None:
         return xb
     fault_rank, fault_step, kind = spec
-    if rank != fault_rank or step != fault_step or after_loss != (kind == "hang-update") or kind == "hang-start":
+    if rank != fault_rank or step != fault_step or after_loss != (kind == "hang-update") or \
+            kind not in ("raise", "exit", "hang", "hang-update", "nan"):
         return xb
     if kind in ("hang", "hang-update"):
         while True:

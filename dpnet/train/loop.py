@@ -24,7 +24,7 @@ from ..parallel.shm_leftovers import remove_stale
 from ..parallel.watchdog import make_guard
 from ..scaling import run_prediction
 from .config import DATA_ENV, OPTIMIZERS, ConfigError, validate
-from .faults import fault_spec, inject_fault, inject_start_fault
+from .faults import fault_spec, inject_fault, inject_part_fault, inject_start_fault
 from .inputs import load_data, normaliser, split_train_val, training_batch
 from .progress import progress
 from .resume import restore_settings, stored_config
@@ -278,6 +278,7 @@ class Trainer:
                 with self.dp.guarded("evaluation"):
                     test_acc = evaluate(self.model, self.comm, self.data["x_test"], self.data["y_test"],
                                         self.to_input)
+            inject_part_fault(self.comm.rank, self.step, "shutdown")
             self.dp.close()
             if stopped:
                 how = stop_signal.signal or "by another rank"
@@ -348,6 +349,7 @@ class Trainer:
         """After a whole epoch: average the batchnorm statistics, evaluate, print and record
         the epoch's metrics, save a checkpoint. Returns the metrics dict."""
         with self.dp.guarded("evaluation"):  # the watchdog ends the job if a rank never arrives
+            inject_part_fault(self.comm.rank, self.step, "evaluation")
             self.dp.average_running_stats()
             train_acc = evaluate(self.model, self.comm, self.x_train[:1000], self.y_train[:1000], self.to_input)
             val_acc = evaluate(self.model, self.comm, self.x_val, self.y_val, self.to_input)
@@ -378,6 +380,7 @@ class Trainer:
         """Write the checkpoint (rank 0; default --checkpoint), with every rank's generator states
         (collective)."""
         comm, config = self.comm, self.config
+        inject_part_fault(comm.rank, self.step, "checkpoint")
         states = comm.allgather_obj({k: r.bit_generator.state for k, r in self.rngs.items()})
         if comm.rank == 0 and config.checkpoint:
             save_checkpoint(path or config.checkpoint, self.model, self.optim_config, self.step // self.per_epoch,
