@@ -132,3 +132,20 @@ def step_checkpoints(path):
         match = re.search(r"-step(\d{8})" + re.escape(ext) + "$", name)
         found.append((int(match.group(1)), name))
     return sorted(found)
+
+
+def newest_checkpoint(path):
+    """(step, file) of the readable checkpoint of the run at `path` (the file itself and its
+    step checkpoints) with the most optimizer steps taken, or None where there is none yet."""
+    import h5py
+
+    newest = None
+    for candidate in [path] + [name for _, name in step_checkpoints(path)]:
+        try:
+            with h5py.File(candidate, "r") as f:
+                step = int(f.attrs["step"])
+        except Exception:  # missing, or not (yet) a whole checkpoint
+            continue
+        if newest is None or step > newest[0]:
+            newest = (step, candidate)
+    return newest

@@ -221,11 +221,16 @@ exec ip netns exec "$ns" unshare --uts -- sh -c "hostname $ns && exec $*"
         if len(ranks) != self.hosts:
             raise ValueError(f"ranks {ranks} must name one count per host ({self.hosts})")
         hosts = ",".join(f"{a}:{n}" for a, n in zip(self.addresses, ranks))
+        return [*self.mpiexec_prefix(env, mpiexec), "-hosts", hosts, "-n", str(sum(ranks)), *command]
+
+    def mpiexec_prefix(self, env=None, mpiexec="mpiexec"):
+        """mpiexec with the options that reach this cluster's hosts (no hosts or ranks yet): what
+        `python -m dpnet.launch --launcher-command` takes."""
         genv = []
         for key, value in {"UCX_TLS": "tcp,self", **(env or {})}.items():
             genv += ["-genv", key, str(value)]
         return [mpiexec, "-launcher", "ssh", "-launcher-exec", self.launcher, "-localhost", self.bridge_address,
-                "-hosts", hosts, "-n", str(sum(ranks)), *genv, *command]
+                *genv]
 
 
 def _mpiexec_beside_python():

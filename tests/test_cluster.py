@@ -3,6 +3,7 @@
 network namespaces; skipped otherwise (the test session's header says why)."""
 
 import os
+import re
 import sys
 import time
 
@@ -243,3 +244,46 @@ def test_kill_9_of_a_rank_on_another_host_ends_the_job(cifar_dir, tmp_path):
             time.sleep(0.2)
         assert not ranks_in(cluster.namespaces[0]) and not ranks_in(cluster.namespaces[1])
     assert ended < 10, f"the job took {ended:.1f} s to end\n{job.output}"
+
+
+def test_the_supervisor_goes_on_with_fewer_ranks_after_losing_a_host(cifar_dir, tmp_path):
+    """python -m dpnet.launch on 2 hosts x 2 ranks with --min-ranks 2: host 1 loses its link; the
+    job ends (watchdog), the supervisor finds host 1 gone, restarts from the newest step
+    checkpoint on host 0's 2 ranks, and the run completes. Sync batchnorm in float64 without
+    augmentation: the result equals an uninterrupted 2-rank run to rounding."""
+    import shlex
+    import subprocess
+
+    from dpnet.checkpoint import newest_checkpoint
+    steps = 300
+    args = train_args(cifar_dir, "--timeout", "4", "--max-steps", str(steps), "--epochs", "100000",
+                      "--checkpoint-every", "5")
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "lost").mkdir()
+    straight = run_ok(args, tmp_path / "straight", 2, timeout=180)
+    cwd = tmp_path / "lost"
+    with Cluster(2) as cluster:
+        mpiexec = os.path.join(os.path.dirname(mpirun_path()), "mpiexec")
+        cmd = [sys.executable, "-m", "dpnet.launch", "-n", "4", "--hosts", ",".join(cluster.addresses),
+               "--min-ranks", "2", "--probe-seconds", "5",
+               "--launcher-command", shlex.join(cluster.mpiexec_prefix(mpiexec=mpiexec)), "--", *args]
+        proc = start(cmd, cwd, clean_env())
+        try:
+            deadline = time.monotonic() + 60
+            while (newest_checkpoint(str(cwd / CKPT)) or (0,))[0] < 20:
+                assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled"
+                time.sleep(0.05)
+            subprocess.run(["ip", "link", "set", cluster.veths[1], "down"], check=True)
+            run = finish(proc, cmd, cwd, time.monotonic(), timeout=150)
+        finally:
+            proc.kill()
+    assert run.returncode == 0, str(run)
+    notes = [line for line in run.stderr.splitlines() if line.startswith("dpnet.launch: ")]
+    assert f"dpnet.launch: host(s) {cluster.addresses[1]} did not answer within 5 s" in notes, str(run)
+    assert any(re.fullmatch(rf"dpnet\.launch: restart 1 of 3: from checkpoint(-step\d{{8}})?\.h5 \(step \d+\) on 2 rank\(s\) on "
+                            rf"{re.escape(cluster.addresses[0])}", line) for line in notes), str(run)
+    assert "rank(s) [2, 3] do not answer (unreachable" in run.stderr, str(run)
+    mine, theirs = read_checkpoint(cwd / CKPT), read_checkpoint(straight.path(CKPT))
+    assert (mine["attrs"]["step"], mine["attrs"]["world_size"]) == (steps, 2)
+    for name, value in theirs["params"].items():  # 4 ranks' sums, then 2's: the same math, other rounding
+        assert np.abs(mine["params"][name] - value).max() <= 1e-9 * np.abs(value).max(), name

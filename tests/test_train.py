@@ -517,7 +517,7 @@ def test_watchdog_after_resume_names_the_global_step(cifar_dir, tmp_path):
 def test_nan_loss_stops_cleanly(cifar_dir, tmp_path):
     run = run_train(base_args(cifar_dir, "--epochs", "2"), tmp_path, 2,
                     env=clean_env(DPNET_FAULT=f"1:{FAULT_STEP}:nan"), timeout=60)
-    assert run.returncode == 1, str(run)
+    assert run.returncode == 4, str(run)
     assert run.stderr.count("loss is nan at step") == 1, str(run)
     assert run.err_lines == [f"{ERROR_PREFIX}the loss is nan at step {FAULT_STEP} (epoch 2); "
                              "stopping, the last checkpoint is kept"], str(run)
@@ -842,7 +842,7 @@ def test_a_run_never_replaces_another_runs_files(cifar_dir, tmp_path):
     assert {p: (tmp_path / p).read_bytes() for p in saved} == saved
     dies = run_train(base_args(cifar_dir, "--max-steps", "3", "--overwrite"), tmp_path,
                      env=clean_env(DPNET_FAULT="0:1:nan"), timeout=60)
-    assert dies.returncode == 1 and "loss is nan at step 1" in dies.stderr, str(dies)
+    assert dies.returncode == 4 and "loss is nan at step 1" in dies.stderr, str(dies)
     assert (tmp_path / METRICS).read_bytes() == saved[METRICS]  # not truncated by a run that never trained
     run_ok(base_args(cifar_dir, "--max-steps", "6", "--overwrite"), tmp_path)
     assert read_metrics(tmp_path / METRICS)[-1]["step"] == 6

@@ -21,6 +21,12 @@ from .loop import NonFiniteLoss, StartupError, stop_signal, train
 # Abort kills the launcher's output forwarding too: give it a moment to pass the report on.
 ABORT_GRACE_SECONDS = 0.5
 
+# Exit statuses. A failure (an exception or a lost rank, ending the job through MPI_Abort or the
+# launcher) exits 1 or with the launcher's own status; a supervisor restarts those, not these:
+EXIT_USAGE = 2        # a bad option, data set or checkpoint: the same again would fail the same way
+EXIT_DIVERGED = 4     # the loss became inf or nan: so would a restart from the last checkpoint
+EXIT_INTERRUPTED = 130  # Ctrl-C: stopped and saved, as asked
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # reported once by main(), not by every rank
@@ -100,18 +106,18 @@ def install_abort_hook(comm):
 def _on_sigint(signum, frame):
     """The first Ctrl-C stops the run at the next step, saved; a second ends it at once."""
     if stop_signal.is_set():
-        os._exit(130)
+        os._exit(EXIT_INTERRUPTED)
     stop_signal.set("SIGINT")
 
 
 def _status(result):
     """Exit status of a finished run: 130 after a stop asked for by Ctrl-C, else 0."""
-    return 130 if result.get("stopped") and stop_signal.signal == "SIGINT" else 0
+    return EXIT_INTERRUPTED if result.get("stopped") and stop_signal.signal == "SIGINT" else 0
 
 
 def main(argv=None):
-    """Run the command with argv (default: sys.argv[1:]); returns the exit status: 0, 2 for a
-    bad option, data set or checkpoint, 1 for a non-finite loss."""
+    """Run the command with argv (default: sys.argv[1:]); returns the exit status: 0, or
+    EXIT_USAGE, EXIT_DIVERGED or EXIT_INTERRUPTED."""
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
         if threading.current_thread() is threading.main_thread():
@@ -132,8 +138,8 @@ def main(argv=None):
     except (ConfigError, DataError, CheckpointError, StartupError) as exc:
         if launcher_rank() == 0:
             print(f"python -m dpnet.train: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except NonFiniteLoss as exc:  # raised on every rank at the same step: no abort needed
         if launcher_rank() == 0:
             print(f"python -m dpnet.train: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_DIVERGED

@@ -27,6 +27,7 @@ from .config import DATA_ENV, OPTIMIZERS, ConfigError, validate
 from .faults import fault_spec, inject_fault, inject_part_fault, inject_start_fault
 from .inputs import load_data, normaliser, split_train_val, training_batch
 from .progress import progress
+from .ranks import write_rank_map
 from .resume import restore_settings, stored_config
 
 class StopRequest:
@@ -190,6 +191,7 @@ class Trainer:
     def _start(self, config, comm):
         """Everything the constructor does once the options are known to be valid (collective)."""
         inject_start_fault(comm.rank)
+        write_rank_map(comm)  # for a supervisor that reports a dead process by its PID
         if config.resume:  # the run's own settings, unless an option given again disagrees
             config = on_every_rank(comm, lambda: restore_settings(config, stored_config(config.resume)))
             on_every_rank(comm, lambda: validate(config, comm.size))

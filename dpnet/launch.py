@@ -1,0 +1,371 @@
+"""`python -m dpnet.launch`: run a training job and restart it from its newest checkpoint when it fails.
+
+    python -m dpnet.launch -n 4 --max-restarts 3 -- --data DIR --checkpoint-every 50
+    python -m dpnet.launch -n 4 --hosts 10.0.0.1,10.0.0.2 --min-ranks 2 -- --data DIR --checkpoint-every 50
+
+The job is `python -m dpnet.train TRAIN_ARGS` on N ranks, started by mpiexec, or by srun inside
+a SLURM allocation. When it fails (a rank crashed or was killed, a host was lost, the watchdog
+ended it), the supervisor logs what failed, names the rank where the launcher names a process,
+and starts the job again with `--resume` from the newest checkpoint of the run (--checkpoint and
+its --checkpoint-every files), up to --max-restarts times. A restart at the same number of ranks
+continues bit-identically: the checkpoint holds the parameters, the optimizer state, the
+batchnorm statistics and every rank's random generators, and the sampler resumes at its step.
+
+With --hosts, hosts that no longer answer are left out of the restart: the job goes on with the
+ranks of the hosts left (--ranks-per-host each), if that is at least --min-ranks (default: N,
+never fewer). Fewer ranks need --bn-mode sync (or none), whose math does not depend on how the
+batch is split.
+
+Not restarted: a bad option, data set or checkpoint (exit 2), a non-finite loss (exit 4), and a
+job stopped by SIGTERM or Ctrl-C; the supervisor passes both signals on to the job.
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from .checkpoint import newest_checkpoint
+from .train.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, parse_args
+from .train.config import ConfigError
+from .train.ranks import RANK_MAP_ENV, read_rank_map
+
+PREFIX = "dpnet.launch: "
+FINAL_STATUSES = {0: "finished", EXIT_USAGE: "a bad option, data set or checkpoint",
+                  EXIT_DIVERGED: "the loss became inf or nan", EXIT_INTERRUPTED: "interrupted (Ctrl-C)"}
+PROBE_SECONDS = 20.0
+# Hydra's report of a process that died: "PID 1402 RUNNING AT node3" ... "EXIT CODE: 9"
+HYDRA_DEATH = re.compile(r"PID (\d+) RUNNING AT (\S+)")
+HYDRA_CODE = re.compile(r"EXIT CODE: (\d+)")
+
+
+def say(text):
+    print(PREFIX + text, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ launchers
+
+class MpiexecLauncher:
+    """Hydra's mpiexec (`mpiexec -n N [-hosts H1:k,H2:k] python -m dpnet.train ...`).
+    prefix: the mpiexec command and any options of its own, as a list."""
+
+    name = "mpiexec"
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def command(self, ranks, hosts, train_argv):
+        placement = ["-hosts", ",".join(f"{host}:{ranks // len(hosts)}" for host in hosts)] if hosts else []
+        return [*self.prefix, *placement, "-n", str(ranks), sys.executable, "-m", "dpnet.train", *train_argv]
+
+    def reachable(self, host, timeout):
+        """True if a one-rank job starts and ends on `host` within `timeout` seconds."""
+        probe = subprocess.Popen([*self.prefix, "-hosts", f"{host}:1", "-n", "1", sys.executable, "-c", "pass"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            return probe.wait(timeout=timeout) == 0
+        except subprocess.TimeoutExpired:
+            return False
+        finally:
+            _kill_group(probe)
+
+
+class SrunLauncher:
+    """SLURM's srun inside an allocation: srun places the ranks; --hosts is SLURM's to decide."""
+
+    name = "srun"
+
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    def command(self, ranks, hosts, train_argv):
+        return [*self.prefix, "--ntasks", str(ranks), "--kill-on-bad-exit=1",
+                sys.executable, "-m", "dpnet.train", *train_argv]
+
+    def reachable(self, host, timeout):
+        return True
+
+
+def choose_launcher(kind, command, environ=None):
+    """The launcher: `kind` auto (srun inside a SLURM allocation where srun exists, else
+    mpiexec), mpiexec or srun; `command` overrides its command line (a string, split as a shell would)."""
+    environ = os.environ if environ is None else environ
+    if kind == "auto":
+        kind = "srun" if environ.get("SLURM_JOB_ID") and shutil.which("srun", path=environ.get("PATH")) else "mpiexec"
+    if command:
+        prefix = shlex.split(command)
+    elif kind == "srun":
+        prefix = ["srun"]
+    else:
+        beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+        prefix = [beside if os.path.exists(beside) else (shutil.which("mpiexec") or "mpiexec")]
+    return SrunLauncher(prefix) if kind == "srun" else MpiexecLauncher(prefix)
+
+
+# ------------------------------------------------------------------ the command lines of the attempts
+
+def restart_argv(train_argv, resume):
+    """train_argv for a restart from checkpoint `resume`: its --resume replaced, and without
+    --reset-optimizer (which applied to the first start only; the run's own optimizer state
+    is what continues)."""
+    out, skip = [], False
+    for arg in train_argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = True
+            continue
+        if arg.startswith("--resume=") or arg in ("--reset-optimizer", "--no-reset-optimizer"):
+            continue
+        out.append(arg)
+    return out + ["--resume", resume]
+
+
+def death_report(output, rank_map):
+    """What the launcher said about a process that died, with its rank where the rank map
+    knows the PID; None where it said nothing."""
+    death = HYDRA_DEATH.search(output)
+    if not death:
+        return None
+    pid, host = int(death.group(1)), death.group(2)
+    code = HYDRA_CODE.search(output, death.end())
+    ranks = [entry["rank"] for entry in rank_map if entry["pid"] == pid]
+    who = f"rank {ranks[0]}" if len(ranks) == 1 else f"one of ranks {ranks}" if ranks else "a rank"
+    how = ""
+    if code:
+        status = int(code.group(1))
+        how = f", exit code {status}"
+        if 0 < status < 64:
+            try:
+                how = f", killed by {signal.Signals(status).name}"
+            except ValueError:
+                pass
+    return f"{who} (PID {pid} on {host}) died{how}"
+
+
+# ------------------------------------------------------------------ the supervisor
+
+class Supervisor:
+    """Runs the attempts. ranks: N at the start; hosts: list or None; min_ranks: the fewest
+    ranks a restart may go on with."""
+
+    def __init__(self, launcher, ranks, train_argv, config, hosts=None, max_restarts=3, min_ranks=None,
+                 probe_seconds=PROBE_SECONDS):
+        self.launcher, self.ranks, self.train_argv, self.config = launcher, ranks, train_argv, config
+        self.hosts = list(hosts) if hosts else None
+        self.max_restarts, self.min_ranks = max_restarts, min_ranks or ranks
+        self.probe_seconds = probe_seconds
+        self.stop = None  # the signal the user sent: no restart after it
+        self.job = None
+        # restarting from scratch may replace only this run's own files
+        self.fresh_may_overwrite = config.overwrite or not any(
+            p and os.path.exists(p) for p in (config.checkpoint, config.metrics))
+
+    def run(self):
+        """Attempts until one ends in a final status or the restarts are spent; returns the exit status."""
+        argv, restarts = list(self.train_argv), 0
+        while True:
+            status, seconds, report = self.attempt(argv, restarts)
+            if status in FINAL_STATUSES or self.stop:
+                if restarts and status == 0:
+                    say(f"finished after {restarts} restart(s)")
+                return status
+            say(f"attempt {restarts + 1} failed after {seconds:.1f} s with exit status {status}"
+                + (f": {report}" if report else ""))
+            if restarts >= self.max_restarts:
+                say(f"giving up: {restarts} restart(s) made, --max-restarts {self.max_restarts}")
+                return status
+            if not self.keep_reachable_hosts():
+                return status
+            restarts += 1
+            argv, start = self.next_argv()
+            if argv is None or self.stop:
+                return status
+            say(f"restart {restarts} of {self.max_restarts}: {start} on {self.ranks} rank(s)"
+                + (f" on {', '.join(self.hosts)}" if self.hosts else ""))
+
+    def attempt(self, argv, restarts):
+        """Run the job once; returns (exit status, seconds, what the launcher said about a death)."""
+        with tempfile.TemporaryDirectory(prefix="dpnet-launch-") as scratch:
+            rank_map = os.path.join(scratch, "ranks.json")
+            env = {**os.environ, RANK_MAP_ENV: rank_map}
+            cmd = self.launcher.command(self.ranks, self.hosts, argv)
+            if restarts == 0:
+                say(f"{self.ranks} rank(s) by {self.launcher.name}, up to {self.max_restarts} restart(s)"
+                    + ("" if self.config.checkpoint_every else
+                       "; without --checkpoint-every a restart goes back to the last epoch's end"))
+            started = time.monotonic()
+            self.job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, start_new_session=True,
+                                        preexec_fn=_end_with_parent)
+            tail = []
+            forward = threading.Thread(target=_forward, args=(self.job.stdout, tail), daemon=True)
+            forward.start()
+            status = self.job.wait()
+            forward.join(timeout=5)
+            _kill_group(self.job)  # what the launcher left of its own group
+            report = death_report("".join(tail), read_rank_map(rank_map)) if status else None
+        return _exit_status(status), time.monotonic() - started, report
+
+    def keep_reachable_hosts(self):
+        """With --hosts: leave out the hosts that no longer answer; False if too few ranks are left."""
+        if not self.hosts:
+            return True
+        alive = [h for h in self.hosts if self.launcher.reachable(h, self.probe_seconds)]
+        lost = [h for h in self.hosts if h not in alive]
+        if not lost:
+            return True
+        per_host = self.ranks // len(self.hosts)
+        ranks = per_host * len(alive)
+        say(f"host(s) {', '.join(lost)} did not answer within {self.probe_seconds:.0f} s")
+        if ranks < self.min_ranks or not alive:
+            say(f"giving up: the {len(alive)} host(s) left hold {ranks} rank(s), fewer than --min-ranks "
+                f"{self.min_ranks}")
+            return False
+        newest = newest_checkpoint(self.config.checkpoint) if self.config.checkpoint else None
+        bn_mode = _stored_bn_mode(newest[1]) if newest else self.config.bn_mode
+        if bn_mode == "local":
+            say("giving up: fewer ranks change what --bn-mode local computes (statistics per rank's shard); "
+                "use --bn-mode sync to go on with fewer ranks")
+            return False
+        self.hosts, self.ranks = alive, ranks
+        return True
+
+    def next_argv(self):
+        """(argv, where it starts) of the next attempt: --resume from the newest checkpoint, or a
+        fresh start; (None, None) where neither may be."""
+        newest = newest_checkpoint(self.config.checkpoint) if self.config.checkpoint else None
+        if newest:
+            return restart_argv(self.train_argv, newest[1]), f"from {newest[1]} (step {newest[0]})"
+        if self.config.resume:  # nothing newer written yet: where the first attempt started
+            return list(self.train_argv), f"from {self.config.resume} again"
+        if self.fresh_may_overwrite:  # what the failed attempt wrote is this run's own
+            return [a for a in self.train_argv if a != "--no-overwrite"] + ["--overwrite"], \
+                "from the start (no checkpoint written yet)"
+        say("giving up: no checkpoint of this run to restart from, and --checkpoint/--metrics "
+            "hold an earlier run's files (pass --overwrite to start afresh)")
+        return None, None
+
+    def forward_signal(self, signum, frame):
+        """SIGTERM or Ctrl-C: pass it on to the job (which saves and stops) and restart no more."""
+        self.stop = self.stop or signal.Signals(signum).name
+        if self.job is not None and self.job.poll() is None:
+            self.job.send_signal(signum)
+
+
+def _forward(stream, tail, keep=200):
+    """Copy the job's output to ours line by line, keeping its last `keep` lines in `tail`."""
+    for raw in iter(stream.readline, b""):
+        sys.stdout.buffer.write(raw)
+        sys.stdout.flush()
+        tail.append(raw.decode(errors="replace"))
+        del tail[:-keep]
+
+
+def _exit_status(returncode):
+    return 128 - returncode if returncode < 0 else returncode  # killed by signal k: 128 + k, as a shell says
+
+
+def _stored_bn_mode(path):
+    from .train.resume import stored_config
+    try:
+        return stored_config(path).get("bn_mode")
+    except Exception:
+        return None
+
+
+def _end_with_parent():
+    """In the job's launcher process, before exec: SIGTERM it if the supervisor dies (Linux), so
+    no job outlives a supervisor that was killed."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ------------------------------------------------------------------ the command line
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m dpnet.launch", description=__doc__.split("\n\n")[0],
+                                     usage="%(prog)s -n N [options] -- TRAIN_ARGS")
+    parser.add_argument("-n", "--ranks", type=int, required=True, help="ranks to start")
+    parser.add_argument("--max-restarts", type=int, default=3, help="restarts after failures (default: 3)")
+    parser.add_argument("--hosts", help="comma-separated hosts (IP addresses or names), --ranks spread evenly "
+                                        "over them (mpiexec only)")
+    parser.add_argument("--min-ranks", type=int, help="with --hosts: go on with as few as this many ranks when "
+                                                      "hosts are lost (default: --ranks, never fewer)")
+    parser.add_argument("--launcher", choices=("auto", "mpiexec", "srun"), default="auto",
+                        help="auto: srun inside a SLURM allocation, else mpiexec")
+    parser.add_argument("--launcher-command", help="the launcher's command with options of its own, "
+                                                   "e.g. 'mpiexec -launcher ssh' (default: mpiexec beside python)")
+    parser.add_argument("--probe-seconds", type=float, default=PROBE_SECONDS,
+                        help=f"with --hosts: how long a host may take to run a one-rank job before it counts as "
+                             f"lost (default: {PROBE_SECONDS:.0f})")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="options of python -m dpnet.train, after --")
+    args = parser.parse_args(argv)
+    args.train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    hosts = [h for h in (args.hosts or "").split(",") if h]
+    if args.ranks < 1:
+        parser.error(f"-n must be at least 1, got {args.ranks}")
+    if args.max_restarts < 0:
+        parser.error(f"--max-restarts must not be negative, got {args.max_restarts}")
+    if hosts and args.ranks % len(hosts):
+        parser.error(f"-n {args.ranks} does not spread evenly over {len(hosts)} host(s)")
+    if args.min_ranks is not None and not 1 <= args.min_ranks <= args.ranks:
+        parser.error(f"--min-ranks must be between 1 and -n {args.ranks}, got {args.min_ranks}")
+    if args.probe_seconds <= 0:
+        parser.error(f"--probe-seconds must be positive, got {args.probe_seconds}")
+    args.hosts = hosts
+    return args
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        config = parse_args(args.train_args)
+    except ConfigError as exc:
+        print(f"python -m dpnet.launch: error: dpnet.train options: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if config.simulate_ranks:
+        print("python -m dpnet.launch: error: --simulate-ranks runs one process; the launcher starts real ranks",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if args.max_restarts and not config.checkpoint:
+        print("python -m dpnet.launch: error: restarts continue from checkpoints, and --checkpoint is '' "
+              "(give a path, or --max-restarts 0)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.min_ranks and args.min_ranks < args.ranks and config.bn_mode == "local":
+        print("python -m dpnet.launch: error: --min-ranks below -n needs --bn-mode sync or none: with local "
+              "statistics, fewer ranks compute another model", file=sys.stderr)
+        return EXIT_USAGE
+    launcher = choose_launcher(args.launcher, args.launcher_command)
+    if args.hosts and launcher.name == "srun":
+        print("python -m dpnet.launch: error: --hosts is for mpiexec; under srun, SLURM places the ranks",
+              file=sys.stderr)
+        return EXIT_USAGE
+    supervisor = Supervisor(launcher, args.ranks, args.train_args, config, hosts=args.hosts,
+                            max_restarts=args.max_restarts, min_ranks=args.min_ranks,
+                            probe_seconds=args.probe_seconds)
+    signal.signal(signal.SIGTERM, supervisor.forward_signal)
+    signal.signal(signal.SIGINT, supervisor.forward_signal)
+    return supervisor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""`python -m dpnet.launch`, the supervisor that restarts failed jobs from their newest checkpoint.
+
+The end-to-end tests run real jobs under mpiexec on the tiny CIFAR-10 folder: ranks killed
+with SIGKILL several times, and the final checkpoint compared bit for bit with an
+uninterrupted run's; failures that must not be restarted; the restart budget; srun inside
+SLURM; signals passed on; no job outliving a killed supervisor.
+"""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dpnet.checkpoint import newest_checkpoint, step_checkpoint_path
+from dpnet.launch import choose_launcher, death_report, restart_argv
+from tests.train_helpers import (TINY, assert_same_state, cifar_dir, clean_env, finish, kill_group,  # noqa: F401
+                                 read_checkpoint, read_metrics, run_ok, start)
+
+CKPT = os.path.join("dpnet_run", "checkpoint.h5")
+METRICS = os.path.join("dpnet_run", "metrics.jsonl")
+EPOCHS, STEPS_PER_EPOCH, EVERY = 40, 5, 10  # 200 steps, a step checkpoint every 10
+PREFIX = "dpnet.launch: "
+
+
+def train_args(data, *extra):
+    return ["--data", data, *TINY, "--epochs", str(EPOCHS), "--checkpoint-every", str(EVERY), *extra]
+
+
+def launch_command(args, *options):
+    return [sys.executable, "-m", "dpnet.launch", *options, "--", *args]
+
+
+def supervised(args, cwd, *options, env=None, timeout=180):
+    cmd = launch_command(args, *options)
+    return finish(start(cmd, cwd, env), cmd, cwd, time.monotonic(), timeout)
+
+
+def notes(run):
+    """The supervisor's own lines."""
+    return [line[len(PREFIX):] for line in run.stderr.splitlines() if line.startswith(PREFIX)]
+
+
+# ------------------------------------------------------------------ pieces
+
+def test_restart_argv_resumes_from_the_newest_checkpoint():
+    argv = ["--data", "d", "--resume", "old.h5", "--reset-optimizer", "--resume=older.h5", "--lr", "0.1"]
+    assert restart_argv(argv, "new.h5") == ["--data", "d", "--lr", "0.1", "--resume", "new.h5"]
+
+
+def test_newest_checkpoint_is_the_one_with_most_steps(tmp_path):
+    import h5py
+    path = str(tmp_path / "checkpoint.h5")
+    assert newest_checkpoint(path) is None
+    for step, name in ((10, path), (30, step_checkpoint_path(path, 30)), (20, step_checkpoint_path(path, 20))):
+        with h5py.File(name, "w") as f:
+            f.attrs["step"] = step
+    assert newest_checkpoint(path) == (30, step_checkpoint_path(path, 30))
+    with open(step_checkpoint_path(path, 40), "wb") as fh:  # not a checkpoint: skipped
+        fh.write(b"garbage")
+    assert newest_checkpoint(path) == (30, step_checkpoint_path(path, 30))
+
+
+HYDRA_REPORT = """
+===================================================================================
+=   BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES
+=   PID 1402 RUNNING AT 198.18.7.11
+=   EXIT CODE: 9
+=   CLEANING UP REMAINING PROCESSES
+"""
+
+
+def test_death_report_names_the_rank_of_the_pid():
+    ranks = [{"rank": 0, "host": "a", "pid": 1401}, {"rank": 1, "host": "a", "pid": 1402}]
+    assert death_report(HYDRA_REPORT, ranks) == "rank 1 (PID 1402 on 198.18.7.11) died, killed by SIGKILL"
+    assert death_report(HYDRA_REPORT, []) == "a rank (PID 1402 on 198.18.7.11) died, killed by SIGKILL"
+    assert death_report("no report here", ranks) is None
+
+
+def test_srun_is_the_launcher_inside_slurm(tmp_path):
+    fake = tmp_path / "srun"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    inside = {"SLURM_JOB_ID": "7", "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    assert choose_launcher("auto", None, inside).name == "srun"
+    assert choose_launcher("auto", None, {"PATH": inside["PATH"]}).name == "mpiexec"  # no allocation
+    assert choose_launcher("auto", None, {"SLURM_JOB_ID": "7", "PATH": "/nonexistent"}).name == "mpiexec"
+    command = choose_launcher("srun", None).command(4, None, ["--lr", "0.1"])
+    assert command[:4] == ["srun", "--ntasks", "4", "--kill-on-bad-exit=1"]
+    assert command[-4:] == ["-m", "dpnet.train", "--lr", "0.1"]
+    mpiexec = choose_launcher("mpiexec", "mpiexec -launcher ssh").command(4, ["h1", "h2"], [])
+    assert mpiexec[:7] == ["mpiexec", "-launcher", "ssh", "-hosts", "h1:2,h2:2", "-n", "4"]
+
+
+# ------------------------------------------------------------------ restarts, end to end
+
+def job_ranks(cwd):
+    """{rank: pid} of the dpnet.train processes running in folder cwd."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            if b"dpnet.train" not in cmdline or os.readlink(f"/proc/{entry}/cwd") != str(cwd):
+                continue
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        rank = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"PMI_RANK=")]
+        if rank:
+            found[int(rank[0])] = int(entry)
+    return found
+
+
+def newest_step(cwd):
+    newest = newest_checkpoint(str(cwd / CKPT))
+    return newest[0] if newest else -1
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the ranks to kill through /proc (Linux)")
+def test_killed_ranks_are_restarted_and_the_run_ends_bit_identical(cifar_dir, tmp_path):
+    """SIGKILL to a random rank, three times at random moments of a 2-rank run with augmentation:
+    the supervisor names each killed rank, restarts from the newest step checkpoint, and the final
+    checkpoint equals an uninterrupted run's bit for bit."""
+    args = train_args(cifar_dir)
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "killed").mkdir()
+    straight = run_ok(args, tmp_path / "straight", 2, timeout=180)
+    cwd = tmp_path / "killed"
+    cmd = launch_command(args, "-n", "2", "--max-restarts", "5")
+    proc = start(cmd, cwd)
+    chooser, killed, last = random.Random(20261201), [], -1
+    try:
+        for _ in range(3):
+            deadline = time.monotonic() + 90
+            while newest_step(cwd) <= last:  # progress since the last kill (or the start)
+                assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled"
+                time.sleep(0.01)
+            time.sleep(chooser.uniform(0, 0.3))
+            ranks = job_ranks(cwd)
+            assert len(ranks) == 2, ranks
+            rank = chooser.choice(sorted(ranks))
+            os.kill(ranks[rank], signal.SIGKILL)
+            killed.append(rank)
+            last = newest_step(cwd)
+            while job_ranks(cwd).get(rank) == ranks[rank]:  # until this attempt is gone
+                assert time.monotonic() < deadline, "the killed job did not end"
+                time.sleep(0.01)
+        run = finish(proc, cmd, cwd, time.monotonic(), timeout=180)
+    finally:
+        kill_group(proc)
+    assert run.returncode == 0, str(run)
+    failures = [line for line in notes(run) if re.match(r"attempt \d+ failed", line)]
+    assert len(failures) == 3, str(run)
+    for line, rank in zip(failures, killed):
+        assert re.search(rf"with exit status 9: rank {rank} \(PID \d+ on \S+\) died, killed by SIGKILL$", line), line
+    restarts = [line for line in notes(run) if line.startswith("restart ")]
+    assert len(restarts) == 3 and all(re.search(r"from dpnet_run/checkpoint(-step\d{8})?\.h5 \(step \d+\) on 2 rank", line)
+                                      for line in restarts), str(run)
+    assert notes(run)[-1] == "finished after 3 restart(s)", str(run)
+    mine, theirs = read_checkpoint(cwd / CKPT), read_checkpoint(straight.path(CKPT))
+    assert mine["attrs"]["step"] == EPOCHS * STEPS_PER_EPOCH
+    assert_same_state(mine, theirs, "after 3 restarts")
+    assert mine["attrs"]["rng_states"] == theirs["attrs"]["rng_states"]
+    assert read_metrics(cwd / METRICS)[-1]["test_acc"] == read_metrics(straight.path(METRICS))[-1]["test_acc"]
+
+
+def test_a_repeating_failure_uses_up_the_restarts(cifar_dir, tmp_path):
+    """Rank 1 exits at step 7 whenever it gets there: each restart resumes at step 5 and fails
+    again; after --max-restarts 2 the supervisor gives up with the job's status."""
+    args = ["--data", cifar_dir, *TINY, "--epochs", "2", "--checkpoint-every", "5"]
+    run = supervised(args, tmp_path, "-n", "2", "--max-restarts", "2", env=clean_env(DPNET_FAULT="1:7:exit"))
+    assert run.returncode == 3, str(run)
+    lines = notes(run)
+    assert [line.split(" failed")[0] for line in lines if " failed after " in line] == \
+        ["attempt 1", "attempt 2", "attempt 3"], str(run)
+    assert [line.split(":")[0] for line in lines if line.startswith("restart ")] == \
+        ["restart 1 of 2", "restart 2 of 2"], str(run)
+    assert all(line.endswith("(step 5) on 2 rank(s)") for line in lines if line.startswith("restart ")), str(run)
+    assert lines[-1] == "giving up: 2 restart(s) made, --max-restarts 2", str(run)
+
+
+@pytest.mark.parametrize("case", ["bad-option", "nan-loss"])
+def test_final_failures_are_not_restarted(cifar_dir, tmp_path, case):
+    args = ["--data", cifar_dir, *TINY, "--epochs", "2"]
+    env = None
+    if case == "bad-option":
+        args += ["--batch-size", "0"]
+        expected = 2
+    else:
+        env = clean_env(DPNET_FAULT="1:3:nan")
+        expected = 4
+    run = supervised(args, tmp_path, "-n", "2", env=env, timeout=60)
+    assert run.returncode == expected, str(run)
+    assert not [line for line in notes(run) if "failed" in line or "restart" in line.split(",")[0]], str(run)
+    assert len([line for line in run.stderr.splitlines() if "error:" in line]) == 1, str(run)
+
+
+def test_srun_inside_a_slurm_allocation(cifar_dir, tmp_path):
+    """Inside an allocation the job is started by srun (here a stand-in that records its options
+    and runs the ranks with mpiexec), with srun's options for killing the job when a task fails."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    mpiexec = mpiexec if os.path.exists(mpiexec) else "mpiexec"
+    (bin_dir / "srun").write_text(f"""#!/bin/sh
+echo "$@" > {tmp_path}/srun-options
+[ "$1" = "--ntasks" ] || exit 99
+n=$2; shift 3
+exec {mpiexec} -n "$n" "$@"
+""")
+    (bin_dir / "srun").chmod(0o755)
+    (tmp_path / "work").mkdir()
+    env = clean_env(SLURM_JOB_ID="4242", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    run = supervised(["--data", cifar_dir, *TINY, "--epochs", "1"], tmp_path / "work", "-n", "2", env=env)
+    assert run.returncode == 0, str(run)
+    assert (tmp_path / "srun-options").read_text().split()[:3] == ["--ntasks", "2", "--kill-on-bad-exit=1"]
+    assert "2 rank(s) by srun" in run.stderr, str(run)
+    assert read_checkpoint(tmp_path / "work" / CKPT)["attrs"]["world_size"] == 2
+
+
+def wait_for_training(cwd, proc, steps=EVERY):
+    deadline = time.monotonic() + 60
+    while newest_step(cwd) < steps:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled"
+        time.sleep(0.02)
+
+
+def test_sigterm_is_passed_on_and_not_restarted(cifar_dir, tmp_path):
+    args = train_args(cifar_dir)
+    cmd = launch_command(args, "-n", "2")
+    proc = start(cmd, tmp_path)
+    try:
+        wait_for_training(tmp_path, proc)
+        proc.send_signal(signal.SIGTERM)
+        run = finish(proc, cmd, tmp_path, time.monotonic(), timeout=30)
+    finally:
+        kill_group(proc)
+    assert run.returncode == 0, str(run)
+    saved = re.findall(r"^stop requested \(SIGTERM\): checkpoint saved at step (\d+)", run.stdout, re.M)
+    assert len(saved) == 1 and read_checkpoint(tmp_path / CKPT)["attrs"]["step"] == int(saved[0]), str(run)
+    assert not [line for line in notes(run) if "failed" in line or line.startswith("restart")], str(run)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the job's processes through /proc (Linux)")
+def test_no_job_outlives_a_killed_supervisor(cifar_dir, tmp_path):
+    cmd = launch_command(train_args(cifar_dir), "-n", "2")
+    proc = start(cmd, tmp_path)
+    try:
+        wait_for_training(tmp_path, proc)
+        assert len(job_ranks(tmp_path)) == 2
+        os.kill(proc.pid, signal.SIGKILL)  # the supervisor only, not its job
+        deadline = time.monotonic() + 20
+        while job_ranks(tmp_path):
+            assert time.monotonic() < deadline, f"ranks still running 20 s after the supervisor died: {job_ranks(tmp_path)}"
+            time.sleep(0.1)
+    finally:
+        kill_group(proc)
+        for pid in job_ranks(tmp_path).values():
+            os.kill(pid, signal.SIGKILL)
