@@ -21,7 +21,7 @@ job stopped by SIGTERM or Ctrl-C; the supervisor passes both signals on to the j
 """
 
 import argparse
-import json
+import contextlib
 import os
 import re
 import shlex
@@ -195,8 +195,7 @@ class Supervisor:
 
     def attempt(self, argv, restarts):
         """Run the job once; returns (exit status, seconds, what the launcher said about a death)."""
-        with tempfile.TemporaryDirectory(prefix="dpnet-launch-") as scratch:
-            rank_map = os.path.join(scratch, "ranks.json")
+        with self.rank_map_path() as rank_map:
             env = {**os.environ, RANK_MAP_ENV: rank_map}
             cmd = self.launcher.command(self.ranks, self.hosts, argv)
             if restarts == 0:
@@ -214,6 +213,24 @@ class Supervisor:
             _kill_group(self.job)  # what the launcher left of its own group
             report = death_report("".join(tail), read_rank_map(rank_map)) if status else None
         return _exit_status(status), time.monotonic() - started, report
+
+    @contextlib.contextmanager
+    def rank_map_path(self):
+        """Where rank 0 writes the rank map for one attempt: beside the checkpoint, which rank 0
+        writes anyway and the supervisor reads (a shared file system on a cluster), else in a
+        temporary folder here. Removed after the attempt."""
+        if self.config.checkpoint:
+            folder = os.path.dirname(os.path.abspath(self.config.checkpoint))
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f".dpnet-launch-ranks-{os.getpid()}.json")
+            try:
+                yield path
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+        else:
+            with tempfile.TemporaryDirectory(prefix="dpnet-launch-") as scratch:
+                yield os.path.join(scratch, "ranks.json")
 
     def keep_reachable_hosts(self):
         """With --hosts: leave out the hosts that no longer answer; False if too few ranks are left."""

@@ -246,6 +246,34 @@ def test_kill_9_of_a_rank_on_another_host_ends_the_job(cifar_dir, tmp_path):
     assert ended < 10, f"the job took {ended:.1f} s to end\n{job.output}"
 
 
+def test_the_supervisor_names_the_rank_killed_on_another_host(cifar_dir, tmp_path):
+    """The same kill -9 under python -m dpnet.launch: its report names rank 2, by the PID that
+    Hydra names and the rank map that rank 0 wrote beside the checkpoint."""
+    import shlex
+    import signal
+    args = train_args(cifar_dir, "--timeout", "30", "--max-steps", "100000", "--epochs", "100000")
+    with Cluster(2) as cluster:
+        mpiexec = os.path.join(os.path.dirname(mpirun_path()), "mpiexec")
+        cmd = [sys.executable, "-m", "dpnet.launch", "-n", "4", "--hosts", ",".join(cluster.addresses),
+               "--max-restarts", "0", "--launcher-command", shlex.join(cluster.mpiexec_prefix(mpiexec=mpiexec)),
+               "--", *args]
+        proc = start(cmd, tmp_path, clean_env())
+        try:
+            deadline = time.monotonic() + 60
+            while len(ranks_in(cluster.namespaces[1])) < 2 or not os.path.exists(tmp_path / CKPT):
+                assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled"
+                time.sleep(0.1)
+            victim = ranks_in(cluster.namespaces[1])[2]
+            os.kill(victim, signal.SIGKILL)
+            run = finish(proc, cmd, tmp_path, time.monotonic(), timeout=30)
+        finally:
+            proc.kill()
+    assert run.returncode != 0, str(run)  # across hosts Hydra's own status: 9 or 255
+    assert re.search(rf"dpnet\.launch: attempt 1 failed after [\d.]+ s with exit status {run.returncode}: rank 2 "
+                     rf"\(PID {victim} on {re.escape(cluster.addresses[1])}\) died, killed by SIGKILL", run.stderr), str(run)
+    assert "giving up: 0 restart(s) made, --max-restarts 0" in run.stderr, str(run)
+
+
 def test_the_supervisor_goes_on_with_fewer_ranks_after_losing_a_host(cifar_dir, tmp_path):
     """python -m dpnet.launch on 2 hosts x 2 ranks with --min-ranks 2: host 1 loses its link; the
     job ends (watchdog), the supervisor finds host 1 gone, restarts from the newest step

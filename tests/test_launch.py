@@ -165,6 +165,9 @@ def test_killed_ranks_are_restarted_and_the_run_ends_bit_identical(cifar_dir, tm
     assert len(restarts) == 3 and all(re.search(r"from dpnet_run/checkpoint(-step\d{8})?\.h5 \(step \d+\) on 2 rank", line)
                                       for line in restarts), str(run)
     assert notes(run)[-1] == "finished after 3 restart(s)", str(run)
+    kept = sorted(os.listdir(cwd / "dpnet_run"))  # the run's files, nothing of the supervisor's
+    assert kept == ["checkpoint-step00000180.h5", "checkpoint-step00000190.h5", "checkpoint-step00000200.h5",
+                    "checkpoint.h5", "metrics.jsonl"], kept
     mine, theirs = read_checkpoint(cwd / CKPT), read_checkpoint(straight.path(CKPT))
     assert mine["attrs"]["step"] == EPOCHS * STEPS_PER_EPOCH
     assert_same_state(mine, theirs, "after 3 restarts")
