@@ -8,7 +8,7 @@ communication beyond what it tests. Each case includes a negative control.
 
 import numpy as np
 
-from dpnet.models import ConvNet, ThreeLayerConvNet
+from dpnet.models import ConvNet, ResNet, ThreeLayerConvNet
 from dpnet.optim import adam
 from dpnet.parallel import DataParallel, ParameterDriftError, shard_bounds
 
@@ -53,6 +53,8 @@ def make_model(kind, bn_mode="sync", seed=0, dtype=np.float64):
         return ThreeLayerConvNet(input_dim=INPUT, num_filters=4, filter_size=3, hidden_dim=6,
                                  weight_scale=0.1, reg=0.05, dtype=dtype, use_batchnorm=True,
                                  bn_mode=bn_mode, seed=seed)
+    if kind == "resnet":  # ResNet-8: one block per stage, both kinds of shortcut
+        return ResNet(depth=8, input_dim=INPUT, widths=(3, 4, 5), reg=0.05, dtype=dtype, bn_mode=bn_mode, seed=seed)
     return ConvNet(input_dim=INPUT, stages=((4,), (5,)), hidden_dims=(6,), reg=0.05, dtype=dtype,
                    bn_mode=bn_mode, seed=seed)
 

@@ -7,7 +7,7 @@ from tests import parallel_cases as cases
 from dpnet.parallel import SimComm
 
 SIZES = [2, 4]
-KINDS = ["threelayer", "convnet"]
+KINDS = ["threelayer", "convnet", "resnet"]
 PATHS = list(cases.PATHS)
 
 

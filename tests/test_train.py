@@ -658,6 +658,8 @@ OPTION_ERRORS = {  # id -> f(tmp_path) -> (flags, world size, fragments of the m
     "lr-inf": lambda t: (["--lr", "inf"], 1, ["--lr must be a positive finite number, got inf"]),
     "reg-nan": lambda t: (["--reg", "nan"], 1, ["--reg must be a finite number >= 0, got nan"]),
     "seed-negative": lambda t: (["--seed", "-1"], 1, ["--seed must not be negative, got -1"]),
+    "resnet-without-bn": lambda t: (["--model", "resnet20", "--bn-mode", "none"], 1,
+                                    ["--model resnet20 has batchnorm in every block: --bn-mode must be local or sync"]),
     "bucket-mb-nan": lambda t: (["--bucket-mb", "nan"], 1, ["--bucket-mb must be a finite number >= 0, got nan"]),
     "bucket-mb-inf": lambda t: (["--bucket-mb", "inf"], 1, ["--bucket-mb must be a finite number >= 0, got inf"]),
     "toml-bucket-mb-inf": lambda t: (["--config", _toml(t, "bucket_mb = inf\n")], 1,
@@ -986,3 +988,19 @@ def test_a_rank_stuck_outside_the_steps_ends_the_job(cifar_dir, tmp_path, part, 
                     env=clean_env(DPNET_FAULT=f"1:5:hang-{part}"), timeout=40)
     assert run.returncode != 0, str(run)
     assert f"watchdog: {said}" in run.stderr, str(run)
+
+
+def test_resnet20_trains_and_resumes(cifar_dir, tmp_path):
+    """--model resnet20 under mpirun: 2 ranks train it (sync batchnorm), and a run stopped at step 2
+    and resumed ends bit-identical to the straight run."""
+    args = base_args(cifar_dir, "--model", "resnet20", "--epochs", "1", "--no-augment")
+    (tmp_path / "straight").mkdir()
+    straight = run_ok(args, tmp_path / "straight", 2, timeout=180)
+    assert straight.lines[0].startswith("dpnet 0.1.0: resnet20 (bn sync), 2 rank(s)"), str(straight)
+    full = read_checkpoint(straight.path(CKPT))
+    assert full["params"]["W1"].shape == (16, 3, 3, 3) and full["params"]["W20"].shape == (64, 10)
+    assert sum(v.size for v in full["params"].values()) == 269722
+    run_ok(args + ["--max-steps", "2"], tmp_path, 2, timeout=180)
+    resumed = run_ok(args + ["--resume", CKPT], tmp_path, 2, timeout=180)
+    assert resumed.lines[0].startswith(f"resumed from {CKPT} at step 2 "), str(resumed)
+    assert_same_state(read_checkpoint(tmp_path / CKPT), full, "resnet20 resumed")

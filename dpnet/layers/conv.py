@@ -119,14 +119,14 @@ def conv_forward(x, w, b, conv_param):
     Inputs:
     - x: images, (N, C, H, W)
     - w: filters, (F, C, HH, WW)
-    - b: biases, (F,)
+    - b: biases, (F,), or None for a convolution without bias (one that batchnorm follows)
     - conv_param: dict with 'stride' (positive int) and 'pad' (zeros added on every side)
 
     Returns (out, cache): out is (N, F, H_out, W_out) with
       H_out = 1 + (H + 2 * pad - HH) / stride,  W_out = 1 + (W + 2 * pad - WW) / stride.
     """
     stride, pad, h_out, w_out = conv_output_shape(x.shape, w.shape, conv_param)
-    if b.shape != (w.shape[0],):
+    if b is not None and np.shape(b) != (w.shape[0],):
         raise ValueError(f"b must have shape ({w.shape[0]},) to match w, got {b.shape}")
     n, c, _, _ = x.shape
     f, _, hh, ww = w.shape
@@ -142,7 +142,8 @@ def conv_forward(x, w, b, conv_param):
         block = cols[: stop - start]
         block.reshape(stop - start, c, hh, ww, h_out, w_out)[...] = windows[start:stop]
         _matmul_columns(w2, block, out[start:stop], chunk)  # (B, F, P)
-        out[start:stop] += b[:, None]
+        if b is not None:
+            out[start:stop] += b[:, None]
     return out.reshape(n, f, h_out, w_out), (x, w, conv_param)
 
 
@@ -154,7 +155,8 @@ def conv_backward(dout, cache, compute_dx=True):
     - cache: from conv_forward
     - compute_dx: False skips dx (None is returned), for a first layer whose input is data
 
-    Returns (dx, dw, db) with the shapes of x, w and b.
+    Returns (dx, dw, db) with the shapes of x, w and b (db: the gradient a bias would have,
+    also for a convolution without one).
     """
     x, w, conv_param = cache
     stride, pad, h_out, w_out = conv_output_shape(x.shape, w.shape, conv_param)
@@ -280,7 +282,7 @@ def conv_forward_naive(x, w, b, conv_param):
             for r in range(h_out):
                 for s in range(w_out):
                     window = xp[i, :, r * stride:r * stride + hh, s * stride:s * stride + ww]
-                    out[i, j, r, s] = np.sum(window * w[j]) + b[j]
+                    out[i, j, r, s] = np.sum(window * w[j]) + (0 if b is None else b[j])
     return out, (x, w, b, conv_param)
 
 
@@ -293,7 +295,7 @@ def conv_backward_naive(dout, cache):
     xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     dxp = np.zeros_like(xp)
     dw = np.zeros_like(w)
-    db = np.zeros_like(b)
+    db = np.zeros(f, dtype=w.dtype)
     for i in range(n):
         for j in range(f):
             for r in range(h_out):

@@ -4,5 +4,6 @@ from .base import Model
 from .cnn import ThreeLayerConvNet
 from .convnet import ConvNet
 from .fc_net import FullyConnectedNet
+from .resnet import ResNet
 
-__all__ = ["Model", "ThreeLayerConvNet", "ConvNet", "FullyConnectedNet"]
+__all__ = ["Model", "ThreeLayerConvNet", "ConvNet", "FullyConnectedNet", "ResNet"]

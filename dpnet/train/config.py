@@ -57,7 +57,8 @@ def option_fields():
 OPTION_HELP = {
     "data": f"cifar-10-batches-py folder, or a .h5 from `python -m dpnet.data prepare` "
             f"(default: ${DATA_ENV}, then ~/.cache/dpnet; else a synthetic set)",
-    "model": "network to train",
+    "model": "network to train: the three-layer CNN, the VGG-style ConvNet, or a CIFAR ResNet "
+             "(basic blocks of 16/32/64 channels, parameter-free shortcuts)",
     "bn_mode": "batchnorm: none, per-rank statistics (local) or the global batch's (sync)",
     "epochs": "total epochs (default: 10 on CIFAR-10, 3 on the synthetic set)",
     "max_steps": "stop after this many optimizer steps in all",
@@ -68,7 +69,7 @@ OPTION_HELP = {
     "lr_schedule": "cosine over --epochs, or step (see --lr-decay)",
     "optimizer": "update rule",
     "reg": "L2 strength: the loss adds 0.5 * reg * sum(W^2)",
-    "hidden_dim": "units of the hidden affine layer",
+    "hidden_dim": "units of the hidden affine layer (threelayer, convnet)",
     "seed": "seeds initialisation, shuffling, and (with the rank) augmentation and dropout",
     "dtype": "dtype of parameters and activations",
     "augment": "random crop + horizontal flip of training images",
@@ -89,7 +90,8 @@ OPTION_HELP = {
     "progress": "progress bar on rank 0 (shown only on a terminal)",
 }
 
-CHOICES = {"model": ("threelayer", "convnet"), "bn_mode": ("none", "local", "sync"),
+CHOICES = {"model": ("threelayer", "convnet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"),
+           "bn_mode": ("none", "local", "sync"),
            "lr_schedule": ("cosine", "step"), "optimizer": tuple(OPTIMIZERS),
            "dtype": ("float32", "float64"), "reduction": REDUCTIONS}
 
@@ -121,6 +123,8 @@ def validate(config, world_size):
     for key in ("val_size", "check_every", "seed", "checkpoint_every"):
         if getattr(config, key) < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must not be negative, got {getattr(config, key)}")
+    if config.model.startswith("resnet") and config.bn_mode == "none":
+        raise ConfigError(f"--model {config.model} has batchnorm in every block: --bn-mode must be local or sync")
     if config.bucket_mb and config.reduction == "shared-memory":
         raise ConfigError("--bucket-mb applies to --reduction allreduce (or auto) only")
     if not config.timeout > 0:  # inf: wait forever

@@ -17,7 +17,8 @@ from .. import __version__
 from ..atomic import remove_stale_temporaries
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
 from ..data import DataError
-from ..models import ConvNet, ThreeLayerConvNet
+from ..models import ConvNet, ResNet, ThreeLayerConvNet
+from ..models.resnet import DEPTHS as RESNET_DEPTHS
 from ..optim import get_update_rule
 from ..parallel import DataParallel, ReducerUnavailable, shard_bounds, shard_indices, steps_per_epoch
 from ..parallel.shm_leftovers import remove_stale
@@ -145,6 +146,9 @@ def build_model(config, comm):
         return ThreeLayerConvNet(hidden_dim=config.hidden_dim, weight_scale="he", reg=config.reg,
                                  dtype=dtype, use_batchnorm=use_bn, bn_mode=bn_mode, comm=comm,
                                  seed=config.seed)
+    if config.model.startswith("resnet"):
+        return ResNet(depth=RESNET_DEPTHS[config.model], reg=config.reg, dtype=dtype, bn_mode=bn_mode, comm=comm,
+                      seed=config.seed)
     return ConvNet(hidden_dims=(config.hidden_dim,), reg=config.reg, dtype=dtype, use_batchnorm=use_bn,
                    bn_mode=bn_mode, comm=comm, seed=config.seed)
 

@@ -13,7 +13,7 @@ from tests import parallel_cases as cases
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
-KINDS = ["threelayer", "convnet"]
+KINDS = ["threelayer", "convnet", "resnet"]
 PATHS = list(cases.PATHS)  # every reducer
 
 
