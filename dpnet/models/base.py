@@ -54,6 +54,8 @@ class Model:
     (scores, caches)` and `_backward(dscores, caches, grads)`, which stores each gradient
     into `grads[name]` once, as soon as it is final.
 
+    A subclass also sets `num_classes`, the width of its scores.
+
     Keyword arguments shared by every model:
     - reg: L2 strength; the loss adds 0.5 * reg * sum(W^2) over the weights
     - dtype: dtype of every parameter; inputs are cast to it

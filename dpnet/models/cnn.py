@@ -31,6 +31,7 @@ class ThreeLayerConvNet(Model):
                  num_classes=10, weight_scale=1e-3, reg=0.0, dtype=np.float32,
                  use_batchnorm=False, bn_mode="local", comm=None, seed=0):
         super().__init__(reg=reg, dtype=dtype, bn_mode=bn_mode, comm=comm, seed=seed)
+        self.num_classes = num_classes
         c, h, w = input_dim
         self.input_dim = tuple(input_dim)
         self.use_batchnorm = use_batchnorm

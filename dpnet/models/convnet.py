@@ -34,6 +34,7 @@ class ConvNet(Model):
                  num_classes=10, filter_size=3, use_batchnorm=True, dropout=1.0, weight_scale="he",
                  reg=0.0, dtype=np.float32, bn_mode="local", comm=None, seed=0):
         super().__init__(reg=reg, dtype=dtype, bn_mode=bn_mode, comm=comm, seed=seed)
+        self.num_classes = num_classes
         if not 0 < dropout <= 1:
             raise ValueError(f"dropout is the keep probability and must be in (0, 1], got {dropout}")
         if not stages or not all(stages):

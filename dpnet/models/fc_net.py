@@ -24,6 +24,7 @@ class FullyConnectedNet(Model):
                  use_batchnorm=False, reg=0.0, weight_scale=1e-2, dtype=np.float32,
                  bn_mode="local", comm=None, seed=0):
         super().__init__(reg=reg, dtype=dtype, bn_mode=bn_mode, comm=comm, seed=seed)
+        self.num_classes = num_classes
         if not 0 < dropout <= 1:
             raise ValueError(f"dropout is the keep probability and must be in (0, 1], got {dropout}")
         self.input_dim = int(input_dim)

@@ -36,6 +36,7 @@ class ResNet(Model):
     def __init__(self, depth=20, input_dim=(3, 32, 32), widths=(16, 32, 64), num_classes=10, weight_scale="he",
                  reg=0.0, dtype=np.float32, bn_mode="local", comm=None, seed=0):
         super().__init__(reg=reg, dtype=dtype, bn_mode=bn_mode, comm=comm, seed=seed)
+        self.num_classes = num_classes
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110), got {depth}")
         if len(widths) != 3 or min(widths) < 1:

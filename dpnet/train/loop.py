@@ -30,6 +30,7 @@ from .inputs import load_data, normaliser, split_train_val, training_batch
 from .progress import progress
 from .ranks import write_rank_map
 from .resume import restore_settings, stored_config
+from .scoring import accuracy, confusion_matrix
 
 class StopRequest:
     """Set by SIGTERM or SIGINT (`signal`: the first one's name): every rank votes to stop, and
@@ -153,15 +154,9 @@ def build_model(config, comm):
                    bn_mode=bn_mode, comm=comm, seed=config.seed)
 
 
-def evaluate(model, comm, x, y, to_input, chunk=500):
-    """Accuracy on (x, y): each rank scores its contiguous share, counts are summed."""
-    lo, hi = shard_bounds(len(x), comm.size, comm.rank)
-    correct = 0
-    for i in range(lo, hi, chunk):
-        stop = min(i + chunk, hi)
-        correct += int((model.scores(to_input(x[i:stop])).argmax(axis=1) == y[i:stop]).sum())
-    counts = comm.allreduce(np.array([correct, hi - lo], dtype=np.int64))
-    return float(counts[0] / counts[1]) if counts[1] else None  # None: an empty set (--val-size 0)
+def evaluate(model, comm, x, y, to_input):
+    """Accuracy on (x, y), each image scored once over the ranks (None for an empty set)."""
+    return accuracy(confusion_matrix(model, comm, x, y, to_input, model.num_classes))
 
 
 def learning_rate(config, step, total_steps, epoch):

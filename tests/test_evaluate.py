@@ -1,0 +1,70 @@
+"""`python -m dpnet.evaluate CHECKPOINT`: the accuracy a run reported, per-class accuracy and the
+confusion matrix, the same at any number of ranks."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from tests.train_helpers import (TINY, finish, mpirun_path, read_metrics, run_ok, start,  # noqa: F401
+                                 write_cifar_folder)
+
+CKPT = os.path.join("dpnet_run", "checkpoint.h5")
+METRICS = os.path.join("dpnet_run", "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-rank run on a tiny CIFAR-10 folder whose test set (1,100 images) spans three of the
+    500-image chunks the ranks share out: (folder of the run, data folder)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    data = write_cifar_folder(str(root / "cifar-10-batches-py"), test_size=1100, seed=5)
+    run_ok(["--data", data, *TINY, "--epochs", "2"], root, 2, timeout=120)
+    return root, data
+
+
+def evaluate(args, cwd, ranks=None, timeout=120):
+    cmd = ([mpirun_path(), "-n", str(ranks)] if ranks else []) + [sys.executable, "-m", "dpnet.evaluate", *args]
+    import time
+    return finish(start(cmd, cwd), cmd, cwd, time.monotonic(), timeout)
+
+
+def test_accuracy_equals_what_training_reported_at_any_number_of_ranks(trained):
+    root, _ = trained
+    reported = read_metrics(root / METRICS)[-1]["test_acc"]
+    results = {}
+    for ranks in (None, 2, 3):
+        run = evaluate([CKPT, "--json"], root, ranks)
+        assert run.returncode == 0 and run.stdout.count("\n") == 1, str(run)  # one JSON line, from rank 0
+        results[ranks] = json.loads(run.stdout)
+    result = results[None]
+    assert result["test_acc"] == reported and result["total"] == 1100
+    counts = np.array(result["confusion"])
+    assert counts.shape == (10, 10) and counts.sum() == 1100 and np.trace(counts) == result["correct"]
+    assert result["correct"] / 1100 == reported
+    for k, label in enumerate(result["labels"]):
+        assert result["per_class"][label] == pytest.approx(counts[k, k] / counts[k].sum(), rel=1e-15)
+    assert results[2] == result and results[3] == result  # each image counted once, same predictions
+
+
+def test_text_report_and_confusion_plot(trained, tmp_path):
+    root, data = trained
+    png = tmp_path / "confusion.png"
+    run = evaluate([str(root / CKPT), "--data", data, "--plot", str(png)], tmp_path)
+    assert run.returncode == 0, str(run)
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith(f"{root / CKPT} (step 10): test accuracy 0.") and lines[0].endswith("/1100)")
+    assert lines[2] == "per class:" and lines[3].split()[0] == "airplane" and len(lines) == 3 + 10 + 2 + 10
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage"])
+def test_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path, case):
+    path = tmp_path / "ck.h5"
+    if case == "garbage":
+        path.write_bytes(b"not hdf5")
+    run = evaluate([str(path)], tmp_path)
+    assert run.returncode == 2 and len(run.err_lines) == 1, str(run)
+    assert run.err_lines[0].startswith(f"python -m dpnet.evaluate: error: {path}"), str(run)
