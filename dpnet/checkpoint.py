@@ -134,14 +134,17 @@ def step_checkpoints(path):
     return sorted(found)
 
 
-def newest_checkpoint(path):
+def newest_checkpoint(path, since=None):
     """(step, file) of the readable checkpoint of the run at `path` (the file itself and its
-    step checkpoints) with the most optimizer steps taken, or None where there is none yet."""
+    step checkpoints) with the most optimizer steps taken, or None where there is none yet.
+    since: a time (seconds since the epoch); only files written since count."""
     import h5py
 
     newest = None
     for candidate in [path] + [name for _, name in step_checkpoints(path)]:
         try:
+            if since is not None and os.stat(candidate).st_mtime < since:
+                continue
             with h5py.File(candidate, "r") as f:
                 step = int(f.attrs["step"])
         except Exception:  # missing, or not (yet) a whole checkpoint

@@ -42,6 +42,7 @@ PREFIX = "dpnet.launch: "
 FINAL_STATUSES = {0: "finished", EXIT_USAGE: "a bad option, data set or checkpoint",
                   EXIT_DIVERGED: "the loss became inf or nan", EXIT_INTERRUPTED: "interrupted (Ctrl-C)"}
 PROBE_SECONDS = 20.0
+LEFTOVER_SECONDS = 10.0  # how long a failed attempt's ranks may take to end before they are killed
 # Hydra's report of a process that died: "PID 1402 RUNNING AT node3" ... "EXIT CODE: 9"
 HYDRA_DEATH = re.compile(r"PID (\d+) RUNNING AT (\S+)")
 HYDRA_CODE = re.compile(r"EXIT CODE: (\d+)")
@@ -113,21 +114,11 @@ def choose_launcher(kind, command, environ=None):
 # ------------------------------------------------------------------ the command lines of the attempts
 
 def restart_argv(train_argv, resume):
-    """train_argv for a restart from checkpoint `resume`: its --resume replaced, and without
-    --reset-optimizer (which applied to the first start only; the run's own optimizer state
-    is what continues)."""
-    out, skip = [], False
-    for arg in train_argv:
-        if skip:
-            skip = False
-            continue
-        if arg == "--resume":
-            skip = True
-            continue
-        if arg.startswith("--resume=") or arg in ("--reset-optimizer", "--no-reset-optimizer"):
-            continue
-        out.append(arg)
-    return out + ["--resume", resume]
+    """train_argv for a restart from checkpoint `resume`: the run's own options, then
+    --no-reset-optimizer (the run's optimizer state is what continues; a --reset-optimizer,
+    however given, applied to the first start only) and --resume. Later flags win over earlier
+    ones and over a --config file, whatever their spelling."""
+    return list(train_argv) + ["--no-reset-optimizer", "--resume", resume]
 
 
 def death_report(output, rank_map):
@@ -165,7 +156,9 @@ class Supervisor:
         self.max_restarts, self.min_ranks = max_restarts, min_ranks or ranks
         self.probe_seconds = probe_seconds
         self.stop = None  # the signal the user sent: no restart after it
+        self.signals, self.forwarded = [], 0  # the signals received, and how many reached the job
         self.job = None
+        self.started = time.time()  # checkpoints written since are this run's
         # restarting from scratch may replace only this run's own files
         self.fresh_may_overwrite = config.overwrite or not any(
             p and os.path.exists(p) for p in (config.checkpoint, config.metrics))
@@ -175,7 +168,8 @@ class Supervisor:
         argv, restarts = list(self.train_argv), 0
         while True:
             status, seconds, report = self.attempt(argv, restarts)
-            if status in FINAL_STATUSES or self.stop:
+            # a rank killed by signal k makes Hydra exit k, which may look like a final status
+            if (status in FINAL_STATUSES and report is None) or self.stop:
                 if restarts and status == 0:
                     say(f"finished after {restarts} restart(s)")
                 return status
@@ -200,18 +194,22 @@ class Supervisor:
             cmd = self.launcher.command(self.ranks, self.hosts, argv)
             if restarts == 0:
                 say(f"{self.ranks} rank(s) by {self.launcher.name}, up to {self.max_restarts} restart(s)"
-                    + ("" if self.config.checkpoint_every else
+                    + ("" if self.config.checkpoint_every or not self.max_restarts else
                        "; without --checkpoint-every a restart goes back to the last epoch's end"))
             started = time.monotonic()
+            self.forwarded = len(self.signals)  # a signal before this attempt was for the last one
             self.job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, start_new_session=True,
                                         preexec_fn=_end_with_parent)
+            self.forward_pending()
             tail = []
             forward = threading.Thread(target=_forward, args=(self.job.stdout, tail), daemon=True)
             forward.start()
             status = self.job.wait()
             forward.join(timeout=5)
             _kill_group(self.job)  # what the launcher left of its own group
-            report = death_report("".join(tail), read_rank_map(rank_map)) if status else None
+            ranks = read_rank_map(rank_map)
+            report = death_report("".join(tail), ranks) if status else None
+            _end_leftover_ranks(ranks)  # Hydra starts its ranks in sessions of their own
         return _exit_status(status), time.monotonic() - started, report
 
     @contextlib.contextmanager
@@ -247,8 +245,9 @@ class Supervisor:
             say(f"giving up: the {len(alive)} host(s) left hold {ranks} rank(s), fewer than --min-ranks "
                 f"{self.min_ranks}")
             return False
-        newest = newest_checkpoint(self.config.checkpoint) if self.config.checkpoint else None
-        bn_mode = _stored_bn_mode(newest[1]) if newest else self.config.bn_mode
+        newest = self.newest_own_checkpoint()
+        source = newest[1] if newest else self.config.resume
+        bn_mode = _stored_bn_mode(source) if source else self.config.bn_mode
         if bn_mode == "local":
             say("giving up: fewer ranks change what --bn-mode local computes (statistics per rank's shard); "
                 "use --bn-mode sync to go on with fewer ranks")
@@ -259,7 +258,7 @@ class Supervisor:
     def next_argv(self):
         """(argv, where it starts) of the next attempt: --resume from the newest checkpoint, or a
         fresh start; (None, None) where neither may be."""
-        newest = newest_checkpoint(self.config.checkpoint) if self.config.checkpoint else None
+        newest = self.newest_own_checkpoint()
         if newest:
             return restart_argv(self.train_argv, newest[1]), f"from {newest[1]} (step {newest[0]})"
         if self.config.resume:  # nothing newer written yet: where the first attempt started
@@ -271,20 +270,62 @@ class Supervisor:
             "hold an earlier run's files (pass --overwrite to start afresh)")
         return None, None
 
+    def newest_own_checkpoint(self):
+        """(step, file) of the newest checkpoint this run's attempts wrote (not an earlier run's
+        at the same path), or None."""
+        if not self.config.checkpoint:
+            return None
+        return newest_checkpoint(self.config.checkpoint, since=self.started)
+
     def forward_signal(self, signum, frame):
         """SIGTERM or Ctrl-C: pass it on to the job (which saves and stops) and restart no more."""
         self.stop = self.stop or signal.Signals(signum).name
-        if self.job is not None and self.job.poll() is None:
-            self.job.send_signal(signum)
+        self.signals.append(signum)
+        self.forward_pending()
+
+    def forward_pending(self):
+        """Send the job the signals it has not had yet (one that came while it was being started
+        is sent once it exists)."""
+        if self.job is None or self.job.poll() is not None:
+            return
+        while self.forwarded < len(self.signals):
+            self.forwarded += 1
+            self.job.send_signal(self.signals[self.forwarded - 1])
 
 
 def _forward(stream, tail, keep=200):
-    """Copy the job's output to ours line by line, keeping its last `keep` lines in `tail`."""
+    """Copy the job's output to ours line by line, keeping its last `keep` lines in `tail`.
+    If our output is gone (a closed pipe), go on reading, so the job never blocks on a full pipe."""
+    out = sys.stdout.buffer
     for raw in iter(stream.readline, b""):
-        sys.stdout.buffer.write(raw)
-        sys.stdout.flush()
+        if out is not None:
+            try:
+                out.write(raw)
+                out.flush()
+            except (BrokenPipeError, ValueError):
+                out = None
         tail.append(raw.decode(errors="replace"))
         del tail[:-keep]
+
+
+def _end_leftover_ranks(ranks, grace=LEFTOVER_SECONDS):
+    """Wait up to `grace` seconds for the ranks of a finished attempt that run on this machine to
+    end, then SIGKILL them: a restart must not overlap them (after kill -9 of mpiexec, its
+    proxies and ranks go on in their own sessions for a while)."""
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                return b"dpnet.train" in fh.read()
+        except OSError:
+            return False
+    deadline = time.monotonic() + grace
+    left = [entry["pid"] for entry in ranks if alive(entry["pid"])]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [pid for pid in left if alive(pid)]
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _exit_status(returncode):
@@ -346,6 +387,8 @@ def parse(argv):
         parser.error(f"-n {args.ranks} does not spread evenly over {len(hosts)} host(s)")
     if args.min_ranks is not None and not 1 <= args.min_ranks <= args.ranks:
         parser.error(f"--min-ranks must be between 1 and -n {args.ranks}, got {args.min_ranks}")
+    if args.min_ranks is not None and not hosts:
+        parser.error("--min-ranks applies with --hosts: the hosts that stop answering are left out")
     if args.probe_seconds <= 0:
         parser.error(f"--probe-seconds must be positive, got {args.probe_seconds}")
     args.hosts = hosts
@@ -367,7 +410,9 @@ def main(argv=None):
         print("python -m dpnet.launch: error: restarts continue from checkpoints, and --checkpoint is '' "
               "(give a path, or --max-restarts 0)", file=sys.stderr)
         return EXIT_USAGE
-    if args.min_ranks and args.min_ranks < args.ranks and config.bn_mode == "local":
+    bn_mode = (_stored_bn_mode(config.resume) if config.resume and os.path.isfile(config.resume) else None) \
+        or config.bn_mode
+    if args.min_ranks and args.min_ranks < args.ranks and bn_mode == "local":
         print("python -m dpnet.launch: error: --min-ranks below -n needs --bn-mode sync or none: with local "
               "statistics, fewer ranks compute another model", file=sys.stderr)
         return EXIT_USAGE
@@ -381,7 +426,11 @@ def main(argv=None):
                             probe_seconds=args.probe_seconds)
     signal.signal(signal.SIGTERM, supervisor.forward_signal)
     signal.signal(signal.SIGINT, supervisor.forward_signal)
-    return supervisor.run()
+    try:
+        return supervisor.run()
+    except OSError as exc:  # the launcher cannot be started, the checkpoint folder cannot be made
+        print(f"python -m dpnet.launch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

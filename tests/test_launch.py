@@ -6,16 +6,13 @@ uninterrupted run's; failures that must not be restarted; the restart budget; sr
 SLURM; signals passed on; no job outliving a killed supervisor.
 """
 
-import json
 import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from dpnet.checkpoint import newest_checkpoint, step_checkpoint_path
@@ -49,9 +46,17 @@ def notes(run):
 
 # ------------------------------------------------------------------ pieces
 
-def test_restart_argv_resumes_from_the_newest_checkpoint():
-    argv = ["--data", "d", "--resume", "old.h5", "--reset-optimizer", "--resume=older.h5", "--lr", "0.1"]
-    assert restart_argv(argv, "new.h5") == ["--data", "d", "--lr", "0.1", "--resume", "new.h5"]
+def test_restart_argv_resumes_from_the_newest_checkpoint(tmp_path):
+    """The restart's own flags come last, so they win over any earlier spelling (an abbreviation,
+    --resume=..., a --config file)."""
+    from dpnet.train import parse_args
+    toml = tmp_path / "run.toml"
+    toml.write_text('resume = "pretrained.h5"\nreset_optimizer = true\n')
+    for argv in (["--data", "d", "--resume", "old.h5", "--reset-optim", "--lr", "0.1"],
+                 ["--data", "d", "--resume=older.h5", "--reset-optimizer", "--lr", "0.1"],
+                 ["--config", str(toml), "--data", "d", "--lr", "0.1"]):
+        config = parse_args(restart_argv(argv, "new.h5"))
+        assert (config.resume, config.reset_optimizer, config.lr, config.data) == ("new.h5", False, 0.1, "d"), argv
 
 
 def test_newest_checkpoint_is_the_one_with_most_steps(tmp_path):
@@ -65,6 +70,8 @@ def test_newest_checkpoint_is_the_one_with_most_steps(tmp_path):
     with open(step_checkpoint_path(path, 40), "wb") as fh:  # not a checkpoint: skipped
         fh.write(b"garbage")
     assert newest_checkpoint(path) == (30, step_checkpoint_path(path, 30))
+    os.utime(step_checkpoint_path(path, 30), (1e9, 1e9))  # written long ago: not this run's
+    assert newest_checkpoint(path, since=time.time() - 3600) == (20, step_checkpoint_path(path, 20))
 
 
 HYDRA_REPORT = """
@@ -268,3 +275,35 @@ def test_no_job_outlives_a_killed_supervisor(cifar_dir, tmp_path):
         kill_group(proc)
         for pid in job_ranks(tmp_path).values():
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_restart_never_resumes_an_earlier_runs_checkpoint(cifar_dir, tmp_path):
+    """An earlier, finished run's files at the same paths, replaced with --overwrite: the new run
+    fails before its first checkpoint, and the restart starts it afresh, not from the earlier
+    run's step 10."""
+    args = ["--data", cifar_dir, *TINY, "--epochs", "2", "--checkpoint-every", "5"]
+    run_ok(args, tmp_path, 2)
+    assert newest_checkpoint(str(tmp_path / CKPT))[0] == 10
+    run = supervised(args + ["--overwrite"], tmp_path, "-n", "2", "--max-restarts", "1",
+                     env=clean_env(DPNET_FAULT="1:2:exit"))
+    assert run.returncode == 3, str(run)
+    restarts = [line for line in notes(run) if line.startswith("restart ")]
+    assert restarts == ["restart 1 of 1: from the start (no checkpoint written yet) on 2 rank(s)"], str(run)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the ranks to kill through /proc (Linux)")
+def test_a_rank_killed_by_a_signal_numbered_like_a_final_status_is_restarted(cifar_dir, tmp_path):
+    """Hydra exits k when a rank dies of signal k: SIGILL (4) looks like a non-finite loss's
+    status, yet the launcher's report shows a death, and the job is restarted."""
+    cmd = launch_command(train_args(cifar_dir), "-n", "2")
+    proc = start(cmd, tmp_path)
+    try:
+        wait_for_training(tmp_path, proc)
+        os.kill(job_ranks(tmp_path)[1], signal.SIGILL)
+        run = finish(proc, cmd, tmp_path, time.monotonic(), timeout=180)
+    finally:
+        kill_group(proc)
+    assert run.returncode == 0, str(run)
+    assert re.search(r"attempt 1 failed after [\d.]+ s with exit status 4: rank 1 \(PID \d+ on \S+\) died, "
+                     r"killed by SIGILL", run.stderr), str(run)
+    assert notes(run)[-1] == "finished after 1 restart(s)", str(run)

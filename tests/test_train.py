@@ -8,7 +8,6 @@ Every job runs under a hard time bound: a job that outlives it is killed (its wh
 process group) and the test fails; a job that leaves processes behind fails too.
 """
 
-import dataclasses
 import json
 import os
 import random
@@ -1004,3 +1003,15 @@ def test_resnet20_trains_and_resumes(cifar_dir, tmp_path):
     resumed = run_ok(args + ["--resume", CKPT], tmp_path, 2, timeout=180)
     assert resumed.lines[0].startswith(f"resumed from {CKPT} at step 2 "), str(resumed)
     assert_same_state(read_checkpoint(tmp_path / CKPT), full, "resnet20 resumed")
+
+
+def test_a_step_checkpoint_at_an_epochs_end_holds_the_epochs_end(cifar_dir, tmp_path):
+    """--checkpoint-every at an epoch's last step saves after the epoch's end: with local
+    batchnorm it holds the ranks' averaged statistics, as the epoch's checkpoint does, and a run
+    resumed from it writes no second line for that epoch."""
+    args = base_args(cifar_dir, "--bn-mode", "local", "--epochs", "2", "--checkpoint-every", str(STEPS_PER_EPOCH))
+    run_ok(args + ["--max-steps", str(STEPS_PER_EPOCH)], tmp_path, 2)
+    step_file = os.path.join("dpnet_run", f"checkpoint-step{STEPS_PER_EPOCH:08d}.h5")
+    assert_same_state(read_checkpoint(tmp_path / step_file), read_checkpoint(tmp_path / CKPT), "step vs epoch file")
+    run_ok(args + ["--resume", step_file], tmp_path, 2)
+    assert [r.get("epoch") for r in read_metrics(tmp_path / METRICS) if "epoch" in r] == [1, 2]

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -20,7 +19,7 @@ from ..data import DataError
 from ..models import ConvNet, ResNet, ThreeLayerConvNet
 from ..models.resnet import DEPTHS as RESNET_DEPTHS
 from ..optim import get_update_rule
-from ..parallel import DataParallel, ReducerUnavailable, shard_bounds, shard_indices, steps_per_epoch
+from ..parallel import DataParallel, ReducerUnavailable, shard_indices, steps_per_epoch
 from ..parallel.shm_leftovers import remove_stale
 from ..parallel.watchdog import make_guard
 from ..scaling import run_prediction
@@ -121,8 +120,10 @@ def check_outputs(config):
     for option, path in (("checkpoint", config.checkpoint), ("metrics", config.metrics)):
         if not path:
             continue
-        if os.path.exists(path) and not continuing[option] and not config.overwrite:
-            raise ConfigError(f"--{option} {path} exists (an earlier run's): continue that run with --resume, "
+        exists = os.path.exists(path) or (option == "checkpoint" and step_checkpoints(path))
+        if exists and not continuing[option] and not config.overwrite:
+            what = f"--{option} {path} exists" if os.path.exists(path) else f"step checkpoints of --{option} {path} exist"
+            raise ConfigError(f"{what} (an earlier run's): continue that run with --resume, "
                               f"choose another --{option}, or pass --overwrite to replace it")
         folder = os.path.dirname(os.path.abspath(path))
         try:
@@ -272,6 +273,8 @@ class Trainer:
                 if stopped:
                     break
                 summary = self.end_epoch(epoch, loss_sum, seen, seconds, comm_before)
+                if self.step_checkpoint_due():  # holds the epoch's end (its statistics, its metrics line)
+                    self.save_step_checkpoint()
             with self.dp.guarded("checkpoint"):
                 self.dp.average_running_stats()
                 self.save()
@@ -315,7 +318,7 @@ class Trainer:
             global_len = min(config.batch_size, len(self.x_train) - i * config.batch_size)
             xb = training_batch(self.x_train, idx, self.to_input, augment_rng)
             loss = self.train_step(xb, self.y_train[idx], global_len, epoch)
-            if config.checkpoint and config.checkpoint_every and self.step % config.checkpoint_every == 0:
+            if self.step_checkpoint_due() and i < len(shards) - 1:  # at an epoch's end: after end_epoch
                 self.save_step_checkpoint()
             loss_sum += loss * global_len
             seen += global_len
@@ -386,6 +389,10 @@ class Trainer:
         if comm.rank == 0 and config.checkpoint:
             save_checkpoint(path or config.checkpoint, self.model, self.optim_config, self.step // self.per_epoch,
                             self.step, dataclasses.asdict(config), comm.size, states, self.dp.flat)
+
+    def step_checkpoint_due(self):
+        every = self.config.checkpoint_every
+        return bool(self.config.checkpoint and every and self.step % every == 0)
 
     def save_step_checkpoint(self):
         """--checkpoint-every: the checkpoint of this step beside --checkpoint, keeping the newest
