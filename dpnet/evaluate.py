@@ -19,10 +19,10 @@ import numpy as np
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import DataError
 from .parallel import get_comm, launcher_rank
-from .train.config import ConfigError, TrainConfig, option_fields
+from .train.config import ConfigError
 from .train.inputs import load_data, normaliser, split_train_val
 from .train.loop import StartupError, build_model, on_every_rank
-from .train.resume import stored_config
+from .train.resume import stored_train_config
 from .train.scoring import accuracy, confusion_matrix
 
 PROG = "python -m dpnet.evaluate"
@@ -33,9 +33,7 @@ def evaluate_checkpoint(path, comm, data=None):
     test_acc, correct, total, per_class ({label: accuracy}), confusion (rows: true labels),
     labels, step, checkpoint and synthetic."""
     def load():
-        stored = stored_config(path)
-        known = {f.name for f in option_fields()}
-        config = TrainConfig(**{k: v for k, v in stored.items() if k in known})
+        config = stored_train_config(path)
         if data:
             config = dataclasses.replace(config, data=data)
         model = build_model(config, comm)

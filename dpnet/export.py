@@ -27,9 +27,8 @@ from .atomic import atomic_path
 from .checkpoint import CheckpointError, load_checkpoint
 from .models import ConvNet, FullyConnectedNet, ResNet, ThreeLayerConvNet
 from .parallel import SerialComm
-from .train.config import TrainConfig, option_fields
 from .train.loop import build_model
-from .train.resume import stored_config
+from .train.resume import stored_train_config
 
 PROG = "python -m dpnet.export"
 
@@ -96,9 +95,7 @@ def torch_state(model):
 
 def export_checkpoint(path, out):
     """Write the npz of checkpoint `path` to `out` (atomically); returns the names written."""
-    stored = stored_config(path)
-    known = {f.name for f in option_fields()}
-    config = TrainConfig(**{k: v for k, v in stored.items() if k in known})
+    config = stored_train_config(path)
     model = build_model(config, SerialComm())
     load_checkpoint(path, model)
     state = torch_state(model)

@@ -27,6 +27,13 @@ def stored_config(path):
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
+def stored_train_config(path):
+    """The TrainConfig a checkpoint was written with (its options; unknown keys ignored)."""
+    from .config import TrainConfig, option_fields
+    known = {f.name for f in option_fields()}
+    return TrainConfig(**{k: v for k, v in stored_config(path).items() if k in known})
+
+
 def restore_settings(config, stored):
     """config with the RESTORED settings of the checkpoint's `stored` config; ConfigError naming
     the setting and both values where an option given again (config.given) disagrees."""
