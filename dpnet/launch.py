@@ -204,11 +204,13 @@ class Supervisor:
             tail = []
             forward = threading.Thread(target=_forward, args=(self.job.stdout, tail), daemon=True)
             forward.start()
+            first = FirstToEnd(rank_map, self.job)
             status = self.job.wait()
             forward.join(timeout=5)
+            first.join()
             _kill_group(self.job)  # what the launcher left of its own group
             ranks = read_rank_map(rank_map)
-            report = death_report("".join(tail), ranks) if status else None
+            report = (death_report("".join(tail), ranks) or first.report()) if status else None
             _end_leftover_ranks(ranks)  # Hydra starts its ranks in sessions of their own
         return _exit_status(status), time.monotonic() - started, report
 
@@ -308,21 +310,83 @@ def _forward(stream, tail, keep=200):
         del tail[:-keep]
 
 
+def _rank_alive(pid):
+    """True while process pid runs dpnet.train (not ended, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            if b"dpnet.train" not in fh.read():
+                return False
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+        return stat[stat.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+class FirstToEnd:
+    """Watches, while the job runs, its ranks on this machine (from the rank map) and notes the
+    first to end: a rank that exits on its own, which Hydra does not report (it reports deaths by
+    signal only) before it ends the others. It waits on pidfds, so the kernel wakes it at the
+    first exit, before the launcher can end the others. Linux only; elsewhere it notes nothing."""
+
+    def __init__(self, rank_map, job, period=0.01):
+        self.rank_map, self.job, self.period = rank_map, job, period
+        self.ended = []
+        self.thread = threading.Thread(target=self._watch, name="dpnet-first-to-end", daemon=True)
+        self.thread.start()
+
+    def _watch(self):
+        import select
+        if not (hasattr(os, "pidfd_open") and hasattr(select, "poll")):
+            return
+        ranks = []
+        while not ranks:
+            if self.job.poll() is not None:
+                return
+            ranks = read_rank_map(self.rank_map)
+            time.sleep(self.period if not ranks else 0)
+        fds, poller = {}, select.poll()
+        try:
+            for entry in ranks:
+                try:
+                    fd = os.pidfd_open(entry["pid"])
+                except OSError:  # on another machine, or ended already
+                    continue
+                if not _rank_alive(entry["pid"]):
+                    os.close(fd)
+                    continue
+                fds[fd] = entry
+                poller.register(fd, select.POLLIN)
+            while fds and self.job.poll() is None:
+                ready = poller.poll(100)
+                if ready:
+                    self.ended = [fds[fd] for fd, _ in ready]
+                    return
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def join(self):
+        self.thread.join(timeout=5)
+
+    def report(self):
+        if not self.ended:
+            return None
+        if len(self.ended) > 1:
+            return f"ranks {[e['rank'] for e in self.ended]} ended at once, first"
+        entry = self.ended[0]
+        return f"rank {entry['rank']} (PID {entry['pid']} on {entry['host']}) ended first"
+
+
 def _end_leftover_ranks(ranks, grace=LEFTOVER_SECONDS):
     """Wait up to `grace` seconds for the ranks of a finished attempt that run on this machine to
     end, then SIGKILL them: a restart must not overlap them (after kill -9 of mpiexec, its
     proxies and ranks go on in their own sessions for a while)."""
-    def alive(pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                return b"dpnet.train" in fh.read()
-        except OSError:
-            return False
     deadline = time.monotonic() + grace
-    left = [entry["pid"] for entry in ranks if alive(entry["pid"])]
+    left = [entry["pid"] for entry in ranks if _rank_alive(entry["pid"])]
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = [pid for pid in left if alive(pid)]
+        left = [pid for pid in left if _rank_alive(pid)]
     for pid in left:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
