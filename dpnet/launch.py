@@ -167,9 +167,9 @@ class Supervisor:
         """Attempts until one ends in a final status or the restarts are spent; returns the exit status."""
         argv, restarts = list(self.train_argv), 0
         while True:
-            status, seconds, report = self.attempt(argv, restarts)
+            status, seconds, report, signalled = self.attempt(argv, restarts)
             # a rank killed by signal k makes Hydra exit k, which may look like a final status
-            if (status in FINAL_STATUSES and report is None) or self.stop:
+            if (status in FINAL_STATUSES and not signalled) or self.stop:
                 if restarts and status == 0:
                     say(f"finished after {restarts} restart(s)")
                 return status
@@ -188,7 +188,8 @@ class Supervisor:
                 + (f" on {', '.join(self.hosts)}" if self.hosts else ""))
 
     def attempt(self, argv, restarts):
-        """Run the job once; returns (exit status, seconds, what the launcher said about a death)."""
+        """Run the job once; returns (exit status, seconds, which rank died and how or None, whether
+        a rank died by a signal)."""
         with self.rank_map_path() as rank_map:
             env = {**os.environ, RANK_MAP_ENV: rank_map}
             cmd = self.launcher.command(self.ranks, self.hosts, argv)
@@ -210,9 +211,10 @@ class Supervisor:
             first.join()
             _kill_group(self.job)  # what the launcher left of its own group
             ranks = read_rank_map(rank_map)
-            report = (death_report("".join(tail), ranks) or first.report()) if status else None
+            signalled = death_report("".join(tail), ranks) if status else None  # Hydra: a death by signal
+            report = signalled or (first.report() if status else None)
             _end_leftover_ranks(ranks)  # Hydra starts its ranks in sessions of their own
-        return _exit_status(status), time.monotonic() - started, report
+        return _exit_status(status), time.monotonic() - started, report, signalled is not None
 
     @contextlib.contextmanager
     def rank_map_path(self):
