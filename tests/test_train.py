@@ -8,7 +8,9 @@ Every job runs under a hard time bound: a job that outlives it is killed (its wh
 process group) and the test fails; a job that leaves processes behind fails too.
 """
 
+import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -1015,3 +1017,24 @@ def test_a_step_checkpoint_at_an_epochs_end_holds_the_epochs_end(cifar_dir, tmp_
     assert_same_state(read_checkpoint(tmp_path / step_file), read_checkpoint(tmp_path / CKPT), "step vs epoch file")
     run_ok(args + ["--resume", step_file], tmp_path, 2)
     assert [r.get("epoch") for r in read_metrics(tmp_path / METRICS) if "epoch" in r] == [1, 2]
+
+
+def test_learning_rate_warm_up_and_linear_scaling():
+    """--warmup-epochs ramps the rate linearly from 0 to the schedule's; --lr-scaling linear makes
+    --lr the rate of a 128-image batch; both compose with the cosine and step schedules."""
+    from dpnet.train import learning_rate
+    per_epoch, total = 10, 100
+    plain = TrainConfig(lr=0.1, lr_schedule="step", lr_decay=0.5, batch_size=512)
+    assert [learning_rate(plain, s, total, s // per_epoch, per_epoch) for s in (0, 10, 25)] == [0.1, 0.05, 0.025]
+    scaled = dataclasses.replace(plain, lr_scaling="linear")
+    assert learning_rate(scaled, 0, total, 0, per_epoch) == pytest.approx(0.4)  # 0.1 x 512 / 128
+    warm = dataclasses.replace(scaled, warmup_epochs=2.5)  # 25 steps of ramp
+    ramp = [learning_rate(warm, s, total, s // per_epoch, per_epoch) for s in range(30)]
+    for s in range(25):
+        schedule = learning_rate(scaled, s, total, s // per_epoch, per_epoch)
+        assert ramp[s] == pytest.approx(schedule * (s + 1) / 25, rel=1e-12)
+    assert ramp[25:] == [learning_rate(scaled, s, total, s // per_epoch, per_epoch) for s in range(25, 30)]
+    cosine = TrainConfig(lr=0.1, warmup_epochs=1)
+    assert learning_rate(cosine, 9, total, 0, per_epoch) == pytest.approx(0.5 * 0.1 * (1 + math.cos(math.pi * 9 / 100)))
+    with pytest.raises(ConfigError, match="--warmup-epochs must be a finite number >= 0, got -1"):
+        validate(dataclasses.replace(cosine, warmup_epochs=-1), 1)

@@ -9,7 +9,8 @@ from ..parallel import REDUCTIONS
 
 OPTIMIZERS = {"sgd": "sgd", "momentum": "sgd_momentum", "nesterov": "sgd_nesterov_momentum",
               "rmsprop": "rmsprop", "adam": "adam"}
-DATA_ENV = "DPNET_DATA"  # names the data set when --data is not given
+DATA_ENV = "DPNET_DATA"
+REFERENCE_BATCH = 128  # --lr-scaling linear: --lr is the rate for a global batch of this size  # names the data set when --data is not given
 
 
 @dataclass
@@ -26,6 +27,8 @@ class TrainConfig:
     lr: float = 1e-3
     lr_decay: float = 1.0
     lr_schedule: str = "cosine"
+    lr_scaling: str = "none"
+    warmup_epochs: float = 0.0
     optimizer: str = "adam"
     reg: float = 1e-3
     hidden_dim: int = 500
@@ -67,6 +70,10 @@ OPTION_HELP = {
     "lr": "learning rate",
     "lr_decay": "with --lr-schedule step: multiply the rate by this after every epoch",
     "lr_schedule": "cosine over --epochs, or step (see --lr-decay)",
+    "lr_scaling": f"linear: --lr is the rate for a global batch of {REFERENCE_BATCH} and the run uses "
+                  f"lr x batch-size / {REFERENCE_BATCH} (the linear scaling rule for large batches); none: --lr as given",
+    "warmup_epochs": "raise the rate linearly from 0 over this many epochs (fractions allowed), then follow "
+                     "the schedule; large global batches need a few",
     "optimizer": "update rule",
     "reg": "L2 strength: the loss adds 0.5 * reg * sum(W^2)",
     "hidden_dim": "units of the hidden affine layer (threelayer, convnet)",
@@ -92,7 +99,7 @@ OPTION_HELP = {
 
 CHOICES = {"model": ("threelayer", "convnet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"),
            "bn_mode": ("none", "local", "sync"),
-           "lr_schedule": ("cosine", "step"), "optimizer": tuple(OPTIMIZERS),
+           "lr_schedule": ("cosine", "step"), "lr_scaling": ("none", "linear"), "optimizer": tuple(OPTIMIZERS),
            "dtype": ("float32", "float64"), "reduction": REDUCTIONS}
 
 
@@ -116,7 +123,7 @@ def validate(config, world_size):
         raise ConfigError(f"--lr must be a positive finite number, got {config.lr}")
     if not 0 < config.lr_decay < math.inf:
         raise ConfigError(f"--lr-decay must be a positive finite number, got {config.lr_decay}")
-    for key in ("reg", "bucket_mb"):
+    for key in ("reg", "bucket_mb", "warmup_epochs"):
         value = getattr(config, key)
         if not 0 <= value < math.inf:
             raise ConfigError(f"--{key.replace('_', '-')} must be a finite number >= 0, got {value}")

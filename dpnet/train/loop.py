@@ -23,7 +23,7 @@ from ..parallel import DataParallel, ReducerUnavailable, shard_indices, steps_pe
 from ..parallel.shm_leftovers import remove_stale
 from ..parallel.watchdog import make_guard
 from ..scaling import run_prediction
-from .config import DATA_ENV, OPTIMIZERS, ConfigError, validate
+from .config import DATA_ENV, OPTIMIZERS, REFERENCE_BATCH, ConfigError, validate
 from .faults import fault_spec, inject_fault, inject_part_fault, inject_start_fault
 from .inputs import load_data, normaliser, split_train_val, training_batch
 from .progress import progress
@@ -160,10 +160,17 @@ def evaluate(model, comm, x, y, to_input):
     return accuracy(confusion_matrix(model, comm, x, y, to_input, model.num_classes))
 
 
-def learning_rate(config, step, total_steps, epoch):
+def learning_rate(config, step, total_steps, epoch, steps_per_epoch=1):
+    """The rate of optimizer step `step` (from 0): --lr, scaled with the global batch under
+    --lr-scaling linear, shaped by the schedule (cosine over total_steps, or step decay per
+    epoch) and, for the first --warmup-epochs, by a linear ramp from 0."""
+    base = config.lr * (config.batch_size / REFERENCE_BATCH if config.lr_scaling == "linear" else 1.0)
     if config.lr_schedule == "cosine":
-        return 0.5 * config.lr * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
-    return config.lr * config.lr_decay ** epoch
+        rate = 0.5 * base * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    else:
+        rate = base * config.lr_decay ** epoch
+    warmup_steps = config.warmup_epochs * steps_per_epoch
+    return rate * min(1.0, (step + 1) / warmup_steps) if warmup_steps else rate
 
 
 def blas_threads(config, comm):
@@ -336,7 +343,8 @@ class Trainer:
     def train_step(self, xb, yb, global_len, epoch):
         """One optimizer step on this rank's shard (xb, yb) of a global batch of global_len
         images; returns the global loss."""
-        self.optim_config["learning_rate"] = learning_rate(self.config, self.step, self.schedule_steps, epoch)
+        self.optim_config["learning_rate"] = learning_rate(self.config, self.step, self.schedule_steps, epoch,
+                                                           self.per_epoch)
         if stop_signal.is_set():
             self.dp.request_stop()
         xb = inject_fault(self.comm.rank, self.step, xb)

@@ -13,8 +13,8 @@ from ..checkpoint import CheckpointError
 from .config import ConfigError
 
 RESTORED = ("data", "model", "bn_mode", "hidden_dim", "dtype", "batch_size", "val_size", "seed", "augment",
-            "optimizer", "lr", "lr_schedule", "lr_decay", "reg")
-OPTIMIZER_SETTINGS = ("optimizer", "lr", "lr_schedule", "lr_decay")
+            "optimizer", "lr", "lr_schedule", "lr_decay", "lr_scaling", "warmup_epochs", "reg")
+OPTIMIZER_SETTINGS = ("optimizer", "lr", "lr_schedule", "lr_decay", "lr_scaling", "warmup_epochs")
 
 
 def stored_config(path):
