@@ -659,6 +659,10 @@ OPTION_ERRORS = {  # id -> f(tmp_path) -> (flags, world size, fragments of the m
     "lr-inf": lambda t: (["--lr", "inf"], 1, ["--lr must be a positive finite number, got inf"]),
     "reg-nan": lambda t: (["--reg", "nan"], 1, ["--reg must be a finite number >= 0, got nan"]),
     "seed-negative": lambda t: (["--seed", "-1"], 1, ["--seed must not be negative, got -1"]),
+    "stages-empty-stage": lambda t: (["--stages", "32//64"], 1, ["--stages must be positive filter counts",
+                                                                 "got '32//64'"]),
+    "stages-not-numbers": lambda t: (["--stages", "32,x"], 1, ["--stages must be positive filter counts"]),
+    "stages-too-deep": lambda t: (["--stages", "8/8/8/8/8/8"], 1, ["at most 5 stages"]),
     "resnet-without-bn": lambda t: (["--model", "resnet20", "--bn-mode", "none"], 1,
                                     ["--model resnet20 has batchnorm in every block: --bn-mode must be local or sync"]),
     "bucket-mb-nan": lambda t: (["--bucket-mb", "nan"], 1, ["--bucket-mb must be a finite number >= 0, got nan"]),
@@ -1038,3 +1042,16 @@ def test_learning_rate_warm_up_and_linear_scaling():
     assert learning_rate(cosine, 9, total, 0, per_epoch) == pytest.approx(0.5 * 0.1 * (1 + math.cos(math.pi * 9 / 100)))
     with pytest.raises(ConfigError, match="--warmup-epochs must be a finite number >= 0, got -1"):
         validate(dataclasses.replace(cosine, warmup_epochs=-1), 1)
+
+
+def test_convnet_layout_from_the_command_line(cifar_dir, tmp_path):
+    """--stages gives ConvNet's layout (here 8 / 16,16 filters); a resumed run takes it from the
+    checkpoint."""
+    args = base_args(cifar_dir, "--model", "convnet", "--stages", "8/16,16", "--epochs", "1")
+    run_ok(args + ["--max-steps", "2"], tmp_path)
+    shapes = {k: v.shape for k, v in read_checkpoint(tmp_path / CKPT)["params"].items() if k.startswith("W")}
+    assert shapes == {"W1": (8, 3, 3, 3), "W2": (16, 8, 3, 3), "W3": (16, 16, 3, 3), "W4": (16 * 8 * 8, 16),
+                      "W5": (16, 10)}
+    resumed = run_ok(["--data", cifar_dir, "--no-progress", "--resume", CKPT], tmp_path)
+    assert resumed.lines[0].startswith(f"resumed from {CKPT} at step 2 "), str(resumed)
+    assert read_checkpoint(tmp_path / CKPT)["params"]["W3"].shape == (16, 16, 3, 3)

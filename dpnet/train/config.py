@@ -32,6 +32,7 @@ class TrainConfig:
     optimizer: str = "adam"
     reg: float = 1e-3
     hidden_dim: int = 500
+    stages: str = "32,32/64,64"
     seed: int = 0
     dtype: str = "float32"
     augment: bool = True
@@ -77,6 +78,8 @@ OPTION_HELP = {
     "optimizer": "update rule",
     "reg": "L2 strength: the loss adds 0.5 * reg * sum(W^2)",
     "hidden_dim": "units of the hidden affine layer (threelayer, convnet)",
+    "stages": "convnet's layout: 3x3 conv filters per layer, layers of a stage separated by commas, stages by "
+              "/, each stage ending in a 2x2 max pool (e.g. 32,32/64,64/128)",
     "seed": "seeds initialisation, shuffling, and (with the rank) augmentation and dropout",
     "dtype": "dtype of parameters and activations",
     "augment": "random crop + horizontal flip of training images",
@@ -107,6 +110,18 @@ class ConfigError(ValueError):
     """An option has an impossible value."""
 
 
+def parse_stages(text):
+    """--stages '32,32/64,64/128' -> ((32, 32), (64, 64), (128,)); ConfigError if malformed."""
+    try:
+        stages = tuple(tuple(int(f) for f in stage.split(",")) for stage in text.split("/"))
+    except ValueError:
+        stages = ()
+    if not stages or not all(stages) or min(f for stage in stages for f in stage) < 1 or len(stages) > 5:
+        raise ConfigError(f"--stages must be positive filter counts, commas within a stage and / between at "
+                          f"most 5 stages (each halves the 32x32 images), e.g. 32,32/64,64/128; got {text!r}")
+    return stages
+
+
 def validate(config, world_size):
     """Raise ConfigError naming the first impossible option."""
     for key, allowed in CHOICES.items():
@@ -130,6 +145,7 @@ def validate(config, world_size):
     for key in ("val_size", "check_every", "seed", "checkpoint_every"):
         if getattr(config, key) < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must not be negative, got {getattr(config, key)}")
+    parse_stages(config.stages)
     if config.model.startswith("resnet") and config.bn_mode == "none":
         raise ConfigError(f"--model {config.model} has batchnorm in every block: --bn-mode must be local or sync")
     if config.bucket_mb and config.reduction == "shared-memory":

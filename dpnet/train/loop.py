@@ -23,7 +23,7 @@ from ..parallel import DataParallel, ReducerUnavailable, shard_indices, steps_pe
 from ..parallel.shm_leftovers import remove_stale
 from ..parallel.watchdog import make_guard
 from ..scaling import run_prediction
-from .config import DATA_ENV, OPTIMIZERS, REFERENCE_BATCH, ConfigError, validate
+from .config import DATA_ENV, OPTIMIZERS, REFERENCE_BATCH, ConfigError, parse_stages, validate
 from .faults import fault_spec, inject_fault, inject_part_fault, inject_start_fault
 from .inputs import load_data, normaliser, split_train_val, training_batch
 from .progress import progress
@@ -151,8 +151,8 @@ def build_model(config, comm):
     if config.model.startswith("resnet"):
         return ResNet(depth=RESNET_DEPTHS[config.model], reg=config.reg, dtype=dtype, bn_mode=bn_mode, comm=comm,
                       seed=config.seed)
-    return ConvNet(hidden_dims=(config.hidden_dim,), reg=config.reg, dtype=dtype, use_batchnorm=use_bn,
-                   bn_mode=bn_mode, comm=comm, seed=config.seed)
+    return ConvNet(stages=parse_stages(config.stages), hidden_dims=(config.hidden_dim,), reg=config.reg, dtype=dtype,
+                   use_batchnorm=use_bn, bn_mode=bn_mode, comm=comm, seed=config.seed)
 
 
 def evaluate(model, comm, x, y, to_input):

@@ -12,7 +12,7 @@ import json
 from ..checkpoint import CheckpointError
 from .config import ConfigError
 
-RESTORED = ("data", "model", "bn_mode", "hidden_dim", "dtype", "batch_size", "val_size", "seed", "augment",
+RESTORED = ("data", "model", "bn_mode", "hidden_dim", "stages", "dtype", "batch_size", "val_size", "seed", "augment",
             "optimizer", "lr", "lr_schedule", "lr_decay", "lr_scaling", "warmup_epochs", "reg")
 OPTIMIZER_SETTINGS = ("optimizer", "lr", "lr_schedule", "lr_decay", "lr_scaling", "warmup_epochs")
 
