@@ -359,3 +359,23 @@ def test_add_scaled_equals_y_plus_scale_x_bit_for_bit(dtype, shape):
     expected = y_t + 0.5 * x
     add_scaled(y_t, x, 0.5)
     assert np.array_equal(y_t, expected)
+
+
+def test_a_model_declares_its_parameter_order_and_l2_not_by_names():
+    """add_param declares the layer and whether L2 applies: any names work (here neither 'W' nor
+    a number), the backward order goes by layer, highest first, and L2 takes what was declared."""
+    from dpnet.models import Model
+
+    class Linear(Model):
+        def __init__(self):
+            super().__init__(reg=0.5, dtype=np.float64)
+            self.num_classes = 3
+            self.add_param("first.kernel", np.ones((4, 5)), layer=1, l2=True)
+            self.add_param("first.offset", np.zeros(5), layer=1)
+            self.add_param("last.kernel", np.full((5, 3), 2.0), layer=2, l2=True)
+
+    model = Linear()
+    assert model.backward_order() == ["last.kernel", "first.kernel", "first.offset"]
+    assert model.weight_names() == ["first.kernel", "last.kernel"]
+    assert model.regularization_loss() == 0.5 * 0.5 * (20 * 1.0 + 15 * 4.0)
+    assert make_model("convnet", True).backward_order()[:6] == ["W5", "b5", "W4", "b4", "gamma4", "beta4"]

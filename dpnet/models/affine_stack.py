@@ -14,11 +14,12 @@ def init_affine_stack(model, first, in_dim, hidden_dims, num_classes, weight_sca
     dims = [in_dim, *hidden_dims, num_classes]
     for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
         idx = first + i
-        model.params[f"W{idx}"] = init_weight(model.rng, (d_in, d_out), d_in, weight_scale, model.dtype)
-        model.params[f"b{idx}"] = np.zeros(d_out, dtype=model.dtype)
+        model.add_param(f"W{idx}", init_weight(model.rng, (d_in, d_out), d_in, weight_scale, model.dtype), idx,
+                        l2=True)
+        model.add_param(f"b{idx}", np.zeros(d_out, dtype=model.dtype), idx)
         if use_batchnorm and i < len(hidden_dims):
-            model.params[f"gamma{idx}"] = np.ones(d_out, dtype=model.dtype)
-            model.params[f"beta{idx}"] = np.zeros(d_out, dtype=model.dtype)
+            model.add_param(f"gamma{idx}", np.ones(d_out, dtype=model.dtype), idx)
+            model.add_param(f"beta{idx}", np.zeros(d_out, dtype=model.dtype), idx)
             model.add_bn_param(d_out)
 
 

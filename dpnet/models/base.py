@@ -49,8 +49,8 @@ class _ReportingDict(dict):
 
 
 class Model:
-    """Base class. A subclass fills `params` (weights named 'W<i>' are L2-regularised),
-    `bn_params` (one dict per batchnorm layer) and implements `_forward(X) ->
+    """Base class. A subclass declares its parameters with add_param (layer number, whether L2
+    applies), fills `bn_params` (one dict per batchnorm layer) and implements `_forward(X) ->
     (scores, caches)` and `_backward(dscores, caches, grads)`, which stores each gradient
     into `grads[name]` once, as soon as it is final.
 
@@ -74,8 +74,17 @@ class Model:
         self.comm = comm
         self.rng = np.random.default_rng(seed)
         self.params = {}
+        self._layer, self._l2 = {}, set()  # what add_param declared: layer numbers, L2 parameters
         self.bn_params = []
         self.dropout_param = None
+
+    def add_param(self, name, value, layer, l2=False):
+        """Declare a parameter, in forward order: `layer` numbers its layer (the backward pass
+        finishes layers from the highest number down); l2: the L2 term applies to it."""
+        self.params[name] = value
+        self._layer[name] = layer
+        if l2:
+            self._l2.add(name)
 
     def add_bn_param(self, channels):
         """Append the state of one batchnorm layer over `channels` channels to bn_params."""
@@ -122,16 +131,13 @@ class Model:
         return loss, {name: grads[name] for name in self.params}
 
     def backward_order(self):
-        """Parameter names in the order the backward pass finishes them: layers are numbered
-        in forward order (W<i>, b<i>, gamma<i>, beta<i>), so the highest number comes first."""
-        def layer(name):
-            digits = name[len(name.rstrip("0123456789")):]
-            return int(digits) if digits else 0
-        return sorted(self.params, key=layer, reverse=True)
+        """Parameter names in the order the backward pass finishes them: by declared layer,
+        highest first; within a layer, in declaration order."""
+        return sorted(self.params, key=self._layer.__getitem__, reverse=True)
 
     def weight_names(self):
-        """The L2-regularised parameters: the weights, named 'W<i>'."""
-        return [name for name in self.params if name.startswith("W")]
+        """The parameters the L2 term applies to, as declared (the weights)."""
+        return [name for name in self.params if name in self._l2]
 
     def regularization_loss(self):
         """0.5 * reg * sum(W^2) over the weights."""

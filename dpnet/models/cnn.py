@@ -41,19 +41,17 @@ class ThreeLayerConvNet(Model):
         _, _, _, h2, w2 = pool_output_shape((1, f, h1, w1), POOL_PARAM)
         rng, dt = self.rng, self.dtype
         flat = f * h2 * w2
-        self.params = {
-            "W1": init_weight(rng, (f, c, filter_size, filter_size), c * filter_size ** 2, weight_scale, dt),
-            "b1": np.zeros(f, dtype=dt),
-            "W2": init_weight(rng, (flat, hidden_dim), flat, weight_scale, dt),
-            "b2": np.zeros(hidden_dim, dtype=dt),
-            "W3": init_weight(rng, (hidden_dim, num_classes), hidden_dim, weight_scale, dt),
-            "b3": np.zeros(num_classes, dtype=dt),
-        }
+        self.add_param("W1", init_weight(rng, (f, c, filter_size, filter_size), c * filter_size ** 2, weight_scale, dt),
+                       1, l2=True)
+        self.add_param("b1", np.zeros(f, dtype=dt), 1)
+        self.add_param("W2", init_weight(rng, (flat, hidden_dim), flat, weight_scale, dt), 2, l2=True)
+        self.add_param("b2", np.zeros(hidden_dim, dtype=dt), 2)
+        self.add_param("W3", init_weight(rng, (hidden_dim, num_classes), hidden_dim, weight_scale, dt), 3, l2=True)
+        self.add_param("b3", np.zeros(num_classes, dtype=dt), 3)
         if use_batchnorm:
-            self.params.update({
-                "gamma1": np.ones(f, dtype=dt), "beta1": np.zeros(f, dtype=dt),
-                "gamma2": np.ones(hidden_dim, dtype=dt), "beta2": np.zeros(hidden_dim, dtype=dt),
-            })
+            for layer, width in ((1, f), (2, hidden_dim)):
+                self.add_param(f"gamma{layer}", np.ones(width, dtype=dt), layer)
+                self.add_param(f"beta{layer}", np.zeros(width, dtype=dt), layer)
             self.add_bn_param(f)
             self.add_bn_param(hidden_dim)
 

@@ -49,12 +49,12 @@ class ConvNet(Model):
             for j, f in enumerate(stage):
                 idx += 1
                 _, _, h, w = conv_output_shape((1, c, h, w), (f, c, filter_size, filter_size), self.conv_param)
-                self.params[f"W{idx}"] = init_weight(self.rng, (f, c, filter_size, filter_size),
-                                                     c * filter_size ** 2, weight_scale, self.dtype)
-                self.params[f"b{idx}"] = np.zeros(f, dtype=self.dtype)
+                self.add_param(f"W{idx}", init_weight(self.rng, (f, c, filter_size, filter_size),
+                                                      c * filter_size ** 2, weight_scale, self.dtype), idx, l2=True)
+                self.add_param(f"b{idx}", np.zeros(f, dtype=self.dtype), idx)
                 if use_batchnorm:
-                    self.params[f"gamma{idx}"] = np.ones(f, dtype=self.dtype)
-                    self.params[f"beta{idx}"] = np.zeros(f, dtype=self.dtype)
+                    self.add_param(f"gamma{idx}", np.ones(f, dtype=self.dtype), idx)
+                    self.add_param(f"beta{idx}", np.zeros(f, dtype=self.dtype), idx)
                     self.add_bn_param(f)
                 last = j == len(stage) - 1
                 self.pool_after.append(last)

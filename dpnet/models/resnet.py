@@ -55,13 +55,14 @@ class ResNet(Model):
             self._add_conv(2 * b + 2, c_in, f, weight_scale)
             self._add_conv(2 * b + 3, f, f, weight_scale)
         self.fc = depth
-        self.params[f"W{depth}"] = init_weight(self.rng, (c, num_classes), c, weight_scale, self.dtype)
-        self.params[f"b{depth}"] = np.zeros(num_classes, dtype=self.dtype)
+        self.add_param(f"W{depth}", init_weight(self.rng, (c, num_classes), c, weight_scale, self.dtype), depth,
+                       l2=True)
+        self.add_param(f"b{depth}", np.zeros(num_classes, dtype=self.dtype), depth)
 
     def _add_conv(self, i, c_in, f, weight_scale):
-        self.params[f"W{i}"] = init_weight(self.rng, (f, c_in, 3, 3), c_in * 9, weight_scale, self.dtype)
-        self.params[f"gamma{i}"] = np.ones(f, dtype=self.dtype)
-        self.params[f"beta{i}"] = np.zeros(f, dtype=self.dtype)
+        self.add_param(f"W{i}", init_weight(self.rng, (f, c_in, 3, 3), c_in * 9, weight_scale, self.dtype), i, l2=True)
+        self.add_param(f"gamma{i}", np.ones(f, dtype=self.dtype), i)
+        self.add_param(f"beta{i}", np.zeros(f, dtype=self.dtype), i)
         self.add_bn_param(f)
 
     def _check_input(self, X):
