@@ -42,7 +42,8 @@ PREFIX = "dpnet.launch: "
 FINAL_STATUSES = {0: "finished", EXIT_USAGE: "a bad option, data set or checkpoint",
                   EXIT_DIVERGED: "the loss became inf or nan", EXIT_INTERRUPTED: "interrupted (Ctrl-C)"}
 PROBE_SECONDS = 20.0
-LEFTOVER_SECONDS = 10.0  # how long a failed attempt's ranks may take to end before they are killed
+LEFTOVER_SECONDS = 10.0
+RANK_MAP_PREFIX = ".dpnet-launch-ranks-"  # + the supervisor's PID: the rank map beside the checkpoint  # how long a failed attempt's ranks may take to end before they are killed
 # Hydra's report of a process that died: "PID 1402 RUNNING AT node3" ... "EXIT CODE: 9"
 HYDRA_DEATH = re.compile(r"PID (\d+) RUNNING AT (\S+)")
 HYDRA_CODE = re.compile(r"EXIT CODE: (\d+)")
@@ -224,7 +225,8 @@ class Supervisor:
         if self.config.checkpoint:
             folder = os.path.dirname(os.path.abspath(self.config.checkpoint))
             os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f".dpnet-launch-ranks-{os.getpid()}.json")
+            _remove_stale_rank_maps(folder)
+            path = os.path.join(folder, f"{RANK_MAP_PREFIX}{os.getpid()}.json")
             try:
                 yield path
             finally:
@@ -310,6 +312,33 @@ def _forward(stream, tail, keep=200):
                 out = None
         tail.append(raw.decode(errors="replace"))
         del tail[:-keep]
+
+
+def _remove_stale_rank_maps(folder):
+    """Remove the rank maps that supervisors no longer running (killed) left in folder."""
+    for name in os.listdir(folder):
+        if not (name.startswith(RANK_MAP_PREFIX) and name.endswith(".json")):
+            continue
+        owner = name[len(RANK_MAP_PREFIX):-len(".json")]
+        if owner.isdigit() and not _process_running(int(owner)):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+def _process_running(pid):
+    """True if process pid exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: running
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+        return stat[stat.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):
+        return True
 
 
 def _rank_alive(pid):
@@ -462,6 +491,8 @@ def parse(argv):
 
 
 def main(argv=None):
+    for signum in (signal.SIGINT, signal.SIGTERM):  # before any job: end quietly
+        signal.signal(signum, lambda number, frame: sys.exit(128 + number))
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
         config = parse_args(args.train_args)

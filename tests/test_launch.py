@@ -278,6 +278,11 @@ def test_no_job_outlives_a_killed_supervisor(cifar_dir, tmp_path):
         kill_group(proc)
         for pid in job_ranks(tmp_path).values():
             os.kill(pid, signal.SIGKILL)
+    # what the killed supervisor left (its rank map) goes with the next one's start
+    assert [n for n in os.listdir(tmp_path / "dpnet_run") if n.startswith(".dpnet-launch-ranks-")]
+    run = supervised(train_args(cifar_dir, "--resume", CKPT, "--max-steps", "25"), tmp_path, "-n", "2")
+    assert run.returncode == 0, str(run)
+    assert not [n for n in os.listdir(tmp_path / "dpnet_run") if n.startswith(".dpnet-launch-ranks-")]
 
 
 def test_a_restart_never_resumes_an_earlier_runs_checkpoint(cifar_dir, tmp_path):
