@@ -379,3 +379,18 @@ def test_a_model_declares_its_parameter_order_and_l2_not_by_names():
     assert model.weight_names() == ["first.kernel", "last.kernel"]
     assert model.regularization_loss() == 0.5 * 0.5 * (20 * 1.0 + 15 * 4.0)
     assert make_model("convnet", True).backward_order()[:6] == ["W5", "b5", "W4", "b4", "gamma4", "beta4"]
+
+
+def test_uniform_initialisation_is_pytorchs_default():
+    """weight_scale='uniform': weights and biases U(+-1/sqrt(fan_in)), as torch.nn.Conv2d and
+    Linear initialise themselves; what dpnet.train uses without batchnorm."""
+    model = ThreeLayerConvNet(input_dim=(3, 16, 16), num_filters=8, filter_size=3, hidden_dim=50,
+                              weight_scale="uniform", dtype=np.float64, seed=1)
+    for w, b, fan_in in (("W1", "b1", 27), ("W2", "b2", 8 * 8 * 8), ("W3", "b3", 50)):
+        bound = 1 / math.sqrt(fan_in)
+        for name in (w, b):
+            values = model.params[name]
+            assert np.abs(values).max() <= bound and np.abs(values).max() > 0.9 * bound, name
+            assert abs(values.std() - bound / math.sqrt(3)) < 0.25 * bound, name  # U(-a, a): std a / sqrt(3)
+    with pytest.raises(ValueError, match="weight_scale must be a positive number, 'he' or 'uniform'"):
+        ThreeLayerConvNet(weight_scale="xavier")

@@ -6,7 +6,7 @@ import numpy as np
 from ..layers import (affine_backward, affine_bn_relu_backward, affine_bn_relu_forward,
                       affine_forward, affine_relu_backward, affine_relu_forward,
                       dropout_backward, dropout_forward)
-from .base import init_weight
+from .base import init_bias, init_weight
 
 
 def init_affine_stack(model, first, in_dim, hidden_dims, num_classes, weight_scale, use_batchnorm):
@@ -16,7 +16,7 @@ def init_affine_stack(model, first, in_dim, hidden_dims, num_classes, weight_sca
         idx = first + i
         model.add_param(f"W{idx}", init_weight(model.rng, (d_in, d_out), d_in, weight_scale, model.dtype), idx,
                         l2=True)
-        model.add_param(f"b{idx}", np.zeros(d_out, dtype=model.dtype), idx)
+        model.add_param(f"b{idx}", init_bias(model.rng, d_out, d_in, weight_scale, model.dtype), idx)
         if use_batchnorm and i < len(hidden_dims):
             model.add_param(f"gamma{idx}", np.ones(d_out, dtype=model.dtype), idx)
             model.add_param(f"beta{idx}", np.zeros(d_out, dtype=model.dtype), idx)

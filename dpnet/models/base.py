@@ -24,16 +24,29 @@ def add_scaled(y, x, scale):
 
 
 def init_weight(rng, shape, fan_in, weight_scale, dtype):
-    """Gaussian weights: std = weight_scale, or sqrt(2 / fan_in) (He) when weight_scale is 'he'."""
+    """Initial weights: Gaussian with std = weight_scale, or sqrt(2 / fan_in) (He) for 'he';
+    'uniform': U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default for conv and linear layers."""
+    if weight_scale == "uniform":
+        bound = 1 / np.sqrt(fan_in)
+        return rng.uniform(-bound, bound, shape).astype(dtype)
     if isinstance(weight_scale, str):
         if weight_scale != "he":
-            raise ValueError(f"weight_scale must be a positive number or 'he', got {weight_scale!r}")
+            raise ValueError(f"weight_scale must be a positive number, 'he' or 'uniform', got {weight_scale!r}")
         std = np.sqrt(2.0 / fan_in)
     else:
         if not weight_scale > 0:
-            raise ValueError(f"weight_scale must be a positive number or 'he', got {weight_scale!r}")
+            raise ValueError(f"weight_scale must be a positive number, 'he' or 'uniform', got {weight_scale!r}")
         std = weight_scale
     return (std * rng.standard_normal(shape)).astype(dtype)
+
+
+def init_bias(rng, size, fan_in, weight_scale, dtype):
+    """Initial biases: zeros, or U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with weight_scale 'uniform'
+    (PyTorch's default, drawn right after the layer's weights)."""
+    if weight_scale == "uniform":
+        bound = 1 / np.sqrt(fan_in)
+        return rng.uniform(-bound, bound, size).astype(dtype)
+    return np.zeros(size, dtype=dtype)
 
 
 class _ReportingDict(dict):

@@ -6,7 +6,7 @@ from ..layers import (affine_backward, affine_bn_relu_backward, affine_bn_relu_f
                       affine_forward, affine_relu_backward, affine_relu_forward,
                       conv_bn_relu_pool_backward, conv_bn_relu_pool_forward, conv_output_shape,
                       conv_relu_pool_backward, conv_relu_pool_forward, pool_output_shape)
-from .base import Model, init_weight
+from .base import Model, init_bias, init_weight
 
 POOL_PARAM = {"pool_height": 2, "pool_width": 2, "stride": 2}
 
@@ -23,7 +23,8 @@ class ThreeLayerConvNet(Model):
     - num_filters, filter_size: conv filters (F) and their width (HH = WW)
     - hidden_dim: units in the hidden affine layer
     - num_classes: scores per example
-    - weight_scale: std of the Gaussian initial weights, or 'he' for sqrt(2 / fan_in)
+    - weight_scale: std of the Gaussian initial weights, 'he' for sqrt(2 / fan_in), or 'uniform'
+      (PyTorch's default: weights and biases U(+-1/sqrt(fan_in)))
     - reg, dtype, bn_mode, comm, seed: see dpnet.models.base.Model
     """
 
@@ -43,11 +44,11 @@ class ThreeLayerConvNet(Model):
         flat = f * h2 * w2
         self.add_param("W1", init_weight(rng, (f, c, filter_size, filter_size), c * filter_size ** 2, weight_scale, dt),
                        1, l2=True)
-        self.add_param("b1", np.zeros(f, dtype=dt), 1)
+        self.add_param("b1", init_bias(rng, f, c * filter_size ** 2, weight_scale, dt), 1)
         self.add_param("W2", init_weight(rng, (flat, hidden_dim), flat, weight_scale, dt), 2, l2=True)
-        self.add_param("b2", np.zeros(hidden_dim, dtype=dt), 2)
+        self.add_param("b2", init_bias(rng, hidden_dim, flat, weight_scale, dt), 2)
         self.add_param("W3", init_weight(rng, (hidden_dim, num_classes), hidden_dim, weight_scale, dt), 3, l2=True)
-        self.add_param("b3", np.zeros(num_classes, dtype=dt), 3)
+        self.add_param("b3", init_bias(rng, num_classes, hidden_dim, weight_scale, dt), 3)
         if use_batchnorm:
             for layer, width in ((1, f), (2, hidden_dim)):
                 self.add_param(f"gamma{layer}", np.ones(width, dtype=dt), layer)

@@ -7,7 +7,7 @@ from ..layers import (conv_bn_relu_backward, conv_bn_relu_forward, conv_bn_relu_
                       conv_relu_forward, conv_relu_pool_backward, conv_relu_pool_forward,
                       pool_output_shape)
 from .affine_stack import affine_stack_backward, affine_stack_forward, init_affine_stack
-from .base import Model, init_weight
+from .base import Model, init_bias, init_weight
 
 POOL_PARAM = {"pool_height": 2, "pool_width": 2, "stride": 2}
 
@@ -26,7 +26,7 @@ class ConvNet(Model):
     - hidden_dims: units in each hidden affine layer
     - num_classes, filter_size, use_batchnorm
     - dropout: keep probability of hidden affine units, in (0, 1]; 1 disables dropout
-    - weight_scale: 'he' (default) or the std of the Gaussian initial weights
+    - weight_scale: 'he' (default), 'uniform' (PyTorch's default) or the std of the Gaussian initial weights
     - reg, dtype, bn_mode, comm, seed: see dpnet.models.base.Model
     """
 
@@ -51,7 +51,7 @@ class ConvNet(Model):
                 _, _, h, w = conv_output_shape((1, c, h, w), (f, c, filter_size, filter_size), self.conv_param)
                 self.add_param(f"W{idx}", init_weight(self.rng, (f, c, filter_size, filter_size),
                                                       c * filter_size ** 2, weight_scale, self.dtype), idx, l2=True)
-                self.add_param(f"b{idx}", np.zeros(f, dtype=self.dtype), idx)
+                self.add_param(f"b{idx}", init_bias(self.rng, f, c * filter_size ** 2, weight_scale, self.dtype), idx)
                 if use_batchnorm:
                     self.add_param(f"gamma{idx}", np.ones(f, dtype=self.dtype), idx)
                     self.add_param(f"beta{idx}", np.zeros(f, dtype=self.dtype), idx)

