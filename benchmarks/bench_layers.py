@@ -11,9 +11,11 @@ In one run, with BLAS pinned to one thread, it measures:
   (b) 64x16x16 input, 64 filters 3x3, pad 1, stride 1;
   as GFLOP/s and as a fraction of the matmul rate, with backward computing dx, dw and db
   (and forward+backward also without dx, as for a first layer);
-- the ThreeLayerConvNet training step (conv 7x7 32 - relu - pool 2 - affine 500 - relu -
-  affine 10, softmax loss, batch 128, float32), a step being model.loss(X, y) and an
-  Adam update of every parameter: images/s and step time;
+- the training steps of ThreeLayerConvNet (conv 7x7 32 - relu - pool 2 - affine 500 - relu -
+  affine 10), the VGG-style ConvNet of the models issue and CIFAR ResNet-20 (softmax loss,
+  batch 128, float32), a step being model.loss(X, y) and an Adam update of every parameter:
+  images/s and step time;
+- dpnet's 3x3 convolutions both ways: im2col ('dpnet') and Winograd F(4x4, 3x3) ('winograd');
 - the same work in PyTorch (torch.set_num_threads(1)) and the ratio dpnet / torch
   (above 1: dpnet is faster).
 Times are medians of ROUNDS x REPEATS runs, dpnet and torch taking turns round by round
@@ -118,12 +120,14 @@ def conv_inputs(shape):
     return x, wt, b, dout
 
 
-def dpnet_conv(shape, compute_dx):
+def dpnet_conv(shape, compute_dx, algorithm="im2col"):
     """A run of dpnet's conv forward then backward: returns (forward s, backward s)."""
     from dpnet.layers import conv_backward, conv_forward
 
     x, w, b, dout = conv_inputs(shape)
-    conv_param = {"stride": 1, "pad": shape[-1]}
+    conv_param = {"stride": 1, "pad": shape[-1], "algorithm": algorithm}
+    if algorithm == "winograd" and shape[4:] != (3, 3, 1):
+        raise ValueError("Winograd takes 3x3 filters, pad 1 only")
 
     def run():
         t0 = time.perf_counter()
@@ -169,44 +173,51 @@ def timed(step):
     return run
 
 
-def dpnet_train_step():
-    """A training step of dpnet's ThreeLayerConvNet with Adam: returns (seconds,)."""
-    from dpnet.models import ThreeLayerConvNet
+VGG_STAGES, VGG_HIDDEN = ((32, 32), (64, 64), (128,)), 256  # the models issue's VGG-style ConvNet
+
+
+def dpnet_model(name, algorithm="im2col"):
+    from dpnet.models import ConvNet, ResNet, ThreeLayerConvNet
+    if name == "threelayer":
+        if algorithm != "im2col":
+            raise ValueError("Winograd takes 3x3 filters; this model's conv is 7x7")
+        return ThreeLayerConvNet(input_dim=(3, 32, 32), num_filters=32, filter_size=7, hidden_dim=500,
+                                 num_classes=10, dtype=np.float32)
+    if name == "convnet":
+        return ConvNet(stages=VGG_STAGES, hidden_dims=(VGG_HIDDEN,), dtype=np.float32, conv_algorithm=algorithm)
+    return ResNet(depth=20, dtype=np.float32, conv_algorithm=algorithm)
+
+
+def dpnet_train_step(name, algorithm="im2col"):
+    """A training step of dpnet's model `name` with Adam on one fused buffer: returns (seconds,)."""
+    from dpnet.flat import FlatParams
     from dpnet.optim import adam
 
     X, y = step_data()
-    model = ThreeLayerConvNet(input_dim=(3, 32, 32), num_filters=32, filter_size=7,
-                              hidden_dim=500, num_classes=10, dtype=np.float32)
-    try:
-        from dpnet.flat import FlatParams
-    except ImportError:
-        FlatParams = None
-    if FlatParams is not None:  # one fused Adam pass over every parameter
-        flat, config = FlatParams(model.params), {"learning_rate": 1e-3}
+    model = dpnet_model(name, algorithm)
+    flat, config = FlatParams(model.params), {"learning_rate": 1e-3}
 
-        def step():
-            _, grads = model.loss(X, y)
-            adam(flat.data, flat.pack_grads(grads), config)
-    else:
-        configs = {name: {"learning_rate": 1e-3} for name in model.params}
-
-        def step():
-            _, grads = model.loss(X, y)
-            for name, w in model.params.items():
-                model.params[name], configs[name] = adam(w, grads[name], configs[name])
+    def step():
+        _, grads = model.loss(X, y)
+        adam(flat.data, flat.pack_grads(grads), config)
 
     return timed(step)
 
 
-def torch_train_step():
-    """A training step of the same network in torch with torch.optim.Adam: returns (seconds,)."""
-    from torch import nn
+def torch_model(name):
+    from torch_models import VGG, CifarResNet, ThreeLayer  # beside this script
+    if name == "threelayer":
+        return ThreeLayer(32, 500, bn=False)
+    if name == "convnet":
+        return VGG(VGG_STAGES, VGG_HIDDEN)
+    return CifarResNet(20)
 
+
+def torch_train_step(name):
+    """A training step of the same network in torch with torch.optim.Adam: returns (seconds,)."""
     X, y = (torch.from_numpy(a) for a in step_data())
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 32, 7, padding=3), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Flatten(), nn.Linear(32 * 16 * 16, 500), nn.ReLU(),
-                          nn.Linear(500, 10))
+    model = torch_model(name)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step():
@@ -227,7 +238,9 @@ def blas_description():
     return "; ".join(libs) or "no BLAS found by threadpoolctl"
 
 
-LIBS = ["dpnet", "torch"] if torch is not None else ["dpnet"]
+LIBS = ["dpnet", "winograd"] + (["torch"] if torch is not None else [])  # winograd: dpnet's, 3x3 only
+CONV_MAKERS = {"dpnet": dpnet_conv, "winograd": lambda shape, dx: dpnet_conv(shape, dx, "winograd"),
+               "torch": torch_conv}
 # label, forward-GEMM equivalents of work, run with dx or without, parts summed
 CONV_ROWS = [("  forward", 1, True, [0]), ("  backward (dx, dw, db)", 2, True, [1]),
              ("  forward + backward", 3, True, [0, 1]), ("  forward + backward, no dx", 2, False, [0, 1])]
@@ -237,13 +250,13 @@ def conv_table(rate):
     head = f"{'conv, float32, N = 128':<36}{'GFLOP':>7}"
     for lib in LIBS:
         head += f" | {lib + ' ms':>9}{'GFLOP/s':>9}{'/matmul':>8}"
-    head += f" | {'dpnet/torch':>11}" if torch is not None else ""
+    head += f" | {'dpnet/torch':>11}{'wino/torch':>11}" if torch is not None else ""
     print(head)
     print("-" * len(head))
     for name, shape in CONV_SHAPES.items():
         builders = {}
         for lib in LIBS:
-            make = dpnet_conv if lib == "dpnet" else torch_conv
+            make = CONV_MAKERS[lib]
             for dx in (True, False):
                 builders[lib, dx] = lambda make=make, dx=dx: make(shape, dx)
         runs, skipped = build(builders)
@@ -262,28 +275,36 @@ def conv_table(rate):
                 gflops = gemms * flop / s / 1e9
                 line += f" | {s * 1e3:>9.1f}{gflops:>9.1f}{gflops / rate:>8.2f}"
             if torch is not None:
-                ratio = seconds["torch"] / seconds["dpnet"] if len(seconds) == 2 else None
-                line += f" | {ratio:>11.2f}" if ratio else f" | {'-':>11}"
+                line += " |"
+                for ours in ("dpnet", "winograd"):
+                    ratio = seconds["torch"] / seconds[ours] if ours in seconds and "torch" in seconds else None
+                    line += f"{ratio:>11.2f}" if ratio else f"{'-':>11}"
             print(line)
 
 
-def step_table():
-    print("ThreeLayerConvNet training step: loss(X, y) + Adam on every parameter, batch 128, float32")
-    builders = {"dpnet": dpnet_train_step}
+STEP_MODELS = {"threelayer": "ThreeLayerConvNet (conv 7x7 32 - relu - pool - affine 500 - relu - affine 10)",
+               "convnet": "VGG-style ConvNet ([conv3x3-BN-ReLU] x2 32, pool, x2 64, pool, x1 128, pool, fc 256, fc 10)",
+               "resnet20": "CIFAR ResNet-20"}
+
+
+def step_table(name):
+    print(f"{STEP_MODELS[name]} training step: loss(X, y) + Adam on every parameter, batch 128, float32")
+    builders = {"dpnet": lambda: dpnet_train_step(name), "winograd": lambda: dpnet_train_step(name, "winograd")}
     if torch is not None:
-        builders["torch"] = torch_train_step
+        builders["torch"] = lambda: torch_train_step(name)
     runs, skipped = build(builders)
     times = measure(runs)
     medians = {}
     for lib in LIBS:
         if lib in skipped:
-            print(f"  {lib:<6} {skipped[lib]}")
+            print(f"  {lib:<8} {skipped[lib]}")
             continue
         medians[lib] = s = float(np.median(times[lib]))
-        print(f"  {lib:<6} {BATCH / s:8.0f} images/s   step {s * 1e3:7.1f} ms "
+        print(f"  {lib:<8} {BATCH / s:8.0f} images/s   step {s * 1e3:7.1f} ms "
               f"(best {times[lib].min() * 1e3:.1f} ms)")
-    if len(medians) == 2:
-        print(f"  dpnet/torch images/s: {medians['torch'] / medians['dpnet']:.2f}")
+    for ours in ("dpnet", "winograd"):
+        if ours in medians and "torch" in medians:
+            print(f"  {ours}/torch images/s: {medians['torch'] / medians[ours]:.2f}")
 
 
 def main():
@@ -295,8 +316,9 @@ def main():
     rate = matmul_rate()
     print(f"numpy float32 matmul 2048^3, best of 7: {rate:.1f} GFLOP/s (= 1.00 in the /matmul columns)\n")
     conv_table(rate)
-    print()
-    step_table()
+    for name in STEP_MODELS:
+        print()
+        step_table(name)
 
 
 if __name__ == "__main__":

@@ -62,3 +62,40 @@ def test_winograd_takes_only_3x3_stride_1_pad_1():
         assert not winograd_applies((1, 3, 8, 8), w_shape, param)
         with pytest.raises(ValueError, match="Winograd F\\(4x4, 3x3\\) takes 3x3 filters with stride 1 and pad 1"):
             winograd_conv_forward(np.zeros((1, 3, 8, 8)), np.zeros(w_shape), None, param)
+
+
+@pytest.mark.parametrize("kind", ["convnet", "resnet"])
+def test_models_with_winograd_equal_im2col(kind):
+    """conv_algorithm='winograd' changes how the 3x3 stride-1 convolutions are computed, not what:
+    float64 losses and gradients agree with im2col's to rounding, one process and 2 simulated
+    ranks with sync batchnorm alike."""
+    from dpnet.models import ConvNet, ResNet
+    from dpnet.parallel import SimComm
+    from tests.parallel_cases import make_dp
+
+    def build(algorithm, **kw):
+        if kind == "convnet":
+            return ConvNet(input_dim=(3, 8, 8), stages=((4, 4), (5,)), hidden_dims=(6,), dtype=np.float64,
+                           reg=0.05, seed=3, conv_algorithm=algorithm, **kw)
+        return ResNet(depth=8, input_dim=(3, 8, 8), widths=(3, 4, 5), dtype=np.float64, reg=0.05, seed=3,
+                      conv_algorithm=algorithm, **kw)
+
+    rng = np.random.default_rng(4)
+    X, y = 2 * rng.standard_normal((6, 3, 8, 8)), rng.integers(0, 10, 6)
+    ref_loss, ref = build("im2col").loss(X, y)
+    loss, grads = build("winograd").loss(X, y)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    for name, g in ref.items():
+        assert np.abs(grads[name] - g).max() <= 1e-10 * max(np.abs(g).max(), 1e-300), name
+
+    def shard(comm):
+        dp = make_dp(build("winograd", bn_mode="sync"), comm, "allreduce")
+        lo, hi = comm.rank * 3, comm.rank * 3 + 3
+        shard_loss, _ = dp.loss(X[lo:hi], y[lo:hi], global_batch_size=6)
+        out = shard_loss, {k: v.copy() for k, v in dp.grads.items()}
+        dp.close()
+        return out
+    for shard_loss, shard_grads in SimComm(2).run(shard):
+        assert shard_loss == pytest.approx(ref_loss, rel=1e-12)
+        for name, g in ref.items():
+            assert np.abs(shard_grads[name] - g).max() <= 1e-10 * max(np.abs(g).max(), 1e-300), name

@@ -18,6 +18,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ._validate import require_ndim, require_nonnegative_int, require_positive_int
+from .winograd import winograd_conv_backward, winograd_conv_forward
 
 # Bytes of column matrix per block of images: a few images, about two L2 caches' worth.
 COLUMN_BLOCK_BYTES = 2 << 20
@@ -120,11 +121,19 @@ def conv_forward(x, w, b, conv_param):
     - x: images, (N, C, H, W)
     - w: filters, (F, C, HH, WW)
     - b: biases, (F,), or None for a convolution without bias (one that batchnorm follows)
-    - conv_param: dict with 'stride' (positive int) and 'pad' (zeros added on every side)
+    - conv_param: dict with 'stride' (positive int) and 'pad' (zeros added on every side), and
+      optionally 'algorithm': 'im2col' (the default) or 'winograd' (3x3 filters, stride 1, pad 1
+      only: dpnet.layers.winograd; equal to im2col up to rounding)
 
     Returns (out, cache): out is (N, F, H_out, W_out) with
       H_out = 1 + (H + 2 * pad - HH) / stride,  W_out = 1 + (W + 2 * pad - WW) / stride.
     """
+    algorithm = conv_param.get("algorithm", "im2col")
+    if algorithm == "winograd":
+        out, cache = winograd_conv_forward(x, w, b, conv_param)
+        return out, ("winograd", cache)
+    if algorithm != "im2col":
+        raise ValueError(f"conv_param['algorithm'] must be 'im2col' or 'winograd', got {algorithm!r}")
     stride, pad, h_out, w_out = conv_output_shape(x.shape, w.shape, conv_param)
     if b is not None and np.shape(b) != (w.shape[0],):
         raise ValueError(f"b must have shape ({w.shape[0]},) to match w, got {b.shape}")
@@ -158,6 +167,8 @@ def conv_backward(dout, cache, compute_dx=True):
     Returns (dx, dw, db) with the shapes of x, w and b (db: the gradient a bias would have,
     also for a convolution without one).
     """
+    if isinstance(cache[0], str):  # ("winograd", its cache)
+        return winograd_conv_backward(dout, cache[1], compute_dx)
     x, w, conv_param = cache
     stride, pad, h_out, w_out = conv_output_shape(x.shape, w.shape, conv_param)
     n, c, _, wd = x.shape

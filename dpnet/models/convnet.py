@@ -28,11 +28,12 @@ class ConvNet(Model):
     - dropout: keep probability of hidden affine units, in (0, 1]; 1 disables dropout
     - weight_scale: 'he' (default), 'uniform' (PyTorch's default) or the std of the Gaussian initial weights
     - reg, dtype, bn_mode, comm, seed: see dpnet.models.base.Model
+    - conv_algorithm: 'im2col' or 'winograd' (3x3 filters only; see dpnet.layers.conv_forward)
     """
 
     def __init__(self, input_dim=(3, 32, 32), stages=((32, 32), (64, 64)), hidden_dims=(256,),
                  num_classes=10, filter_size=3, use_batchnorm=True, dropout=1.0, weight_scale="he",
-                 reg=0.0, dtype=np.float32, bn_mode="local", comm=None, seed=0):
+                 reg=0.0, dtype=np.float32, bn_mode="local", comm=None, seed=0, conv_algorithm="im2col"):
         super().__init__(reg=reg, dtype=dtype, bn_mode=bn_mode, comm=comm, seed=seed)
         self.num_classes = num_classes
         if not 0 < dropout <= 1:
@@ -42,6 +43,8 @@ class ConvNet(Model):
         self.input_dim = tuple(input_dim)
         self.use_batchnorm = use_batchnorm
         self.conv_param = {"stride": 1, "pad": (filter_size - 1) // 2}
+        if conv_algorithm == "winograd" and filter_size == 3:  # Winograd takes 3x3, stride 1, pad 1
+            self.conv_param["algorithm"] = "winograd"
         self.pool_after = []  # per conv layer: is it the last of its stage?
         c, h, w = input_dim
         idx = 0

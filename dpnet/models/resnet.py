@@ -31,10 +31,11 @@ class ResNet(Model):
     - input_dim: (C, H, W); widths: the three stages' channels; num_classes
     - weight_scale: 'he' (default) or the std of the Gaussian initial weights
     - reg, dtype, bn_mode, comm, seed: see dpnet.models.base.Model
+    - conv_algorithm: 'im2col' or 'winograd' for the stride-1 convolutions (dpnet.layers.conv_forward)
     """
 
     def __init__(self, depth=20, input_dim=(3, 32, 32), widths=(16, 32, 64), num_classes=10, weight_scale="he",
-                 reg=0.0, dtype=np.float32, bn_mode="local", comm=None, seed=0):
+                 reg=0.0, dtype=np.float32, bn_mode="local", comm=None, seed=0, conv_algorithm="im2col"):
         super().__init__(reg=reg, dtype=dtype, bn_mode=bn_mode, comm=comm, seed=seed)
         self.num_classes = num_classes
         if depth < 8 or (depth - 2) % 6:
@@ -42,6 +43,7 @@ class ResNet(Model):
         if len(widths) != 3 or min(widths) < 1:
             raise ValueError(f"widths must be three positive channel counts, got {widths!r}")
         self.input_dim, self.depth = tuple(input_dim), depth
+        self.conv_algorithm = conv_algorithm  # for the stride-1 convolutions (Winograd takes only those)
         blocks_per_stage = (depth - 2) // 6
         self.blocks = []  # (stride, in channels, out channels) of every block
         c = widths[0]
@@ -74,11 +76,11 @@ class ResNet(Model):
         """conv3x3 (pad 1, `stride`) - BN - ReLU. With stride 2 on an even size the padded
         rows and columns do not tile: as in PyTorch, the last padded row and column are never
         read, so the input gets its zero row and column before (top, left) only."""
-        p, pad = self.params, 1
+        p, conv_param = self.params, {"stride": 1, "pad": 1, "algorithm": self.conv_algorithm}
         if stride > 1:
-            x, pad = np.pad(x, ((0, 0), (0, 0), (1, 0), (1, 0))), 0
+            x, conv_param = np.pad(x, ((0, 0), (0, 0), (1, 0), (1, 0))), {"stride": stride, "pad": 0}
         out, cache = conv_bn_relu_forward(x, p[f"W{i}"], None, p[f"gamma{i}"], p[f"beta{i}"],
-                                          {"stride": stride, "pad": pad}, self.bn_params[i - 1], self.bn_comm)
+                                          conv_param, self.bn_params[i - 1], self.bn_comm)
         return out, (cache, stride > 1)
 
     @staticmethod
@@ -95,7 +97,7 @@ class ResNet(Model):
         for b, (stride, c_in, f) in enumerate(self.blocks):
             i = 2 * b + 2
             a, a_cache = self._conv_bn_relu(x, i, stride)
-            z, conv_cache = conv_forward(a, p[f"W{i + 1}"], None, {"stride": 1, "pad": 1})
+            z, conv_cache = conv_forward(a, p[f"W{i + 1}"], None, {"stride": 1, "pad": 1, "algorithm": self.conv_algorithm})
             z, bn_cache = spatial_batchnorm_forward(z, p[f"gamma{i + 1}"], p[f"beta{i + 1}"], self.bn_params[i], comm)
             shortcut, sc_cache = (shortcut_forward(x, f, stride) if stride != 1 or c_in != f else (x, None))
             x, add_cache = residual_relu_forward(z, shortcut)

@@ -35,6 +35,7 @@ class TrainConfig:
     stages: str = "32,32/64,64"
     seed: int = 0
     dtype: str = "float32"
+    conv_algorithm: str = "im2col"
     augment: bool = True
     threads: Optional[int] = None
     checkpoint: str = "dpnet_run/checkpoint.h5"
@@ -82,6 +83,9 @@ OPTION_HELP = {
               "/, each stage ending in a 2x2 max pool (e.g. 32,32/64,64/128)",
     "seed": "seeds initialisation, shuffling, and (with the rank) augmentation and dropout",
     "dtype": "dtype of parameters and activations",
+    "conv_algorithm": "how the 3x3 stride-1 convolutions of convnet and the resnets are computed: im2col, or "
+                      "winograd (F(4x4, 3x3): fewer multiplies, float32 results differ from im2col's in the "
+                      "rounding, about 1e-5)",
     "augment": "random crop + horizontal flip of training images",
     "threads": "BLAS threads per rank (default: cores / ranks on this node)",
     "checkpoint": "HDF5 file written atomically after every epoch and at the end ('': none)",
@@ -103,7 +107,7 @@ OPTION_HELP = {
 CHOICES = {"model": ("threelayer", "convnet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"),
            "bn_mode": ("none", "local", "sync"),
            "lr_schedule": ("cosine", "step"), "lr_scaling": ("none", "linear"), "optimizer": tuple(OPTIMIZERS),
-           "dtype": ("float32", "float64"), "reduction": REDUCTIONS}
+           "dtype": ("float32", "float64"), "conv_algorithm": ("im2col", "winograd"), "reduction": REDUCTIONS}
 
 
 class ConfigError(ValueError):

@@ -154,9 +154,10 @@ def build_model(config, comm):
                                  seed=config.seed)
     if config.model.startswith("resnet"):
         return ResNet(depth=RESNET_DEPTHS[config.model], reg=config.reg, dtype=dtype, bn_mode=bn_mode, comm=comm,
-                      seed=config.seed)
+                      seed=config.seed, conv_algorithm=config.conv_algorithm)
     return ConvNet(stages=parse_stages(config.stages), hidden_dims=(config.hidden_dim,), reg=config.reg, dtype=dtype,
-                   use_batchnorm=use_bn, weight_scale=init, bn_mode=bn_mode, comm=comm, seed=config.seed)
+                   use_batchnorm=use_bn, weight_scale=init, bn_mode=bn_mode, comm=comm, seed=config.seed,
+                   conv_algorithm=config.conv_algorithm)
 
 
 def evaluate(model, comm, x, y, to_input):
