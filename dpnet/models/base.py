@@ -89,6 +89,7 @@ class Model:
         self.params = {}
         self._layer, self._l2 = {}, set()  # what add_param declared: layer numbers, L2 parameters
         self.bn_params = []
+        self.conv_algorithms = {}  # layer -> 'im2col' or 'winograd', for the layers of conv_layers()
         self.dropout_param = None
 
     def add_param(self, name, value, layer, l2=False):
@@ -98,6 +99,19 @@ class Model:
         self._layer[name] = layer
         if l2:
             self._l2.add(name)
+
+    def conv_layers(self):
+        """The convolutions whose algorithm can be chosen: (layer, input shape (C, H, W) per
+        image, filter shape, conv_param) each; dpnet.autotune measures them."""
+        return []
+
+    def set_conv_algorithms(self, choices):
+        """Use algorithm choices[layer] ('im2col' or 'winograd') for the layers of conv_layers()."""
+        known = {layer for layer, *_ in self.conv_layers()}
+        unknown = sorted(set(choices) - known)
+        if unknown:
+            raise ValueError(f"no choosable convolution at layer(s) {unknown}; the model's are {sorted(known)}")
+        self.conv_algorithms.update(choices)
 
     def add_bn_param(self, channels):
         """Append the state of one batchnorm layer over `channels` channels to bn_params."""

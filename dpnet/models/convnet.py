@@ -28,7 +28,8 @@ class ConvNet(Model):
     - dropout: keep probability of hidden affine units, in (0, 1]; 1 disables dropout
     - weight_scale: 'he' (default), 'uniform' (PyTorch's default) or the std of the Gaussian initial weights
     - reg, dtype, bn_mode, comm, seed: see dpnet.models.base.Model
-    - conv_algorithm: 'im2col' or 'winograd' (3x3 filters only; see dpnet.layers.conv_forward)
+    - conv_algorithm: 'im2col' or 'winograd' for every conv (3x3 filters only; see
+      dpnet.layers.conv_forward); set_conv_algorithms chooses layer by layer
     """
 
     def __init__(self, input_dim=(3, 32, 32), stages=((32, 32), (64, 64)), hidden_dims=(256,),
@@ -43,14 +44,14 @@ class ConvNet(Model):
         self.input_dim = tuple(input_dim)
         self.use_batchnorm = use_batchnorm
         self.conv_param = {"stride": 1, "pad": (filter_size - 1) // 2}
-        if conv_algorithm == "winograd" and filter_size == 3:  # Winograd takes 3x3, stride 1, pad 1
-            self.conv_param["algorithm"] = "winograd"
+        self.conv_shapes = {}  # layer -> (input (C, H, W), filter shape)
         self.pool_after = []  # per conv layer: is it the last of its stage?
         c, h, w = input_dim
         idx = 0
         for stage in stages:
             for j, f in enumerate(stage):
                 idx += 1
+                self.conv_shapes[idx] = ((c, h, w), (f, c, filter_size, filter_size))
                 _, _, h, w = conv_output_shape((1, c, h, w), (f, c, filter_size, filter_size), self.conv_param)
                 self.add_param(f"W{idx}", init_weight(self.rng, (f, c, filter_size, filter_size),
                                                       c * filter_size ** 2, weight_scale, self.dtype), idx, l2=True)
@@ -65,10 +66,21 @@ class ConvNet(Model):
                     _, _, _, h, w = pool_output_shape((1, f, h, w), POOL_PARAM)
                 c = f
         self.num_conv = idx
+        if conv_algorithm != "im2col":
+            self.set_conv_algorithms({layer: conv_algorithm for layer, *_ in self.conv_layers()})
         self.num_hidden = len(hidden_dims)
         init_affine_stack(self, idx + 1, c * h * w, hidden_dims, num_classes, weight_scale, use_batchnorm)
         if dropout < 1:
             self.dropout_param = {"mode": "train", "p": dropout, "rng": self.rng}
+
+    def conv_layers(self):
+        from ..layers.winograd import winograd_applies
+        if not winograd_applies(None, (1, 1, *self.conv_shapes[1][1][2:]), self.conv_param):
+            return []  # only im2col can compute these
+        return [(i, x_shape, w_shape, self.conv_param) for i, (x_shape, w_shape) in self.conv_shapes.items()]
+
+    def _conv_param(self, i):
+        return {**self.conv_param, "algorithm": self.conv_algorithms.get(i, "im2col")}
 
     def _check_input(self, X):
         if np.ndim(X) != 4 or tuple(np.shape(X)[1:]) != self.input_dim:
@@ -81,12 +93,12 @@ class ConvNet(Model):
             w, b = p[f"W{i}"], p[f"b{i}"]
             pool = self.pool_after[i - 1]
             if self.use_batchnorm:
-                args = (x, w, b, p[f"gamma{i}"], p[f"beta{i}"], self.conv_param, self.bn_params[i - 1])
+                args = (x, w, b, p[f"gamma{i}"], p[f"beta{i}"], self._conv_param(i), self.bn_params[i - 1])
                 x, cache = (conv_bn_relu_pool_forward(*args, POOL_PARAM, comm) if pool
                             else conv_bn_relu_forward(*args, comm))
             else:
-                x, cache = (conv_relu_pool_forward(x, w, b, self.conv_param, POOL_PARAM) if pool
-                            else conv_relu_forward(x, w, b, self.conv_param))
+                x, cache = (conv_relu_pool_forward(x, w, b, self._conv_param(i), POOL_PARAM) if pool
+                            else conv_relu_forward(x, w, b, self._conv_param(i)))
             caches.append(cache)
         bn_offset = self.num_conv if self.use_batchnorm else 0
         scores, head_caches = affine_stack_forward(self, x, self.num_conv + 1, self.num_hidden, bn_offset)

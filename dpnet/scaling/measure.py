@@ -34,8 +34,22 @@ IMAGES = [8, 16, 32, 64, 128]
 QUICK_SIZES, QUICK_IMAGES = [4 << 10, 256 << 10, 4 << 20], [8, 32]
 
 
+def cache_file(name, env):
+    """$env, or ~/.cache/dpnet/<name>: where dpnet keeps what it measured of this machine."""
+    return os.environ.get(env) or os.path.join(os.path.expanduser("~"), ".cache", "dpnet", name)
+
+
+def cpuinfo(field):
+    """The first value of `field` in /proc/cpuinfo, or None (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith(field)), None)
+    except OSError:
+        return None
+
+
 def default_path():
-    return os.environ.get(FIT_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "dpnet", "scaling.json")
+    return cache_file("scaling.json", FIT_ENV)
 
 
 def machine():
@@ -43,13 +57,10 @@ def machine():
     import numpy  # noqa: F401  (loads the BLAS threadpoolctl reports)
     from threadpoolctl import threadpool_info
 
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
+    cpu = cpuinfo("model name")
+    if cpu is None:
         import platform
-        cpu = platform.processor() or cpu
+        cpu = platform.processor() or "unknown CPU"
     blas = next((i for i in threadpool_info() if i.get("user_api") == "blas"), {})
     return {"cpu": cpu, "blas": " ".join(str(blas.get(k, "?")) for k in ("internal_api", "architecture", "version"))}
 

@@ -83,9 +83,10 @@ OPTION_HELP = {
               "/, each stage ending in a 2x2 max pool (e.g. 32,32/64,64/128)",
     "seed": "seeds initialisation, shuffling, and (with the rank) augmentation and dropout",
     "dtype": "dtype of parameters and activations",
-    "conv_algorithm": "how the 3x3 stride-1 convolutions of convnet and the resnets are computed: im2col, or "
+    "conv_algorithm": "how the 3x3 stride-1 convolutions of convnet and the resnets are computed: im2col, "
                       "winograd (F(4x4, 3x3): fewer multiplies, float32 results differ from im2col's in the "
-                      "rounding, about 1e-5)",
+                      "rounding, about 1e-5), or auto: the faster for each layer, measured once on this machine "
+                      "and cached (not reproducible across machines)",
     "augment": "random crop + horizontal flip of training images",
     "threads": "BLAS threads per rank (default: cores / ranks on this node)",
     "checkpoint": "HDF5 file written atomically after every epoch and at the end ('': none)",
@@ -107,7 +108,7 @@ OPTION_HELP = {
 CHOICES = {"model": ("threelayer", "convnet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"),
            "bn_mode": ("none", "local", "sync"),
            "lr_schedule": ("cosine", "step"), "lr_scaling": ("none", "linear"), "optimizer": tuple(OPTIMIZERS),
-           "dtype": ("float32", "float64"), "conv_algorithm": ("im2col", "winograd"), "reduction": REDUCTIONS}
+           "dtype": ("float32", "float64"), "conv_algorithm": ("im2col", "winograd", "auto"), "reduction": REDUCTIONS}
 
 
 class ConfigError(ValueError):

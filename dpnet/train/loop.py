@@ -148,16 +148,17 @@ def build_model(config, comm):
     # blow up the first steps and leave most hidden units dead (ThreeLayerConvNet, CIFAR-10 subset,
     # 10 epochs, seeds 0 and 1: 43.1% and 44.4% with He, 49.3% and 51.0% with this)
     init = "he" if use_bn else "uniform"
+    fixed_algorithm = "im2col" if config.conv_algorithm == "auto" else config.conv_algorithm  # auto: Trainer tunes
     if config.model == "threelayer":
         return ThreeLayerConvNet(hidden_dim=config.hidden_dim, weight_scale=init, reg=config.reg,
                                  dtype=dtype, use_batchnorm=use_bn, bn_mode=bn_mode, comm=comm,
                                  seed=config.seed)
     if config.model.startswith("resnet"):
         return ResNet(depth=RESNET_DEPTHS[config.model], reg=config.reg, dtype=dtype, bn_mode=bn_mode, comm=comm,
-                      seed=config.seed, conv_algorithm=config.conv_algorithm)
+                      seed=config.seed, conv_algorithm=fixed_algorithm)
     return ConvNet(stages=parse_stages(config.stages), hidden_dims=(config.hidden_dim,), reg=config.reg, dtype=dtype,
                    use_batchnorm=use_bn, weight_scale=init, bn_mode=bn_mode, comm=comm, seed=config.seed,
-                   conv_algorithm=config.conv_algorithm)
+                   conv_algorithm=fixed_algorithm)
 
 
 def evaluate(model, comm, x, y, to_input):
@@ -223,6 +224,8 @@ class Trainer:
 
         on_every_rank(comm, lambda: check_outputs(config) if comm.rank == 0 else None)  # rank 0 writes them
         self.model = build_model(config, comm)
+        self.threads = blas_threads(config, comm)
+        self.conv_choices = self._tune_convolutions() if config.conv_algorithm == "auto" else None
         try:
             self.dp = DataParallel(self.model, comm, seed=config.seed, check_every=config.check_every,
                                    timeout=config.timeout, bucket_bytes=int(config.bucket_mb * 2**20) or None,
@@ -241,13 +244,19 @@ class Trainer:
         self.step = 0
         if config.resume:
             self._resume()
-        self.threads = blas_threads(config, comm)
         # the scaling model's per-step prediction for this layout: the same for every epoch
         self.prediction = run_prediction(config, self.dp, comm.size, self.threads)
         self.say(f"dpnet {__version__}: {config.model} (bn {config.bn_mode}), {comm.size} rank(s) x {self.threads} "
                  f"BLAS thread(s); {source}: {len(self.x_train)} train / {len(self.x_val)} val / "
                  f"{len(self.data['x_test'])} test; "
                  f"{self.epochs} epochs of {self.per_epoch} steps, global batch {config.batch_size}")
+        if self.conv_choices is not None:
+            choices, measured, path = self.conv_choices
+            by_algorithm = {a: sorted(l for l, c in choices.items() if c == a) for a in sorted(set(choices.values()))}
+            self.say("convolutions (--conv-algorithm auto): "
+                     + ("; ".join(f"{a} for layer(s) {', '.join(map(str, ls))}" for a, ls in by_algorithm.items())
+                        or "none to choose for this model")
+                     + f" ({measured} layer shape(s) measured now, the rest from {path})")
         if comm.size > 1:
             why = self.dp.why_not_shared_memory
             fallback = f" (shared memory unavailable: {why})" if why else ""
@@ -256,6 +265,24 @@ class Trainer:
         self.metrics_file = None
         if comm.rank == 0 and config.metrics:
             self.metrics_file = MetricsLog(config.metrics, append=bool(config.resume))
+
+    def _tune_convolutions(self):
+        """--conv-algorithm auto: rank 0 picks each convolution's algorithm (measured once per
+        machine, then cached: dpnet.autotune) at this run's images per rank; every rank uses its
+        choices. Returns (choices, layers measured now, cache file)."""
+        from threadpoolctl import threadpool_limits
+
+        from ..autotune import ConvTuner, tune_model
+        comm = self.comm
+        found = None
+        if comm.rank == 0:
+            tuner = ConvTuner()
+            with threadpool_limits(self.threads, user_api="blas"):
+                choices = tune_model(self.model, math.ceil(self.config.batch_size / comm.size), tuner, self.threads)
+            found = (choices, tuner.measured, tuner.path)
+        found = comm.bcast_obj(found)
+        self.model.set_conv_algorithms(found[0])
+        return found
 
     def _resume(self):
         config, comm = self.config, self.comm

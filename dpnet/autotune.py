@@ -1,0 +1,114 @@
+"""Choosing each convolution's algorithm by measuring it on this machine, once (`--conv-algorithm auto`).
+
+Which of im2col and Winograd F(4x4, 3x3) is faster depends on the layer (channels, image size,
+images per rank) and on the machine (its BLAS kernels, AVX2 or AVX-512), so nothing here is a
+constant: for each layer signature (input and filter shapes, stride, pad, dtype, images, BLAS
+threads) both algorithms run forward and backward on random data (the median of REPEATS runs
+after a warm-up), the faster wins, and the choice is saved in a cache file under a key naming
+the CPU, its vector extensions and the BLAS library and kernel, so a machine never uses another's
+choices. The cache is ~/.cache/dpnet/autotune.json, or $DPNET_AUTOTUNE_CACHE. A fixed
+`--conv-algorithm im2col` or `winograd` measures nothing: the reproducible choice.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+
+from .atomic import atomic_path
+
+CACHE_ENV = "DPNET_AUTOTUNE_CACHE"
+REPEATS = 3
+ALGORITHMS = ("im2col", "winograd")
+
+
+def default_path():
+    from .scaling.measure import cache_file
+    return cache_file("autotune.json", CACHE_ENV)
+
+
+def machine_key():
+    """The CPU model, its widest vector extension and the BLAS library and kernel."""
+    from .scaling.measure import cpuinfo
+    from .scaling.measure import machine_key as cpu_and_blas
+    flags = f" {cpuinfo('flags') or ''} "
+    vector = "avx512f" if " avx512f " in flags else "avx2" if " avx2 " in flags else "other"
+    return f"{cpu_and_blas()} | {vector}"
+
+
+def applicable(w_shape, conv_param):
+    """The algorithms that can compute this convolution."""
+    from .layers.winograd import winograd_applies
+    return [a for a in ALGORITHMS if a == "im2col" or winograd_applies(None, w_shape, conv_param)]
+
+
+def signature(x_shape, w_shape, conv_param, dtype, threads):
+    return (f"x{tuple(x_shape)} w{tuple(w_shape)} stride {conv_param['stride']} pad {conv_param['pad']} "
+            f"{np.dtype(dtype).name} threads {threads}")
+
+
+def time_conv(algorithm, x_shape, w_shape, conv_param, dtype, repeats=REPEATS):
+    """Median seconds of one forward + backward (dx, dw, db) of `algorithm` on random data."""
+    from .layers import conv_backward, conv_forward
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = (rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))).astype(dtype)
+    param = {**conv_param, "algorithm": algorithm}
+    out, cache = conv_forward(x, w, None, param)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    conv_backward(dout, cache)  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _, cache = conv_forward(x, w, None, param)
+        conv_backward(dout, cache)
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds))
+
+
+class ConvTuner:
+    """choose(x_shape, w_shape, conv_param, dtype, threads) -> the faster algorithm, measured
+    once per signature and machine and remembered in the cache file at `path`."""
+
+    def __init__(self, path=None, measure=time_conv):
+        self.path, self.measure = path or default_path(), measure
+        self.key = machine_key()
+        self.measured = 0  # signatures measured (not found in the cache) by this tuner
+
+    def _load(self):
+        try:
+            with open(self.path) as fh:
+                cache = json.load(fh)
+            return cache if isinstance(cache, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def choose(self, x_shape, w_shape, conv_param, dtype, threads=1):
+        candidates = applicable(w_shape, conv_param)
+        if len(candidates) == 1:
+            return candidates[0]
+        sig = signature(x_shape, w_shape, conv_param, dtype, threads)
+        cache = self._load()
+        known = cache.get(self.key, {}).get(sig)
+        if known and known.get("choice") in candidates:
+            return known["choice"]
+        seconds = {a: self.measure(a, x_shape, w_shape, conv_param, dtype) for a in candidates}
+        choice = min(seconds, key=seconds.get)
+        self.measured += 1
+        cache = self._load()  # another process may have written meanwhile
+        cache.setdefault(self.key, {})[sig] = {"choice": choice, "seconds": seconds}
+        try:
+            with atomic_path(self.path) as tmp, open(tmp, "w") as fh:
+                json.dump(cache, fh, indent=1, sort_keys=True)
+        except OSError:
+            pass  # an unwritable cache costs a measurement next time, nothing else
+        return choice
+
+
+def tune_model(model, images, tuner=None, threads=1):
+    """{layer: algorithm} for the convolutions of `model` (model.conv_layers()) at `images`
+    images per forward pass."""
+    tuner = tuner or ConvTuner()
+    return {layer: tuner.choose((images, *in_shape), w_shape, conv_param, model.dtype, threads)
+            for layer, in_shape, w_shape, conv_param in model.conv_layers()}

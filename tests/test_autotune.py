@@ -1,0 +1,68 @@
+"""dpnet.autotune: each convolution's algorithm measured once per machine and layer shape, then
+read from the cache; and --conv-algorithm auto in a run."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dpnet.autotune import ConvTuner, applicable, machine_key, tune_model
+from dpnet.models import ConvNet, ResNet, ThreeLayerConvNet
+from tests.train_helpers import TINY, cifar_dir, clean_env, run_ok  # noqa: F401
+
+
+def fake_timer(winner, calls):
+    """A measurement in which `winner` is faster, counting its calls."""
+    def measure(algorithm, x_shape, w_shape, conv_param, dtype):
+        calls.append((algorithm, x_shape))
+        return 1.0 if algorithm == winner else 2.0
+    return measure
+
+
+def test_the_faster_algorithm_is_chosen_once_then_read_from_the_cache(tmp_path):
+    path = str(tmp_path / "autotune.json")
+    model = ConvNet(input_dim=(3, 8, 8), stages=((4, 4), (5,)), hidden_dims=(6,))
+    calls = []
+    choices = tune_model(model, 16, ConvTuner(path, fake_timer("winograd", calls)))
+    assert choices == {1: "winograd", 2: "winograd", 3: "winograd"}
+    assert len(calls) == 6  # 3 layer shapes x 2 algorithms
+    stored = json.load(open(path))
+    assert list(stored) == [machine_key()] and len(stored[machine_key()]) == 3
+    again = ConvTuner(path, fake_timer("im2col", calls))  # the cache answers: nothing measured
+    assert tune_model(model, 16, again) == choices and again.measured == 0 and len(calls) == 6
+    other = ConvTuner(path, fake_timer("im2col", calls))  # another batch size is another shape
+    assert set(tune_model(model, 32, other).values()) == {"im2col"} and other.measured == 3
+
+
+def test_only_layers_winograd_can_compute_are_choosable():
+    assert ThreeLayerConvNet().conv_layers() == []  # 7x7
+    resnet = ResNet(depth=8)
+    layers = [layer for layer, *_ in resnet.conv_layers()]
+    assert layers == [1, 2, 3, 5, 7]  # the stride-2 convs (4, 6) are im2col's
+    assert applicable((4, 3, 3, 3), {"stride": 2, "pad": 1}) == ["im2col"]
+    with pytest.raises(ValueError, match=r"no choosable convolution at layer\(s\) \[4\]"):
+        resnet.set_conv_algorithms({4: "winograd"})
+
+
+def test_a_real_measurement_gives_a_choice(tmp_path):
+    tuner = ConvTuner(str(tmp_path / "c.json"))
+    choice = tuner.choose((4, 8, 8, 8), (8, 8, 3, 3), {"stride": 1, "pad": 1}, np.float32)
+    assert choice in ("im2col", "winograd") and tuner.measured == 1
+    seconds = json.load(open(tmp_path / "c.json"))[machine_key()]
+    assert all(set(v["seconds"]) == {"im2col", "winograd"} and v["seconds"][v["choice"]] == min(v["seconds"].values())
+               for v in seconds.values())
+
+
+def test_conv_algorithm_auto_in_a_run(cifar_dir, tmp_path):
+    cache = tmp_path / "autotune.json"
+    args = ["--data", cifar_dir, *TINY, "--model", "convnet", "--stages", "8/16", "--max-steps", "2",
+            "--conv-algorithm", "auto"]
+    env = clean_env(DPNET_AUTOTUNE_CACHE=str(cache))
+    first = run_ok(args, tmp_path, 2, env=env)
+    said = [line for line in first.lines if line.startswith("convolutions (--conv-algorithm auto): ")]
+    assert len(said) == 1 and said[0].endswith(f"(2 layer shape(s) measured now, the rest from {cache})"), str(first)
+    (tmp_path / "again").mkdir()
+    second = run_ok(args, tmp_path / "again", 2, env=env)
+    assert f"(0 layer shape(s) measured now, the rest from {cache})" in second.stdout, str(second)
+    assert os.path.exists(cache)
