@@ -15,7 +15,8 @@ In one run, with BLAS pinned to one thread, it measures:
   affine 10), the VGG-style ConvNet of the models issue and CIFAR ResNet-20 (softmax loss,
   batch 128, float32), a step being model.loss(X, y) and an Adam update of every parameter:
   images/s and step time;
-- dpnet's 3x3 convolutions both ways: im2col ('dpnet') and Winograd F(4x4, 3x3) ('winograd');
+- dpnet's 3x3 convolutions both ways: im2col ('dpnet') and Winograd F(4x4, 3x3) ('winograd'),
+  and for the steps also each layer's faster one on this machine ('auto', dpnet.autotune);
 - the same work in PyTorch (torch.set_num_threads(1)) and the ratio dpnet / torch
   (above 1: dpnet is faster).
 Times are medians of ROUNDS x REPEATS runs, dpnet and torch taking turns round by round
@@ -194,7 +195,13 @@ def dpnet_train_step(name, algorithm="im2col"):
     from dpnet.optim import adam
 
     X, y = step_data()
-    model = dpnet_model(name, algorithm)
+    model = dpnet_model(name, "im2col" if algorithm == "auto" else algorithm)
+    if algorithm == "auto":  # each layer's faster algorithm on this machine (measured once, cached)
+        from dpnet.autotune import tune_model
+        choices = tune_model(model, BATCH)
+        if "winograd" not in choices.values():
+            raise ValueError(f"auto chose im2col for every layer ({len(choices)}): the same as dpnet's")
+        model.set_conv_algorithms(choices)
     flat, config = FlatParams(model.params), {"learning_rate": 1e-3}
 
     def step():
@@ -289,20 +296,21 @@ STEP_MODELS = {"threelayer": "ThreeLayerConvNet (conv 7x7 32 - relu - pool - aff
 
 def step_table(name):
     print(f"{STEP_MODELS[name]} training step: loss(X, y) + Adam on every parameter, batch 128, float32")
-    builders = {"dpnet": lambda: dpnet_train_step(name), "winograd": lambda: dpnet_train_step(name, "winograd")}
+    builders = {"dpnet": lambda: dpnet_train_step(name), "winograd": lambda: dpnet_train_step(name, "winograd"),
+                "auto": lambda: dpnet_train_step(name, "auto")}
     if torch is not None:
         builders["torch"] = lambda: torch_train_step(name)
     runs, skipped = build(builders)
     times = measure(runs)
     medians = {}
-    for lib in LIBS:
+    for lib in ["dpnet", "winograd", "auto"] + LIBS[2:]:
         if lib in skipped:
             print(f"  {lib:<8} {skipped[lib]}")
             continue
         medians[lib] = s = float(np.median(times[lib]))
         print(f"  {lib:<8} {BATCH / s:8.0f} images/s   step {s * 1e3:7.1f} ms "
               f"(best {times[lib].min() * 1e3:.1f} ms)")
-    for ours in ("dpnet", "winograd"):
+    for ours in ("dpnet", "winograd", "auto"):
         if ours in medians and "torch" in medians:
             print(f"  {ours}/torch images/s: {medians['torch'] / medians[ours]:.2f}")
 
