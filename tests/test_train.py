@@ -1055,3 +1055,13 @@ def test_convnet_layout_from_the_command_line(cifar_dir, tmp_path):
     resumed = run_ok(["--data", cifar_dir, "--no-progress", "--resume", CKPT], tmp_path)
     assert resumed.lines[0].startswith(f"resumed from {CKPT} at step 2 "), str(resumed)
     assert read_checkpoint(tmp_path / CKPT)["params"]["W3"].shape == (16, 16, 3, 3)
+
+
+def test_a_rank_that_calls_sys_exit_ends_the_job_named(cifar_dir, tmp_path):
+    """sys.exit(3) on rank 1 mid-run: the job ends at once with status 3, and rank 1 says so (a
+    process that ends by os._exit is named by dpnet.launch, see tests/test_launch.py)."""
+    run = run_train(base_args(cifar_dir, "--epochs", "2", "--timeout", "60"), tmp_path, 2,
+                    env=clean_env(DPNET_FAULT="1:3:sys-exit"), timeout=40)
+    assert run.returncode == 3, str(run)
+    assert "[rank 1] exited with status 3 (sys.exit), aborting all 2 ranks" in run.stderr, str(run)
+    assert run.seconds < 20, str(run)

@@ -134,7 +134,17 @@ def main(argv=None):
         comm = get_comm()
         if comm.size > 1:
             install_abort_hook(comm)
-        return _status(train(config, comm))
+        try:
+            return _status(train(config, comm))
+        except SystemExit as exc:  # sys.exit on one rank mid-run: the others would wait for it
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if comm.size > 1 and code != 0:
+                sys.stderr.write(f"[rank {comm.rank}] exited with status {code} (sys.exit), aborting all "
+                                 f"{comm.size} ranks\n")
+                sys.stderr.flush()
+                time.sleep(ABORT_GRACE_SECONDS)
+                comm.abort(code)
+            raise
     except (ConfigError, DataError, CheckpointError, StartupError) as exc:
         if launcher_rank() == 0:
             print(f"python -m dpnet.train: error: {exc}", file=sys.stderr)

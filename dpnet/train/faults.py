@@ -1,6 +1,7 @@
 """Fault injection for the tests: DPNET_FAULT=RANK:STEP:KIND makes one rank fail at one step."""
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -8,7 +9,7 @@ import numpy as np
 from .config import ConfigError
 
 FAULT_ENV = "DPNET_FAULT"
-KINDS = ("raise", "exit", "hang", "hang-update", "nan", "hang-start", "hang-evaluation", "hang-checkpoint",
+KINDS = ("raise", "exit", "sys-exit", "hang", "hang-update", "nan", "hang-start", "hang-evaluation", "hang-checkpoint",
          "hang-shutdown")
 
 
@@ -47,7 +48,7 @@ def inject_part_fault(rank, step, part):
 
 def inject_fault(rank, step, xb, after_loss=False):
     """Make this rank fail as DPNET_FAULT says, if it names this rank and step: raise (an
-    exception), exit (os._exit(3)), hang (sleep forever), nan (NaN inputs, hence a NaN global
+    exception), exit (os._exit(3), as a crash in C code ends a process), sys-exit (sys.exit(3)), hang (sleep forever), nan (NaN inputs, hence a NaN global
     loss), all before the step's loss, or hang-update (sleep forever after the gradient sum,
     before the update; called with after_loss=True). Returns the batch, poisoned for nan."""
     spec = fault_spec()
@@ -55,7 +56,7 @@ def inject_fault(rank, step, xb, after_loss=False):
         return xb
     fault_rank, fault_step, kind = spec
     if rank != fault_rank or step != fault_step or after_loss != (kind == "hang-update") or \
-            kind not in ("raise", "exit", "hang", "hang-update", "nan"):
+            kind not in ("raise", "exit", "sys-exit", "hang", "hang-update", "nan"):
         return xb
     if kind in ("hang", "hang-update"):
         while True:
@@ -64,4 +65,6 @@ def inject_fault(rank, step, xb, after_loss=False):
         raise RuntimeError(f"injected fault on rank {rank} at step {step}")
     if kind == "exit":
         os._exit(3)
+    if kind == "sys-exit":
+        sys.exit(3)
     return np.full_like(xb, np.nan)  # nan
