@@ -14,7 +14,8 @@ In one run, with BLAS pinned to one thread, it measures:
 - the training steps of ThreeLayerConvNet (conv 7x7 32 - relu - pool 2 - affine 500 - relu -
   affine 10), the VGG-style ConvNet of the models issue and CIFAR ResNet-20 (softmax loss,
   batch 128, float32), a step being model.loss(X, y) and an Adam update of every parameter:
-  images/s and step time;
+  images/s, step time, and for dpnet the peak memory of one step (tracemalloc: the arrays NumPy
+  allocates during the step, beyond those held between steps);
 - dpnet's 3x3 convolutions both ways: im2col ('dpnet') and Winograd F(4x4, 3x3) ('winograd'),
   and for the steps also each layer's faster one on this machine ('auto', dpnet.autotune);
 - the same work in PyTorch (torch.set_num_threads(1)) and the ratio dpnet / torch
@@ -294,6 +295,19 @@ STEP_MODELS = {"threelayer": "ThreeLayerConvNet (conv 7x7 32 - relu - pool - aff
                "resnet20": "CIFAR ResNet-20"}
 
 
+def peak_mib(run):
+    """The most memory NumPy held at once during one step (tracemalloc sees NumPy's arrays): what a
+    rank needs beyond the model, its optimizer state and the batch, at batch 128."""
+    import tracemalloc
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    run()
+    peak = tracemalloc.get_traced_memory()[1] - before
+    tracemalloc.stop()
+    return peak / 2**20
+
+
 def step_table(name):
     print(f"{STEP_MODELS[name]} training step: loss(X, y) + Adam on every parameter, batch 128, float32")
     builders = {"dpnet": lambda: dpnet_train_step(name), "winograd": lambda: dpnet_train_step(name, "winograd"),
@@ -308,8 +322,9 @@ def step_table(name):
             print(f"  {lib:<8} {skipped[lib]}")
             continue
         medians[lib] = s = float(np.median(times[lib]))
+        memory = f", peak {peak_mib(runs[lib]):.0f} MiB" if lib != "torch" else ""
         print(f"  {lib:<8} {BATCH / s:8.0f} images/s   step {s * 1e3:7.1f} ms "
-              f"(best {times[lib].min() * 1e3:.1f} ms)")
+              f"(best {times[lib].min() * 1e3:.1f} ms){memory}")
     for ours in ("dpnet", "winograd", "auto"):
         if ours in medians and "torch" in medians:
             print(f"  {ours}/torch images/s: {medians['torch'] / medians[ours]:.2f}")
