@@ -1,14 +1,21 @@
 """PyTorch (CPU) yardstick for `python -m dpnet.train`: the same models, trained with the
 same recipe, so that dpnet's test accuracy and speed can be compared with a mature library.
 
-    /work/venv-torch/bin/python benchmarks/torch_reference.py \
-        --data /work/shared/data/cifar-10-batches-py --model threelayer|convnet \
-        [--epochs 10] [--threads 1] [--bn-mode none|sync]
+    /work/torch-venv/bin/python benchmarks/torch_reference.py \
+        --data /work/shared/data/cifar-10-batches-py --model threelayer|convnet|resnet20 \
+        [--epochs 10] [--threads 1] [--bn-mode none|sync] [--seed 0] [--no-augment] \
+        [--optimizer adam|momentum] [--lr 1e-3] [--reg 1e-3]
 
-Needs only torch and numpy (it does not import dpnet; dpnet does not depend on torch).
+The standard CIFAR ResNet recipe (He et al. 2016: SGD, momentum 0.9, lr 0.1, weight decay
+1e-4; here with the cosine schedule and crop + flip) is
+    --model resnet20 --optimizer momentum --lr 0.1 --reg 1e-4
+and `python -m dpnet.train` takes the same four options.
+
+Needs torch and numpy, plus the dpnet of this checkout for its data code (load_cifar10,
+split_train_val, channel_stats, random_crop_flip: pure NumPy; dpnet does not depend on torch).
 Per-epoch progress goes to stderr; the last line on stdout is one JSON object:
-model, bn_mode, epochs, steps, train_images, test_acc, val_acc, final_train_loss,
-seconds, images_per_s, threads, torch.
+model, bn_mode, optimizer, lr, reg, augment, seed, epochs, steps, train_images, test_acc,
+val_acc, final_train_loss, seconds, seconds_per_epoch, images_per_s, threads, torch.
 
 What matches dpnet.train (defaults of TrainConfig):
 - data: the five data_batch_* files and test_batch of a cifar-10-batches-py folder, N taken
@@ -27,19 +34,35 @@ What matches dpnet.train (defaults of TrainConfig):
               after each stage, then linear 4096->500 (+BatchNorm1d) -> relu -> linear 500->10.
               (ConvNet's own default head is 256 units, but build_model passes
               hidden_dims=(hidden_dim,) = (500,).)
+  resnet20:   dpnet.models.ResNet(depth=20): conv 3x3, 16, pad 1, no bias -> BatchNorm2d -> relu;
+              three stages of 3 basic blocks of 16, 32, 64 channels, each conv 3x3 (no bias) ->
+              BatchNorm2d -> relu -> conv 3x3 (no bias) -> BatchNorm2d, + shortcut, -> relu;
+              the first block of stages 2 and 3 has stride 2 (PyTorch's symmetric pad 1 reads
+              the same pixels as dpnet's top/left pad) and the parameter-free "option A"
+              shortcut: x[:, :, ::2, ::2], channels zero-padded (F - C) // 2 before, the rest
+              after; global average pool -> linear 64->10. BatchNorm is always on
+              (--bn-mode none is refused, as dpnet refuses it for a ResNet).
   --bn-mode none drops every BatchNorm (dpnet: use_batchnorm=False); local and sync are the
   same thing in one process. BN: eps 1e-5, running = 0.9*running + 0.1*batch (PyTorch
   momentum=0.1), gamma 1, beta 0.
 - init: He, N(0, 2/fan_in), for conv and linear weights, zero biases. The weights are drawn
   exactly as dpnet's init_weight draws them (np.random.default_rng(seed), parameters in
   dpnet's order W1, W2, ..., affine weights drawn as (in, out) and transposed), so the
-  initial weights are the same numbers as dpnet's, not just the same distribution.
+  initial weights are the same numbers as dpnet's, not just the same distribution. For
+  resnet20 too: W1 the stem, W2..W19 the blocks' convs in forward order, W20 the linear
+  layer; the convs have no bias, the linear layer's bias is 0.
 - loss: mean softmax cross-entropy + 0.5*reg*sum(W^2) over the conv/linear weights only
   (not biases, gamma, beta), reg=1e-3, as an explicit penalty term (Adam's weight_decay
   would be a different update).
-- optimizer: Adam, betas 0.9/0.999, eps 1e-8 (same bias-corrected formula as dpnet.optim.adam),
-  lr 1e-3 with the cosine schedule of dpnet.train.learning_rate, set before every step:
-  lr_t = 0.5*lr*(1 + cos(pi*t/T)), t = steps done, T = epochs*steps_per_epoch.
+- optimizer: --optimizer adam (dpnet's default): Adam, betas 0.9/0.999, eps 1e-8 (same
+  bias-corrected formula as dpnet.optim.adam), lr 1e-3; --optimizer momentum: SGD with
+  momentum 0.9 (dpnet's sgd_momentum default; it sets no other value), no dampening, not
+  Nesterov, and no weight_decay (--reg is the L2, which for SGD is the same update on the
+  weights it covers). Either with the cosine schedule of dpnet.train.learning_rate, set
+  before every step: lr_t = 0.5*lr*(1 + cos(pi*t/T)), t = steps done, T = epochs*steps_per_epoch.
+- augmentation (--augment, the default as in dpnet): dpnet.augment.random_crop_flip (pad 4,
+  random 32x32 crop, flip with probability 1/2) after normalisation, drawn from dpnet's
+  rank-0 stream np.random.default_rng([seed, 0, 1]).
 - evaluation: eval mode (running BN statistics), chunks of 500; val accuracy on the
   1,000-image validation split, test accuracy on test_batch, both after the last epoch.
 - timing: wall time of the training steps only (per-epoch evaluation excluded, as in
@@ -58,7 +81,14 @@ What does not match:
 - No data-parallel machinery: one process, no MPI, no checkpoints, no gradient allreduce.
   With several dpnet ranks and bn sync the batch statistics are those of the global batch,
   which is what this single process computes; bn local over several ranks is not modelled.
-- Augmentation (dpnet's --augment) and the other optimizers/schedules are not implemented.
+- Momentum SGD: torch keeps b = 0.9*b + g and steps w -= lr_t*b; dpnet keeps
+  v = 0.9*v - lr_t*g and steps w += v. The same update at a constant rate; under the cosine
+  schedule torch applies today's (smaller) rate to the older gradients in b, a difference
+  of order lr_t/lr_(t-10) - 1, which is below 1% except in the last steps.
+- With several dpnet ranks each rank augments its own shard from its own stream
+  (default_rng([seed, rank, 1])); this process draws all crops from rank 0's.
+- The other dpnet optimizers (sgd, nesterov, rmsprop), the step schedule, --lr-scaling and
+  --warmup-epochs are not implemented.
 """
 
 import argparse
@@ -134,6 +164,48 @@ def convnet(use_bn, stages=((32, 32), (64, 64)), hidden_dims=(HIDDEN_DIM,), num_
     return nn.Sequential(*layers)
 
 
+def option_a_shortcut(x, out_channels, stride):
+    """dpnet.layers.residual.shortcut_forward: every `stride`-th pixel, channels zero-padded to
+    out_channels, (out_channels - C) // 2 before and the rest after."""
+    x = x[:, :, ::stride, ::stride]
+    before = (out_channels - x.shape[1]) // 2
+    return F.pad(x, (0, 0, 0, 0, before, out_channels - x.shape[1] - before))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3 (stride) - bn - relu - conv3x3 - bn, + shortcut, relu (dpnet's ResNet block)."""
+
+    def __init__(self, c_in, f, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, f, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = bn2d(f, True)
+        self.conv2 = nn.Conv2d(f, f, 3, padding=1, bias=False)
+        self.bn2 = bn2d(f, True)
+        self.f, self.stride, self.project = f, stride, stride != 1 or c_in != f
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (option_a_shortcut(x, self.f, self.stride) if self.project else x))
+
+
+def resnet(depth=20, widths=(16, 32, 64), num_classes=10):
+    """dpnet.models.ResNet: conv3x3 - bn - relu, three stages of (depth - 2) // 6 basic
+    blocks (the first of stages 2 and 3 with stride 2), global average pool, affine.
+    Modules are registered in forward order, so weight_layers lists dpnet's W1..W<depth>."""
+    layers = [nn.Conv2d(3, widths[0], 3, padding=1, bias=False), bn2d(widths[0], True), nn.ReLU()]
+    c = widths[0]
+    for stage, f in enumerate(widths):
+        for k in range((depth - 2) // 6):
+            layers.append(BasicBlock(c, f, 2 if stage > 0 and k == 0 else 1))
+            c = f
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)]
+    return nn.Sequential(*layers)
+
+
+MODELS = {"threelayer": three_layer_convnet, "convnet": convnet, "resnet20": lambda use_bn: resnet(20)}
+
+
 def weight_layers(model):
     """The conv and linear layers in dpnet's parameter order (W1, W2, ...)."""
     return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -154,7 +226,8 @@ def init_like_dpnet(model, seed):
                 d_out, d_in = m.weight.shape  # dpnet stores (in, out)
                 w = (math.sqrt(2.0 / d_in) * rng.standard_normal((d_in, d_out))).T
             m.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.astype(np.float32))))
-            m.bias.zero_()
+            if m.bias is not None:
+                m.bias.zero_()
 
 
 # ---------------------------------------------------------------- training
@@ -178,7 +251,7 @@ def evaluate(model, x, y, to_input, chunk=500):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="cifar-10-batches-py folder")
-    parser.add_argument("--model", choices=("threelayer", "convnet"), default="threelayer")
+    parser.add_argument("--model", choices=tuple(MODELS), default="threelayer")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--bn-mode", choices=("none", "local", "sync"), default="sync",
@@ -186,10 +259,14 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--reg", type=float, default=REG)
+    parser.add_argument("--optimizer", choices=("adam", "momentum"), default="adam",
+                        help="adam (dpnet's default) or SGD with momentum 0.9 (dpnet's --optimizer momentum)")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random crop + flip, dpnet's own function and rank-0 stream (dpnet's default)")
     args = parser.parse_args(argv)
+    if args.model.startswith("resnet") and args.bn_mode == "none":
+        parser.error("--bn-mode none: a ResNet always has batchnorm (dpnet refuses it too)")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # unused: init and order come from NumPy, as in dpnet
@@ -205,15 +282,19 @@ def main(argv=None):
         return (torch.from_numpy(xb).to(torch.float32) - shift) * scale
 
     use_bn = args.bn_mode != "none"
-    model = three_layer_convnet(use_bn) if args.model == "threelayer" else convnet(use_bn)
+    model = MODELS[args.model](use_bn)
     init_like_dpnet(model, args.seed)
     weights = [m.weight for m in weight_layers(model)]
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 
     n = len(x_train)
     per_epoch = -(-n // args.batch_size)
     total_steps = args.epochs * per_epoch
-    print(f"torch {torch.__version__}: {args.model} (bn {args.bn_mode}), {args.threads} thread(s); "
+    print(f"torch {torch.__version__}: {args.model} (bn {args.bn_mode}), {args.optimizer} lr {args.lr} "
+          f"reg {args.reg}{', augment' if args.augment else ''}, seed {args.seed}, {args.threads} thread(s); "
           f"{n} train / {len(x_val)} val / {len(x_test)} test; {args.epochs} epochs of {per_epoch} "
           f"steps, batch {args.batch_size}", file=sys.stderr, flush=True)
 
@@ -251,9 +332,11 @@ def main(argv=None):
     val_acc = evaluate(model, x_val, y_val, to_input)
     test_acc = evaluate(model, x_test, y_test, to_input)
     print(json.dumps({
-        "model": args.model, "bn_mode": args.bn_mode, "epochs": args.epochs, "steps": step,
+        "model": args.model, "bn_mode": args.bn_mode, "optimizer": args.optimizer, "lr": args.lr,
+        "reg": args.reg, "augment": args.augment, "seed": args.seed, "epochs": args.epochs, "steps": step,
         "train_images": n, "test_acc": test_acc, "val_acc": val_acc,
         "final_train_loss": loss_mean, "seconds": round(train_seconds, 3),
+        "seconds_per_epoch": round(train_seconds / args.epochs, 3) if args.epochs else None,
         "images_per_s": round(seen_total / train_seconds, 1) if train_seconds else None,
         "threads": args.threads, "torch": torch.__version__}), flush=True)
     return 0
