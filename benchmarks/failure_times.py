@@ -29,6 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from dpnet.scaling.measure import mpiexec_path  # noqa: E402
+
 FAULT_STEP = 20
 ARGS = ["--hidden-dim", "16", "--batch-size", "32", "--epochs", "100", "--checkpoint-every", "20"]
 
@@ -90,11 +92,6 @@ def environment(fault=None):
     return env
 
 
-def mpirun():
-    here = os.path.join(os.path.dirname(sys.executable), "mpirun")
-    return here if os.path.exists(here) else "mpirun"
-
-
 def run_case(case, timeout):
     """(seconds from the failure to the end of the job, exit status) of one run of `case`."""
     with tempfile.TemporaryDirectory(prefix="dpnet-failure-") as cwd:
@@ -105,7 +102,7 @@ def run_case(case, timeout):
         env = environment(f"1:{FAULT_STEP}:{fault}" if fault else None)
         if case == "host loses its link":
             return run_lost_link(args, cwd, env, timeout)
-        job = Job([mpirun(), "-n", "2", sys.executable, "-m", "dpnet.train", *args], cwd, env)
+        job = Job([mpiexec_path(), "-n", "2", sys.executable, "-m", "dpnet.train", *args], cwd, env)
         # the line of the step before the failure: rank 1 may fail before rank 0 prints step 20's
         failed = job.wait_for(rf"step {FAULT_STEP - 1}/")
         if case == "SIGKILL":
@@ -121,8 +118,8 @@ def run_case(case, timeout):
 def run_lost_link(args, cwd, env, timeout):
     from launch.netns_cluster import Cluster
     with Cluster(2) as cluster:
-        mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-        job = Job(cluster.mpiexec([1, 1], [sys.executable, "-m", "dpnet.train", *args], mpiexec=mpiexec), cwd, env)
+        job = Job(cluster.mpiexec([1, 1], [sys.executable, "-m", "dpnet.train", *args], mpiexec=mpiexec_path()),
+                  cwd, env)
         job.wait_for(rf"step {FAULT_STEP}/")
         subprocess.run(["ip", "link", "set", cluster.veths[1], "down"], check=True)
         failed = time.monotonic()

@@ -11,7 +11,6 @@ choices. The cache is ~/.cache/dpnet/autotune.json, or $DPNET_AUTOTUNE_CACHE. A 
 """
 
 import json
-import os
 import time
 
 import numpy as np
@@ -40,7 +39,7 @@ def machine_key():
 def applicable(w_shape, conv_param):
     """The algorithms that can compute this convolution."""
     from .layers.winograd import winograd_applies
-    return [a for a in ALGORITHMS if a == "im2col" or winograd_applies(None, w_shape, conv_param)]
+    return [a for a in ALGORITHMS if a == "im2col" or winograd_applies(w_shape, conv_param)]
 
 
 def signature(x_shape, w_shape, conv_param, dtype, threads):

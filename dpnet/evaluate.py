@@ -96,8 +96,6 @@ def main(argv=None):
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the confusion matrix (needs dpnet[plot])")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if not os.path.isfile(args.checkpoint):
-            raise CheckpointError(f"{args.checkpoint}: no such checkpoint file")
         comm = get_comm()
         result = evaluate_checkpoint(args.checkpoint, comm, args.data)
         if comm.rank == 0:

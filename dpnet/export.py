@@ -18,7 +18,6 @@ Inputs are normalised as in training: per-channel mean and std of the run's trai
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
 import numpy as np
@@ -84,7 +83,7 @@ def torch_state(model):
                 _batchnorm(out, model, f"{prefix}.bn{half}", i, i - 1)
         _affine(out, model, "fc", model.fc)
     elif isinstance(model, FullyConnectedNet):
-        for i in range(1, len([k for k in model.params if k.startswith("W")]) + 1):
+        for i in range(1, model.num_layers + 1):
             _affine(out, model, f"fc{i}", i)
             if f"gamma{i}" in model.params:
                 _batchnorm(out, model, f"bn{i}", i, i - 1)
@@ -112,8 +111,6 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="the .npz to write")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if not os.path.isfile(args.checkpoint):
-            raise CheckpointError(f"{args.checkpoint}: no such checkpoint file")
         names = export_checkpoint(args.checkpoint, args.out)
     except (CheckpointError, OSError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -34,16 +34,18 @@ import threading
 import time
 
 from .checkpoint import newest_checkpoint
+from .scaling.measure import mpiexec_path
 from .train.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, parse_args
 from .train.config import ConfigError
+from .train.loop import output_exists
 from .train.ranks import RANK_MAP_ENV, read_rank_map
 
 PREFIX = "dpnet.launch: "
 FINAL_STATUSES = {0: "finished", EXIT_USAGE: "a bad option, data set or checkpoint",
                   EXIT_DIVERGED: "the loss became inf or nan", EXIT_INTERRUPTED: "interrupted (Ctrl-C)"}
 PROBE_SECONDS = 20.0
-LEFTOVER_SECONDS = 10.0
-RANK_MAP_PREFIX = ".dpnet-launch-ranks-"  # + the supervisor's PID: the rank map beside the checkpoint  # how long a failed attempt's ranks may take to end before they are killed
+LEFTOVER_SECONDS = 10.0  # how long a failed attempt's ranks may take to end before they are killed
+RANK_MAP_PREFIX = ".dpnet-launch-ranks-"  # + the supervisor's PID: the rank map beside the checkpoint
 # Hydra's report of a process that died: "PID 1402 RUNNING AT node3" ... "EXIT CODE: 9"
 HYDRA_DEATH = re.compile(r"PID (\d+) RUNNING AT (\S+)")
 HYDRA_CODE = re.compile(r"EXIT CODE: (\d+)")
@@ -107,8 +109,7 @@ def choose_launcher(kind, command, environ=None):
     elif kind == "srun":
         prefix = ["srun"]
     else:
-        beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-        prefix = [beside if os.path.exists(beside) else (shutil.which("mpiexec") or "mpiexec")]
+        prefix = [mpiexec_path()]
     return SrunLauncher(prefix) if kind == "srun" else MpiexecLauncher(prefix)
 
 
@@ -162,7 +163,8 @@ class Supervisor:
         self.started = time.time()  # checkpoints written since are this run's
         # restarting from scratch may replace only this run's own files
         self.fresh_may_overwrite = config.overwrite or not any(
-            p and os.path.exists(p) for p in (config.checkpoint, config.metrics))
+            path and output_exists(option, path) for option, path in (("checkpoint", config.checkpoint),
+                                                                      ("metrics", config.metrics)))
 
     def run(self):
         """Attempts until one ends in a final status or the restarts are spent; returns the exit status."""
@@ -325,6 +327,16 @@ def _remove_stale_rank_maps(folder):
                 os.remove(os.path.join(folder, name))
 
 
+def _proc_state(pid):
+    """The state letter of process pid in /proc (R, S, Z, ...), or None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+        return stat[stat.rindex(")") + 2]  # pid (comm) state ...; comm may hold spaces and parentheses
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _process_running(pid):
     """True if process pid exists and is not a zombie."""
     try:
@@ -333,12 +345,7 @@ def _process_running(pid):
         return False
     except PermissionError:  # someone else's: running
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            stat = fh.read()
-        return stat[stat.rindex(")") + 2] != "Z"
-    except (OSError, ValueError, IndexError):
-        return True
+    return _proc_state(pid) != "Z"
 
 
 def _rank_alive(pid):
@@ -347,11 +354,9 @@ def _rank_alive(pid):
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             if b"dpnet.train" not in fh.read():
                 return False
-        with open(f"/proc/{pid}/stat") as fh:
-            stat = fh.read()
-        return stat[stat.rindex(")") + 2] != "Z"
-    except (OSError, ValueError, IndexError):
+    except OSError:
         return False
+    return _proc_state(pid) not in (None, "Z")
 
 
 class FirstToEnd:
@@ -370,12 +375,12 @@ class FirstToEnd:
         import select
         if not (hasattr(os, "pidfd_open") and hasattr(select, "poll")):
             return
-        ranks = []
-        while not ranks:
+        ranks = read_rank_map(self.rank_map)
+        while not ranks:  # until rank 0 has written it
             if self.job.poll() is not None:
                 return
+            time.sleep(self.period)
             ranks = read_rank_map(self.rank_map)
-            time.sleep(self.period if not ranks else 0)
         fds, poller = {}, select.poll()
         try:
             for entry in ranks:

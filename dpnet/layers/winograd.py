@@ -45,7 +45,7 @@ FILTER_KRON = np.kron(G.T, G.T)       # (9, 36):  g -> G g G^T
 OUTPUT_KRON = np.kron(A_T.T, A_T.T)   # (36, 16): M -> A^T M A
 
 
-def winograd_applies(x_shape, w_shape, conv_param):
+def winograd_applies(w_shape, conv_param):
     """True for the convolutions this module computes: 3x3 filters, stride 1, pad 1."""
     return (len(w_shape) == 4 and tuple(w_shape[2:]) == (3, 3) and conv_param.get("stride") == 1
             and conv_param.get("pad") == 1)
@@ -100,7 +100,7 @@ def winograd_conv_forward(x, w, b, conv_param):
     """conv_forward's contract (x (N, C, H, W), w (F, C, 3, 3), b (F,) or None, conv_param with
     stride 1 and pad 1): returns (out (N, F, H, W), cache)."""
     require_ndim("x", x, 4, "(N, C, H, W)")
-    if not winograd_applies(x.shape, np.shape(w), conv_param) or w.shape[1] != x.shape[1]:
+    if not winograd_applies(np.shape(w), conv_param) or w.shape[1] != x.shape[1]:
         raise ValueError(f"Winograd F(4x4, 3x3) takes 3x3 filters with stride 1 and pad 1, and w's channels equal "
                          f"to x's: got x {x.shape}, w {np.shape(w)}, conv_param {conv_param}")
     out, v = _convolve(x, _filters(w), w.shape[0])

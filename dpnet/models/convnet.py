@@ -75,7 +75,7 @@ class ConvNet(Model):
 
     def conv_layers(self):
         from ..layers.winograd import winograd_applies
-        if not winograd_applies(None, (1, 1, *self.conv_shapes[1][1][2:]), self.conv_param):
+        if not winograd_applies(self.conv_shapes[1][1], self.conv_param):  # every conv has the same kernel
             return []  # only im2col can compute these
         return [(i, x_shape, w_shape, self.conv_param) for i, (x_shape, w_shape) in self.conv_shapes.items()]
 

@@ -110,6 +110,11 @@ class MetricsLog:
             self.file.close()
 
 
+def output_exists(option, path):
+    """True if --option's file is there: for the checkpoint, also any of its step checkpoints."""
+    return os.path.exists(path) or (option == "checkpoint" and bool(step_checkpoints(path)))
+
+
 def check_outputs(config):
     """Raise ConfigError unless the checkpoint's and the metrics' folders can be written (before
     any training, rather than after an epoch of it), and unless this run would replace another
@@ -120,8 +125,7 @@ def check_outputs(config):
     for option, path in (("checkpoint", config.checkpoint), ("metrics", config.metrics)):
         if not path:
             continue
-        exists = os.path.exists(path) or (option == "checkpoint" and step_checkpoints(path))
-        if exists and not continuing[option] and not config.overwrite:
+        if output_exists(option, path) and not continuing[option] and not config.overwrite:
             what = f"--{option} {path} exists" if os.path.exists(path) else f"step checkpoints of --{option} {path} exist"
             raise ConfigError(f"{what} (an earlier run's): continue that run with --resume, "
                               f"choose another --{option}, or pass --overwrite to replace it")

@@ -8,6 +8,7 @@ again must agree with the stored value. With --reset-optimizer the optimizer's s
 
 import dataclasses
 import json
+import os
 
 from ..checkpoint import CheckpointError
 from .config import ConfigError
@@ -20,6 +21,8 @@ OPTIMIZER_SETTINGS = ("optimizer", "lr", "lr_schedule", "lr_decay", "lr_scaling"
 def stored_config(path):
     """The TrainConfig (as a dict) that a checkpoint was written with."""
     import h5py
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         with h5py.File(path, "r") as f:
             return json.loads(f.attrs["config"])
