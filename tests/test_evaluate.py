@@ -68,3 +68,30 @@ def test_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path, case):
     run = evaluate([str(path)], tmp_path)
     assert run.returncode == 2 and len(run.err_lines) == 1, str(run)
     assert run.err_lines[0].startswith(f"python -m dpnet.evaluate: error: {path}"), str(run)
+
+
+class BatchDependentModel:
+    """Scores that depend on the other images of the batch (each centred on the batch mean), as a
+    model in training-mode batchnorm would: the counts then depend on how the set is cut."""
+
+    def scores(self, x):
+        return x - x.mean(axis=0)
+
+
+def test_the_counts_do_not_depend_on_the_number_of_ranks_even_where_batches_matter():
+    from dpnet.parallel import SerialComm, SimComm
+    from dpnet.train.scoring import confusion_matrix
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((1100, 10)), rng.integers(0, 10, 1100)
+    model = BatchDependentModel()
+    one = confusion_matrix(model, SerialComm(), x, y, lambda a: a, 10)
+    assert one.sum() == 1100
+    for ranks in (2, 3):
+        counts = SimComm(ranks).run(lambda comm: confusion_matrix(model, comm, x, y, lambda a: a, 10))
+        assert all(np.array_equal(c, one) for c in counts), ranks
+    # negative control: the same model scored in each rank's contiguous share of the set (the
+    # obvious split, which changes with the number of ranks) gives other counts
+    for ranks in (2, 3):
+        split = sum(confusion_matrix(model, SerialComm(), xs, ys, lambda a: a, 10, chunk=len(xs))
+                    for xs, ys in zip(np.array_split(x, ranks), np.array_split(y, ranks)))
+        assert split.sum() == 1100 and not np.array_equal(split, one), ranks
