@@ -29,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from dpnet.parallel.guardian import GUARDIAN_NAME  # noqa: E402
 from dpnet.scaling.measure import mpiexec_path  # noqa: E402
 
 FAULT_STEP = 20
@@ -72,14 +73,17 @@ class Job:
 
 
 def rank_pid(cwd, rank):
+    """The PID of the training process of `rank` (not its guardian) running in folder cwd."""
     for entry in os.listdir("/proc"):
         try:
             if not entry.isdigit() or os.readlink(f"/proc/{entry}/cwd") != cwd:
                 continue
             environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+            guardian = open(f"/proc/{entry}/comm").read().strip() == GUARDIAN_NAME
         except OSError:
             continue
-        if f"PMI_RANK={rank}".encode() in environ and b"dpnet.train" in open(f"/proc/{entry}/cmdline", "rb").read():
+        if (f"PMI_RANK={rank}".encode() in environ and not guardian
+                and b"dpnet.train" in open(f"/proc/{entry}/cmdline", "rb").read()):
             return int(entry)
     raise RuntimeError(f"rank {rank} not found")
 

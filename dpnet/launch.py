@@ -34,6 +34,7 @@ import threading
 import time
 
 from .checkpoint import newest_checkpoint
+from .parallel.guardian import set_parent_death_signal
 from .scaling.measure import mpiexec_path
 from .train.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, parse_args
 from .train.config import ConfigError
@@ -49,6 +50,10 @@ RANK_MAP_PREFIX = ".dpnet-launch-ranks-"  # + the supervisor's PID: the rank map
 # Hydra's report of a process that died: "PID 1402 RUNNING AT node3" ... "EXIT CODE: 9"
 HYDRA_DEATH = re.compile(r"PID (\d+) RUNNING AT (\S+)")
 HYDRA_CODE = re.compile(r"EXIT CODE: (\d+)")
+# A rank's guardian (dpnet.parallel.guardian), on stderr: it names the rank, where Hydra's report,
+# which comes after its cleanup, may name another rank's PID
+GUARDIAN_REPORT = re.compile(r"^\[rank (\d+)\] (?:was killed by (\S+)|ended with (exit status \d+) and no report)"
+                             r".*; PID (\d+) on (\S+)$", re.M)
 
 
 def say(text):
@@ -124,14 +129,24 @@ def restart_argv(train_argv, resume):
 
 
 def death_report(output, rank_map):
-    """What the launcher said about a process that died, with its rank where the rank map
-    knows the PID; None where it said nothing."""
+    """(what the job's output says about a rank that died, whether it died by a signal): a rank's
+    guardian's report, else the launcher's, with its rank where the rank map knows the PID;
+    (None, False) where neither said anything."""
+    guardian = GUARDIAN_REPORT.search(output)
+    if guardian:
+        rank, signame, exit_status, pid, host = guardian.groups()
+        how = f"died, killed by {signame}" if signame else f"ended with {exit_status} and no report"
+        return f"rank {rank} (PID {pid} on {host}) {how}", bool(signame)
+    return _hydra_report(output, rank_map)
+
+
+def _hydra_report(output, rank_map):
     death = HYDRA_DEATH.search(output)
     if not death:
-        return None
+        return None, False
     pid, host = int(death.group(1)), death.group(2)
     code = HYDRA_CODE.search(output, death.end())
-    ranks = [entry["rank"] for entry in rank_map if entry["pid"] == pid]
+    ranks = [entry["rank"] for entry in rank_map if pid in (entry["pid"], entry.get("guardian"))]
     who = f"rank {ranks[0]}" if len(ranks) == 1 else f"one of ranks {ranks}" if ranks else "a rank"
     how = ""
     if code:
@@ -142,7 +157,7 @@ def death_report(output, rank_map):
                 how = f", killed by {signal.Signals(status).name}"
             except ValueError:
                 pass
-    return f"{who} (PID {pid} on {host}) died{how}"
+    return f"{who} (PID {pid} on {host}) died{how}", True
 
 
 # ------------------------------------------------------------------ the supervisor
@@ -202,22 +217,22 @@ class Supervisor:
                        "; without --checkpoint-every a restart goes back to the last epoch's end"))
             started = time.monotonic()
             self.forwarded = len(self.signals)  # a signal before this attempt was for the last one
-            self.job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, start_new_session=True,
-                                        preexec_fn=_end_with_parent)
+            self.job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        start_new_session=True, preexec_fn=_end_with_parent)
             self.forward_pending()
             tail = []
-            forward = threading.Thread(target=_forward, args=(self.job.stdout, tail), daemon=True)
-            forward.start()
-            first = FirstToEnd(rank_map, self.job)
+            forwards = [threading.Thread(target=_forward, args=(stream, out, tail), daemon=True)
+                        for stream, out in ((self.job.stdout, sys.stdout), (self.job.stderr, sys.stderr))]
+            for forward in forwards:
+                forward.start()
             status = self.job.wait()
-            forward.join(timeout=5)
-            first.join()
+            for forward in forwards:
+                forward.join(timeout=5)
             _kill_group(self.job)  # what the launcher left of its own group
             ranks = read_rank_map(rank_map)
-            signalled = death_report("".join(tail), ranks) if status else None  # Hydra: a death by signal
-            report = signalled or (first.report() if status else None)
+            report, signalled = death_report("".join(tail), ranks) if status else (None, False)
             _end_leftover_ranks(ranks)  # Hydra starts its ranks in sessions of their own
-        return _exit_status(status), time.monotonic() - started, report, signalled is not None
+        return _exit_status(status), time.monotonic() - started, report, signalled
 
     @contextlib.contextmanager
     def rank_map_path(self):
@@ -301,19 +316,24 @@ class Supervisor:
             self.job.send_signal(self.signals[self.forwarded - 1])
 
 
-def _forward(stream, tail, keep=200):
-    """Copy the job's output to ours line by line, keeping its last `keep` lines in `tail`.
-    If our output is gone (a closed pipe), go on reading, so the job never blocks on a full pipe."""
-    out = sys.stdout.buffer
-    for raw in iter(stream.readline, b""):
+def _forward(stream, ours, tail, keep=400):
+    """Copy one of the job's output streams to ours (stdout or stderr) as it comes (a progress
+    bar's carriage returns too), keeping the last `keep` lines of both in `tail`. If ours is gone
+    (a closed pipe), go on reading, so the job never blocks on a full pipe."""
+    out, partial = ours.buffer, ""
+    for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
         if out is not None:
             try:
-                out.write(raw)
+                out.write(chunk)
                 out.flush()
             except (BrokenPipeError, ValueError):
                 out = None
-        tail.append(raw.decode(errors="replace"))
+        lines = (partial + chunk.decode(errors="replace")).split("\n")
+        partial = lines.pop()
+        tail.extend(line + "\n" for line in lines)
         del tail[:-keep]
+    if partial:
+        tail.append(partial)
 
 
 def _remove_stale_rank_maps(folder):
@@ -359,61 +379,6 @@ def _rank_alive(pid):
     return _proc_state(pid) not in (None, "Z")
 
 
-class FirstToEnd:
-    """Watches, while the job runs, its ranks on this machine (from the rank map) and notes the
-    first to end: a rank that exits on its own, which Hydra does not report (it reports deaths by
-    signal only) before it ends the others. It waits on pidfds, so the kernel wakes it at the
-    first exit, before the launcher can end the others. Linux only; elsewhere it notes nothing."""
-
-    def __init__(self, rank_map, job, period=0.01):
-        self.rank_map, self.job, self.period = rank_map, job, period
-        self.ended = []
-        self.thread = threading.Thread(target=self._watch, name="dpnet-first-to-end", daemon=True)
-        self.thread.start()
-
-    def _watch(self):
-        import select
-        if not (hasattr(os, "pidfd_open") and hasattr(select, "poll")):
-            return
-        ranks = read_rank_map(self.rank_map)
-        while not ranks:  # until rank 0 has written it
-            if self.job.poll() is not None:
-                return
-            time.sleep(self.period)
-            ranks = read_rank_map(self.rank_map)
-        fds, poller = {}, select.poll()
-        try:
-            for entry in ranks:
-                try:
-                    fd = os.pidfd_open(entry["pid"])
-                except OSError:  # on another machine, or ended already
-                    continue
-                if not _rank_alive(entry["pid"]):
-                    os.close(fd)
-                    continue
-                fds[fd] = entry
-                poller.register(fd, select.POLLIN)
-            while fds and self.job.poll() is None:
-                ready = poller.poll(100)
-                if ready:
-                    self.ended = [fds[fd] for fd, _ in ready]
-                    return
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def join(self):
-        self.thread.join(timeout=5)
-
-    def report(self):
-        if not self.ended:
-            return None
-        if len(self.ended) > 1:
-            return f"ranks {[e['rank'] for e in self.ended]} ended at once, first"
-        entry = self.ended[0]
-        return f"rank {entry['rank']} (PID {entry['pid']} on {entry['host']}) ended first"
-
-
 def _end_leftover_ranks(ranks, grace=LEFTOVER_SECONDS):
     """Wait up to `grace` seconds for the ranks of a finished attempt that run on this machine to
     end, then SIGKILL them: a restart must not overlap them (after kill -9 of mpiexec, its
@@ -443,11 +408,7 @@ def _stored_bn_mode(path):
 def _end_with_parent():
     """In the job's launcher process, before exec: SIGTERM it if the supervisor dies (Linux), so
     no job outlives a supervisor that was killed."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    set_parent_death_signal(signal.SIGTERM)
 
 
 def _kill_group(proc):

@@ -9,6 +9,8 @@ SLURM; signals passed on; no job outliving a killed supervisor.
 import os
 import random
 import re
+import shlex
+import shutil
 import signal
 import sys
 import time
@@ -17,8 +19,8 @@ import pytest
 
 from dpnet.checkpoint import newest_checkpoint, step_checkpoint_path
 from dpnet.launch import choose_launcher, death_report, restart_argv
-from tests.train_helpers import (TINY, assert_same_state, cifar_dir, clean_env, finish, kill_group,  # noqa: F401
-                                 read_checkpoint, read_metrics, run_ok, start)
+from tests.train_helpers import (TINY, assert_same_state, cifar_dir, clean_env, finish,  # noqa: F401
+                                 job_processes, kill_group, read_checkpoint, read_metrics, run_ok, start)
 
 CKPT = os.path.join("dpnet_run", "checkpoint.h5")
 METRICS = os.path.join("dpnet_run", "metrics.jsonl")
@@ -85,9 +87,22 @@ HYDRA_REPORT = """
 
 def test_death_report_names_the_rank_of_the_pid():
     ranks = [{"rank": 0, "host": "a", "pid": 1401}, {"rank": 1, "host": "a", "pid": 1402}]
-    assert death_report(HYDRA_REPORT, ranks) == "rank 1 (PID 1402 on 198.18.7.11) died, killed by SIGKILL"
-    assert death_report(HYDRA_REPORT, []) == "a rank (PID 1402 on 198.18.7.11) died, killed by SIGKILL"
-    assert death_report("no report here", ranks) is None
+    assert death_report(HYDRA_REPORT, ranks) == ("rank 1 (PID 1402 on 198.18.7.11) died, killed by SIGKILL", True)
+    assert death_report(HYDRA_REPORT, []) == ("a rank (PID 1402 on 198.18.7.11) died, killed by SIGKILL", True)
+    assert death_report("no report here", ranks) == (None, False)
+    guarded = [{"rank": 0, "host": "a", "pid": 7, "guardian": 1401},
+               {"rank": 1, "host": "a", "pid": 8, "guardian": 1402}]
+    assert death_report(HYDRA_REPORT, guarded)[0] == "rank 1 (PID 1402 on 198.18.7.11) died, killed by SIGKILL"
+
+
+def test_a_guardians_report_wins_over_hydras():
+    """Hydra's report comes after its cleanup and may name another rank's guardian; the line of
+    the guardian whose rank died names the rank itself."""
+    killed = "[rank 2] was killed by SIGKILL; PID 5150 on node7\n" + HYDRA_REPORT
+    assert death_report(killed, []) == ("rank 2 (PID 5150 on node7) died, killed by SIGKILL", True)
+    exited = ("[rank 1] ended with exit status 3 and no report (os._exit, or exit() in C code); PID 5151 on node7\n"
+              "epoch 1/2: loss 2.1\n")
+    assert death_report(exited, []) == ("rank 1 (PID 5151 on node7) ended with exit status 3 and no report", False)
 
 
 def test_srun_is_the_launcher_inside_slurm(tmp_path):
@@ -108,22 +123,8 @@ def test_srun_is_the_launcher_inside_slurm(tmp_path):
 # ------------------------------------------------------------------ restarts, end to end
 
 def job_ranks(cwd):
-    """{rank: pid} of the dpnet.train processes running in folder cwd."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
-            if b"dpnet.train" not in cmdline or os.readlink(f"/proc/{entry}/cwd") != str(cwd):
-                continue
-            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        rank = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"PMI_RANK=")]
-        if rank:
-            found[int(rank[0])] = int(entry)
-    return found
+    """{rank: pid} of the dpnet.train ranks (not their guardians) running in folder cwd."""
+    return job_processes(cwd)[0]
 
 
 def newest_step(cwd):
@@ -191,8 +192,8 @@ def test_a_repeating_failure_uses_up_the_restarts(cifar_dir, tmp_path):
     lines = notes(run)
     failures = [line for line in lines if " failed after " in line]
     assert [line.split(" failed")[0] for line in failures] == ["attempt 1", "attempt 2", "attempt 3"], str(run)
-    # Hydra says nothing of a rank that exits on its own; the supervisor saw which ended first
-    assert all(re.search(r"with exit status 3: rank 1 \(PID \d+ on \S+\) ended first$", line)
+    # Hydra says nothing of a rank that exits on its own; its guardian does
+    assert all(re.search(r"with exit status 3: rank 1 \(PID \d+ on \S+\) ended with exit status 3 and no report$", line)
                for line in failures), str(run)
     assert [line.split(":")[0] for line in lines if line.startswith("restart ")] == \
         ["restart 1 of 2", "restart 2 of 2"], str(run)
@@ -315,3 +316,19 @@ def test_a_rank_killed_by_a_signal_numbered_like_a_final_status_is_restarted(cif
     assert re.search(r"attempt 1 failed after [\d.]+ s with exit status 4: rank 1 \(PID \d+ on \S+\) died, "
                      r"killed by SIGILL", run.stderr), str(run)
     assert notes(run)[-1] == "finished after 1 restart(s)", str(run)
+
+
+@pytest.mark.skipif(not (shutil.which("script") and os.path.isdir("/proc/self")),
+                    reason="needs util-linux's script (a terminal for the supervisor) and /proc")
+def test_the_live_bar_reaches_a_terminal_through_the_supervisor(cifar_dir, tmp_path):
+    """python -m dpnet.launch on a terminal: the job's output passes through the supervisor as it
+    comes, carriage returns and all, so rank 0 draws tqdm's live bar."""
+    args = [a for a in train_args(cifar_dir, "--epochs", "1") if a != "--no-progress"]
+    command = shlex.join(launch_command(args, "-n", "2"))
+    typescript = tmp_path / "typescript"
+    cmd = ["script", "-qec", command, str(typescript)]
+    run = finish(start(cmd, tmp_path, clean_env(DPNET_PROGRESS_SECONDS="0")), cmd, tmp_path, time.monotonic(), 90)
+    assert run.returncode == 0, str(run)
+    shown = typescript.read_bytes().decode(errors="replace")
+    assert re.search(r"\repoch 1/1: +\d+%\|", shown), shown
+    assert "epoch 1/1: step " not in shown, shown

@@ -32,7 +32,7 @@ from dpnet.gradient_check import normwise_rel_error
 from dpnet.parallel import SerialComm
 from dpnet.train import ConfigError, TrainConfig, build_model, parse_args, validate
 from tests.train_helpers import (STEPS_PER_EPOCH, TINY, assert_same_state, cifar_dir, clean_env,  # noqa: F401
-                           finish, kill_group, mpirun_path, read_checkpoint,
+                           finish, job_processes, kill_group, mpirun_path, read_checkpoint,
                            read_metrics, run_ok,
                            run_train, start, train_command, write_cifar_folder, write_pickle)
 
@@ -477,10 +477,16 @@ def test_fault_on_one_rank_ends_the_job(cifar_dir, tmp_path, kind, bound):
         assert "[rank 1]" in run.stderr and "Traceback" in run.stderr, str(run)
         assert f"injected fault on rank 1 at step {FAULT_STEP}" in run.stderr, str(run)
         assert "[rank 0]" not in run.stderr, str(run)
+    if kind == "exit":  # os._exit(3): Hydra says nothing of it, the rank's guardian does
+        assert run.returncode == 3, str(run)
+        assert re.search(r"^\[rank 1\] ended with exit status 3 and no report \(os._exit, or exit\(\) in C code\); "
+                         r"PID \d+ on \S+$", run.stderr, re.M), str(run)
     if kind == "hang":
         assert "rank(s) [1] never reached it" in run.stderr, str(run)
         assert f"step {FAULT_STEP} has not completed in 3 s" in run.stderr, str(run)
         assert run.seconds >= 3
+    if kind != "exit":  # the rank said why it ended, or the watchdog did: its guardian stays quiet
+        assert "no report" not in run.stderr and "was killed by" not in run.stderr, str(run)
 
 
 @pytest.mark.parametrize("ranks_per_node", [None, "1"])
@@ -796,6 +802,21 @@ def test_progress_is_a_live_bar_when_mpirun_writes_to_a_terminal(cifar_dir, tmp_
     assert "epoch 1/1: loss " in shown, str(run)
 
 
+@pytest.mark.skipif(not (shutil.which("script") and os.path.isdir("/proc/self")),
+                    reason="needs util-linux's script (a terminal for mpirun) and /proc")
+def test_progress_is_lines_when_mpirun_on_a_terminal_writes_to_a_file(cifar_dir, tmp_path):
+    """mpirun started from a terminal with its stderr sent to a file: the file gets progress
+    lines, not a bar (the terminal above mpirun is not where the output goes)."""
+    args = [a for a in base_args(cifar_dir, "--epochs", "1") if a != "--no-progress"]
+    command = " ".join(shlex.quote(a) for a in train_command(args, 2)) + " 2> log"
+    cmd = ["script", "-qec", command, str(tmp_path / "typescript")]
+    run = finish(start(cmd, tmp_path, clean_env(DPNET_PROGRESS_SECONDS="0")), cmd, tmp_path, time.monotonic(), 60)
+    assert run.returncode == 0, str(run)
+    log = (tmp_path / "log").read_text()
+    assert "\r" not in log and "%|" not in log, log
+    assert len([line for line in log.splitlines() if line.startswith("epoch 1/1: step ")]) == STEPS_PER_EPOCH, log
+
+
 def test_resume_takes_the_runs_settings_from_the_checkpoint(cifar_dir, tmp_path):
     """Resumed without --data, --optimizer or --hidden-dim, a run goes on with the checkpoint's
     (not synthetic data, not Adam); --reset-optimizer allows another optimizer, afresh."""
@@ -1057,9 +1078,57 @@ def test_convnet_layout_from_the_command_line(cifar_dir, tmp_path):
     assert read_checkpoint(tmp_path / CKPT)["params"]["W3"].shape == (16, 16, 3, 3)
 
 
+def kill_during_a_run(cifar_dir, cwd, which):
+    """Start a 2-rank job; once its ranks and guardians run and it has written a step checkpoint,
+    SIGKILL the process which(ranks, guardians) picks ({rank: pid} each); returns (the finished
+    Run, the PID killed)."""
+    cmd = train_command(base_args(cifar_dir, "--epochs", "200", "--checkpoint-every", "2", "--timeout", "60"), 2)
+    proc = start(cmd, cwd)
+    try:
+        deadline, folder = time.monotonic() + 60, cwd / "dpnet_run"
+        while not (folder.is_dir() and any(name.startswith("checkpoint-step") for name in os.listdir(folder))):
+            assert proc.poll() is None and time.monotonic() < deadline, "the job ended or stalled"
+            time.sleep(0.05)
+        ranks, guardians = job_processes(cwd)
+        assert sorted(ranks) == sorted(guardians) == [0, 1], (ranks, guardians)
+        victim = which(ranks, guardians)
+        os.kill(victim, signal.SIGKILL)
+        run = finish(proc, cmd, cwd, time.monotonic(), 20)
+    finally:
+        kill_group(proc)
+    assert run.returncode != 0, str(run)
+    deadline = time.monotonic() + 5
+    while job_processes(cwd) != ({}, {}):  # nothing of the job is left
+        assert time.monotonic() < deadline, f"left running: {job_processes(cwd)}"
+        time.sleep(0.05)
+    return run, victim
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the ranks through /proc (Linux)")
+def test_a_rank_killed_by_a_signal_is_named_by_its_guardian(cifar_dir, tmp_path):
+    """kill -9 of rank 1 under plain mpirun: the job ends at once, and rank 1's guardian names
+    it, with its PID."""
+    run, victim = kill_during_a_run(cifar_dir, tmp_path, lambda ranks, guardians: ranks[1])
+    assert re.search(rf"^\[rank 1\] was killed by SIGKILL; PID {victim} on \S+$", run.stderr, re.M), str(run)
+    assert "[rank 0]" not in run.stderr, str(run)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the ranks through /proc (Linux)")
+def test_a_killed_guardian_takes_its_rank_and_the_job_with_it(cifar_dir, tmp_path):
+    """kill -9 of rank 1's guardian (the process mpirun watches): rank 1 dies with it (it is the
+    guardian's child, with PR_SET_PDEATHSIG), and the job ends within seconds."""
+    kill_during_a_run(cifar_dir, tmp_path, lambda ranks, guardians: guardians[1])
+
+
+def test_a_normal_run_has_silent_guardians(cifar_dir, tmp_path):
+    """Two ranks that finish: the guardians pass the status on and print nothing."""
+    run = run_ok(base_args(cifar_dir, "--epochs", "1"), tmp_path, 2)
+    assert run.stderr.strip() == "", str(run)
+
+
 def test_a_rank_that_calls_sys_exit_ends_the_job_named(cifar_dir, tmp_path):
     """sys.exit(3) on rank 1 mid-run: the job ends at once with status 3, and rank 1 says so (a
-    process that ends by os._exit is named by dpnet.launch, see tests/test_launch.py)."""
+    process that ends by os._exit is named by its guardian, see test_fault_on_one_rank_ends_the_job)."""
     run = run_train(base_args(cifar_dir, "--epochs", "2", "--timeout", "60"), tmp_path, 2,
                     env=clean_env(DPNET_FAULT="1:3:sys-exit"), timeout=40)
     assert run.returncode == 3, str(run)

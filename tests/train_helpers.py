@@ -157,6 +157,29 @@ def group_members(pgid):
     return members
 
 
+def job_processes(cwd):
+    """({rank: pid} of the dpnet.train ranks running in folder cwd, {rank: pid} of their guardians),
+    found through /proc (Linux) by command line, folder and PMI_RANK."""
+    from dpnet.parallel.guardian import GUARDIAN_NAME
+    ranks, guardians = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            if b"dpnet.train" not in cmdline or os.readlink(f"/proc/{entry}/cwd") != str(cwd):
+                continue
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        rank = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"PMI_RANK=")]
+        if rank and stat[stat.rindex(")") + 2] != "Z":
+            found = guardians if f"({GUARDIAN_NAME})" in stat else ranks
+            found[int(rank[0])] = int(entry)
+    return ranks, guardians
+
+
 def group_alive(pgid):
     return bool(group_members(pgid))
 

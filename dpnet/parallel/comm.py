@@ -229,7 +229,9 @@ class MPIComm:
 
     def abort(self, code=1):
         from .shm_leftovers import unlink_own
+        from .guardian import expect_exit
         unlink_own()  # MPICH would leave its shared-memory segments behind
+        expect_exit()  # whoever aborts has said why
         self.comm.Abort(code)
 
     def __repr__(self):

@@ -203,8 +203,10 @@ def _exit_later(rank, what_part):
     sys.stderr.write(f"[rank {rank}] watchdog: the job did not end {EXIT_GRACE_SECONDS:g} s after {what_part} "
                      "timed out (no abort reached this rank, or MPI did not answer); ending it.\n")
     sys.stderr.flush()
+    from .guardian import expect_exit
     from .shm_leftovers import unlink_own
     unlink_own()
+    expect_exit()
     os._exit(1)
 
 

@@ -15,6 +15,7 @@ import traceback
 from ..checkpoint import CheckpointError
 from ..data import DataError
 from ..parallel import SimComm, get_comm, launched_by_mpi, launcher_rank
+from ..parallel.guardian import expect_exit
 from .config import CHOICES, OPTION_HELP, ConfigError, TrainConfig, option_fields, validate
 from .loop import NonFiniteLoss, StartupError, stop_signal, train
 
@@ -106,6 +107,7 @@ def install_abort_hook(comm):
 def _on_sigint(signum, frame):
     """The first Ctrl-C stops the run at the next step, saved; a second ends it at once."""
     if stop_signal.is_set():
+        expect_exit()
         os._exit(EXIT_INTERRUPTED)
     stop_signal.set("SIGINT")
 

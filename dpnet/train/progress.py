@@ -24,18 +24,21 @@ def progress(total, done, description):
     return LineProgress(total, done, description, seconds, sys.stderr)
 
 
-def launcher_on_terminal(levels=3):
-    """True if, under an MPI launcher on this machine, the launcher writes to a terminal: its
-    stderr (found within `levels` parent processes: Hydra's proxy, then mpiexec) is a tty.
-    False without /proc (not Linux), or where the launcher runs elsewhere (ssh, srun)."""
+def launcher_on_terminal(levels=6):
+    """True if, under an MPI launcher on this machine, the output ends on a terminal: going up
+    the parent processes (the rank's guardian, Hydra's proxy, mpiexec, a dpnet.launch supervisor)
+    while their stderr is a pipe, the first whose stderr is not a pipe has a tty there. False
+    without /proc (not Linux), where it ends in a file, or where the launcher runs elsewhere
+    (ssh, srun)."""
     from ..parallel import launched_by_mpi
     if not launched_by_mpi():
         return False
     pid = os.getppid()
     for _ in range(levels):
         try:
-            if os.readlink(f"/proc/{pid}/fd/2").startswith(("/dev/pts/", "/dev/tty")):
-                return True
+            stderr = os.readlink(f"/proc/{pid}/fd/2")
+            if not stderr.startswith("pipe:"):
+                return stderr.startswith(("/dev/pts/", "/dev/tty"))
             with open(f"/proc/{pid}/stat") as f:
                 stat = f.read()
         except OSError:
