@@ -231,3 +231,63 @@ def case_broadcast_and_drift_check(comm, kind, path="buckets"):
             assert "step 7" in str(exc) and f"[{comm.size - 1}]" in str(exc), str(exc)
         else:
             raise AssertionError("a perturbed rank was not detected")
+
+
+# ------------------------------------------------------------------ the reproducible mode
+
+MICRO_SHARDS = 8
+
+
+def reproducible_run(comm, kind, bn_mode, canonical_sum, steps=3, n=19, reproducible=MICRO_SHARDS, workers=1):
+    """A few Adam steps of a float32 model in the reproducible mode over comm, each rank passing
+    its micro-shards of every global batch of n (19: micro-shards of 2 and 3 examples).
+    Returns (losses, parameters by name, running statistics): copies."""
+    from dpnet.parallel.microshards import rank_bounds
+    model = make_model(kind, bn_mode, seed=comm.rank, dtype=np.float32)  # rank 0's broadcast wins
+    dp = DataParallel(model, comm, reproducible=reproducible, workers=workers, canonical_sum=canonical_sum)
+    config, losses = {"learning_rate": 1e-2}, []
+    for step in range(steps):
+        X, y = make_batch(n, seed=10 + step)
+        lo, hi = rank_bounds(n, reproducible, comm.size, comm.rank)
+        loss, _ = dp.loss(X[lo:hi].astype(np.float32), y[lo:hi], global_batch_size=n)
+        losses.append(loss)
+        dp.step(adam, config)
+    state = [np.array(bn[key]) for bn in model.bn_params for key in ("running_mean", "running_var")]
+    result = losses, copies(model.params), state
+    dp.close()
+    return result
+
+
+def default_run(comm, kind, steps=3, n=19):
+    """The same steps in the default mode (even shards, one pass each, Allreduce)."""
+    model = make_model(kind, "sync", seed=comm.rank, dtype=np.float32)
+    dp = make_dp(model, comm, "allreduce")
+    config = {"learning_rate": 1e-2}
+    for step in range(steps):
+        X, y = make_batch(n, seed=10 + step)
+        lo, hi = shard_bounds(n, comm.size, comm.rank)
+        dp.loss(X[lo:hi].astype(np.float32), y[lo:hi], global_batch_size=n)
+        dp.step(adam, config)
+    params = copies(model.params)
+    dp.close()
+    return params
+
+
+def assert_same_run(a, b, what):
+    losses_a, params_a, state_a = a
+    losses_b, params_b, state_b = b
+    assert losses_a == losses_b, (what, losses_a, losses_b)
+    for name in params_a:
+        assert np.array_equal(params_a[name], params_b[name]), (what, name)
+    assert all(np.array_equal(x, z) for x, z in zip(state_a, state_b)), what
+
+
+def case_reproducible_is_bit_identical_at_any_size(comm, kind, bn_mode="sync", canonical_sum="tree"):
+    """4. the reproducible mode: 3 Adam steps over comm give the very bits of one process
+    (losses, parameters, batchnorm statistics); control: the default mode's bits differ."""
+    from dpnet.parallel import SerialComm
+    one = reproducible_run(SerialComm(), kind, bn_mode, canonical_sum)
+    assert_same_run(reproducible_run(comm, kind, bn_mode, canonical_sum), one, f"{comm.size} ranks")
+    if comm.size > 1:
+        mine, alone = default_run(comm, kind), default_run(SerialComm(), kind)
+        assert any(not np.array_equal(mine[k], alone[k]) for k in mine), "the default mode gave one process's bits"

@@ -52,3 +52,15 @@ def test_one_rank_is_the_serial_model():
     ref_loss, ref = cases.make_model("convnet", "sync").loss(X, y)
     assert loss == ref_loss
     assert all((grads[k] == ref[k]).all() for k in ref)
+
+
+@pytest.mark.parametrize("size", [2, 4, 8])
+@pytest.mark.parametrize("kind, bn_mode, canonical_sum", [
+    ("threelayer", "sync", "tree"), ("convnet", "sync", "fixed-point"), ("resnet", "sync", "tree"),
+    ("convnet", "local", "tree"), ("threelayer", "local", "fixed-point")])
+def test_reproducible_mode_is_bit_identical_at_any_size(size, kind, bn_mode, canonical_sum):
+    """One BLAS thread, as the mode asks (python -m dpnet.train --reproducible sets it)."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1, user_api="blas"):
+        cases.sim(size, "allreduce").run(cases.case_reproducible_is_bit_identical_at_any_size, kind, bn_mode,
+                                         canonical_sum)

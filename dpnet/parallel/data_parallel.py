@@ -43,8 +43,11 @@ import numpy as np
 
 from ..flat import FlatParams
 from .allreduce import AllreduceReducer
+from .canonical import CanonicalReducer, canonical_summer
 from .choice import choose_reducer
 from .consistency import check_consistency
+from .microshards import MicroShardGroup
+from .passes import MicroShardPasses, SinglePass
 from .regularization import SlicedL2
 from .watchdog import Unguarded, make_guard
 
@@ -94,6 +97,13 @@ class DataParallel:
       the rank(s) that never reached it; None: wait forever
     - guard: a guard from dpnet.parallel.watchdog.make_guard to use (and close) instead of
       one made from timeout, e.g. one that has guarded the job's start-up already
+    - reproducible: None, or M, a power of two that the number of ranks divides: the
+      reproducible mode (dpnet.parallel.microshards), whose losses, gradients and updates
+      are the same bits at any number of ranks; each rank passes its micro-shards
+      (rank_bounds) and the reduction and bucket_bytes are not used
+    - workers: in the reproducible mode, how many of a rank's micro-shard passes compute at
+      once (give each one BLAS thread)
+    - canonical_sum: in the reproducible mode, 'tree' or 'fixed-point' (dpnet.parallel.canonical)
 
     Attributes: reducer, reduction (its name), why_not_shared_memory (the reason 'auto'
     did not use it, or None), flat, steps (steps taken: set it when resuming a run, so
@@ -101,7 +111,7 @@ class DataParallel:
     """
 
     def __init__(self, model, comm, seed=0, check_every=0, timeout=None, bucket_bytes=None,
-                 reduction="auto", guard=None):
+                 reduction="auto", guard=None, reproducible=None, workers=1, canonical_sum="tree"):
         self.model = model
         self.comm = comm
         self.check_every = check_every
@@ -109,19 +119,27 @@ class DataParallel:
         self.comm_seconds = 0.0
         self.stop_requested = False  # this rank's vote to stop (e.g. on SIGTERM)
         self.stop_agreed = False  # some rank voted, as of the last loss(): all ranks agree
+        self.reproducible = reproducible
         if model.bn_mode == "sync":
             model.comm = comm
         if model.dropout_param is not None:
             model.dropout_param["rng"] = np.random.default_rng([seed, comm.rank])
         order = model.backward_order()  # gradients in the order backward finishes them
         sizes = [int(np.size(model.params[name])) for name in order]
-        self.reducer, self.why_not_shared_memory = choose_reducer(comm, reduction, bucket_bytes, sizes,
-                                                                  TAIL, model.dtype)
+        if reproducible:
+            group = MicroShardGroup(comm, reproducible, workers)
+            self.reducer = CanonicalReducer(comm, sum(sizes) + TAIL, model.dtype, group.k,
+                                            canonical_summer(canonical_sum, comm, reproducible, sizes + [1] * TAIL))
+            self.why_not_shared_memory = "the reproducible mode sums in a canonical order"
+        else:
+            self.reducer, self.why_not_shared_memory = choose_reducer(comm, reduction, bucket_bytes, sizes,
+                                                                      TAIL, model.dtype)
         self.flat = FlatParams(model.params, extra=TAIL, order=order, buffer=self.reducer.result)
+        self.passes = (MicroShardPasses(model, self.flat, self.reducer, group, seed) if reproducible else
+                       SinglePass(model, self.flat, self.reducer))
         self.l2 = SlicedL2(model, self.flat)
         self.update = self.reducer.make_update(self.flat)
         self.guard = make_guard(comm, timeout) if guard is None else guard
-        self._bind_send()
         self.broadcast_state()
 
     @property
@@ -132,10 +150,6 @@ class DataParallel:
     def grads(self):
         """The last reduced gradients, by parameter name (views of the fused buffer)."""
         return self.flat.grads
-
-    def _bind_send(self):
-        send = self.reducer.send
-        self._send_grads = {name: self.flat.view(send, name) for name in self.flat.names}
 
     def _bn_state(self):
         return [bn[key] for bn in self.model.bn_params for key in ("running_mean", "running_var")]
@@ -176,24 +190,13 @@ class DataParallel:
             total = int(self.comm.allreduce(np.array([len(X)], dtype=np.int64))[0])
         if total < 1:
             raise ValueError("the global batch is empty: every rank passed an empty shard")
-        stored = dict.fromkeys(self.flat.names, 0)
         self.reducer.begin()
-
-        def on_grad(name, grad):  # pack each gradient as it is made; the reducer may start on it
-            self._send_grads[name][...] = grad
-            stored[name] += 1
-            lo = self.flat.offsets[name]
-            self.reducer.ready(lo, lo + self.flat.sizes[name])
-
-        data_loss, _ = self.model.data_loss(X, y, batch_size=total, on_grad=on_grad)
-        if any(count != 1 for count in stored.values()):  # its bucket would go unreduced, or early
-            raise RuntimeError(f"backward stored {sum(stored.values())} gradients for {len(stored)} "
-                               "parameters; each must be stored once")
-        send = self.reducer.send
-        # this rank's share of the L2 loss rides in the sum; read the weights now: after the
-        # sum a faster rank may be updating a node's shared copy
-        send[-2] = data_loss + self.l2.loss(*self.reducer.loss_range)
-        send[-1] = float(self.stop_requested)
+        data_losses = self.passes.run(X, y, total, self.steps)
+        for send, data_loss, loss_range in zip(self.reducer.sends, data_losses, self.reducer.loss_ranges):
+            # this rank's share of the L2 loss rides in the sum; read the weights now: after the
+            # sum a faster rank may be updating a node's shared copy
+            send[-2] = data_loss + self.l2.loss(*loss_range)
+            send[-1] = float(self.stop_requested)
         l2_seconds = [0.0]
 
         def finish(result, lo, hi):  # the L2 gradient joins each finished entry of the sum once
@@ -241,7 +244,7 @@ class DataParallel:
             self.flat.rebind(buffer=np.array(self.flat.buffer))
             self.reducer.close()
         self.reducer = AllreduceReducer(self.comm, self.flat.buffer)
-        self._bind_send()
+        self.passes = SinglePass(self.model, self.flat, self.reducer)
         self.guard.close()
         self.guard = Unguarded()
 
@@ -249,8 +252,8 @@ class DataParallel:
         """Average local-mode batchnorm running statistics over ranks, so every rank
         evaluates and saves the same model (sync mode: already identical, untouched)."""
         state = self._bn_state()
-        if self.model.bn_mode == "sync" or not state or self.comm.size == 1:
-            return
+        if self.model.bn_mode == "sync" or self.reproducible or not state or self.comm.size == 1:
+            return  # reproducible: MicroShardPasses keeps them identical already
         packed = np.concatenate(state)
         self.comm.allreduce(packed)
         packed /= self.comm.size

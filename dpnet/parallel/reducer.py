@@ -18,6 +18,8 @@ Attributes:
   where every rank holds its own copy, its own slice where a node's ranks share one
 - loss_range: (lo, hi), the parameters whose L2 loss this rank adds to its contribution
   before the sum; over all ranks, each parameter is counted exactly once
+- sends, loss_ranges: the send buffers and their loss ranges, one per pass of a step: [send]
+  and [loss_range], except for the reproducible mode's CanonicalReducer (a buffer per micro-shard)
 """
 
 class Reducer:
@@ -26,6 +28,7 @@ class Reducer:
     def __init__(self, send, result, owned, loss_range):
         self.send, self.result = send, result
         self.owned, self.loss_range = owned, loss_range
+        self.sends, self.loss_ranges = [send], [loss_range]  # one per pass of a step (dpnet.parallel.passes)
 
     def begin(self):
         """A new step's contributions begin."""

@@ -27,6 +27,7 @@ import traceback
 import numpy as np
 
 from .comm import _check_op, ranks_per_node
+from .threads import run_threads
 
 DEFAULT_TIMEOUT = 120.0
 
@@ -250,24 +251,10 @@ class SimComm:
 
     def run(self, fn, *args, **kwargs):
         world = _World(self.size, self.timeout, ranks_per_node=self.ranks_per_node)
-        results = [None] * self.size
-        errors = [None] * self.size
-
-        def body(rank):
-            try:
-                results[rank] = fn(SimRankComm(world, rank), *args, **kwargs)
-            except BaseException as exc:  # noqa: BLE001 - reported to the caller below
-                errors[rank] = exc
-                world.fail(f"rank {rank} raised {type(exc).__name__}: {exc}")
-            else:
-                world.finish(rank)
-
-        threads = [threading.Thread(target=body, args=(r,), name=f"simrank-{r}", daemon=True)
-                   for r in range(self.size)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results, errors = run_threads(
+            lambda rank: fn(SimRankComm(world, rank), *args, **kwargs), self.size, "simrank",
+            on_error=lambda rank, exc: world.fail(f"rank {rank} raised {type(exc).__name__}: {exc}"),
+            on_success=world.finish)
         own = [(r, e) for r, e in enumerate(errors) if e is not None and not isinstance(e, SimCommError)]
         first = own[0] if own else next(((r, e) for r, e in enumerate(errors) if e is not None), None)
         if first is not None:

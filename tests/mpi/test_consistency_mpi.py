@@ -97,3 +97,13 @@ def test_buckets_are_reduced_overlapped_under_mpi(comm):
     dp = DataParallel(cases.make_model("convnet"), comm, bucket_bytes=cases.BUCKET_BYTES)
     assert dp.reducer.overlapped and len(dp.reducer.buckets) > 1
     dp.close()
+
+
+@pytest.mark.parametrize("kind, bn_mode, canonical_sum", [
+    ("threelayer", "sync", "tree"), ("convnet", "sync", "fixed-point"), ("resnet", "local", "tree")])
+def test_reproducible_mode_is_bit_identical_at_any_size(comm, kind, bn_mode, canonical_sum):
+    """Under mpirun, the reproducible mode's 3 steps equal one process's bits (computed by every
+    rank itself), on one BLAS thread."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1, user_api="blas"):
+        cases.case_reproducible_is_bit_identical_at_any_size(comm, kind, bn_mode, canonical_sum)

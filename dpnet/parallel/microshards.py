@@ -1,0 +1,163 @@
+"""Micro-shards: the fixed cut of every global batch that makes training bit-identical at any
+number of ranks (DataParallel(..., reproducible=M)).
+
+The global batch of B examples is cut into M micro-shards by position (shard_bounds(B, M, m)),
+the same cut whatever the number of ranks N; N divides M, both powers of two, and rank r holds
+the k = M / N micro-shards r*k .. r*k + k - 1 (rank_bounds). Each micro-shard gets a forward
+and backward pass of its own, on a thread of its own, so every array of a pass has the same
+shape at any N, and every reduction across examples is made per micro-shard, then combined in
+one order fixed by micro-shard index:
+- batchnorm's statistics and backward sums: MicroShardComm, the communicator a micro-shard's
+  batchnorm layers reduce over, gathers all M micro-shards' rows in micro-shard order and
+  sums them in that order;
+- the gradients, the loss and the stop votes: a canonical sum (dpnet.parallel.canonical).
+
+The passes of a rank run at most `workers` at a time (one BLAS thread each): a pass that waits
+for the others in a collective gives its turn up.
+"""
+
+import threading
+
+import numpy as np
+
+from .sharding import shard_bounds
+from .threads import run_threads
+
+DEFAULT_MICRO_SHARDS = 8
+
+
+def is_power_of_two(n):
+    return isinstance(n, (int, np.integer)) and n >= 1 and n & (n - 1) == 0
+
+
+def valid_rank_counts(micro_shards):
+    """The numbers of ranks that can run `micro_shards` micro-shards: its divisors."""
+    return [n for n in range(1, micro_shards + 1) if micro_shards % n == 0]
+
+
+def check_micro_shards(micro_shards, size):
+    """ValueError unless micro_shards is a power of two and `size` ranks divide it."""
+    if not is_power_of_two(micro_shards):
+        raise ValueError(f"the number of micro-shards must be a power of two (1, 2, 4, 8, ...), got {micro_shards}")
+    if micro_shards % size:
+        raise ValueError(f"{size} ranks cannot share {micro_shards} micro-shards equally: the number of ranks "
+                         f"must divide it ({', '.join(map(str, valid_rank_counts(micro_shards)))})")
+
+
+def rank_bounds(batch_len, micro_shards, size, rank):
+    """(start, stop) of the examples of a global batch of batch_len that rank holds: its
+    micro-shards, contiguous."""
+    k = micro_shards // size
+    return (shard_bounds(batch_len, micro_shards, rank * k)[0],
+            shard_bounds(batch_len, micro_shards, rank * k + k - 1)[1])
+
+
+class MicroShardFailure(RuntimeError):
+    """Another pass of this rank failed while this one waited for it in a collective."""
+
+
+class MicroShardGroup:
+    """The k passes of one rank and what they share: the rendezvous of their collectives, made
+    as one collective of the rank's communicator, and the turns to compute.
+
+    comms[j] is the communicator of this rank's micro-shard j (micro-shard rank*k + j of M)."""
+
+    def __init__(self, comm, micro_shards, workers=1):
+        check_micro_shards(micro_shards, comm.size)
+        self.comm, self.size = comm, micro_shards
+        self.k = micro_shards // comm.size
+        self.turns = threading.Semaphore(max(1, int(workers)))
+        self.cond = threading.Condition()
+        self.pending = [None] * self.k
+        self.arrived, self.generation, self.result = 0, 0, None
+        self.failure = None
+        self.comms = [MicroShardComm(self, j) for j in range(self.k)]
+
+    def reset(self):
+        """Before a new set of passes: forget an earlier failure."""
+        with self.cond:
+            self.pending, self.arrived, self.failure = [None] * self.k, 0, None
+
+    def fail(self, exc):
+        """A pass failed: wake the passes waiting for it (they raise MicroShardFailure)."""
+        with self.cond:
+            if self.failure is None:
+                self.failure = exc
+            self.cond.notify_all()
+
+    def gather(self, j, array):
+        """Collective of the k passes: (M,) + array.shape, every micro-shard's array in
+        micro-shard order. The last pass to arrive makes the rank's collective."""
+        self.turns.release()  # waiting: another pass may compute
+        try:
+            with self.cond:
+                if self.failure is not None:
+                    raise MicroShardFailure(f"another micro-shard pass failed: {self.failure}")
+                generation = self.generation
+                self.pending[j] = np.array(array, copy=True)
+                self.arrived += 1
+                if self.arrived < self.k:
+                    self.cond.wait_for(lambda: self.generation != generation or self.failure is not None)
+                    if self.generation == generation:
+                        raise MicroShardFailure(f"another micro-shard pass failed: {self.failure}")
+                    return self.result
+                local = np.stack(self.pending)
+                self.pending, self.arrived = [None] * self.k, 0
+            try:
+                gathered = self.comm.allgather(local)  # (N, k, ...): rank order, then pass order
+            except BaseException as exc:
+                self.fail(exc)
+                raise
+            with self.cond:
+                self.result = gathered.reshape((self.size,) + local.shape[1:])
+                self.generation += 1
+                self.cond.notify_all()
+                return self.result
+        finally:
+            self.turns.acquire()
+
+    def run(self, fn):
+        """Run fn(j) for the k passes, each on a thread of its own (inline when k is 1), at most
+        `workers` computing at once; returns their results in pass order or raises the first
+        pass's own exception."""
+        self.reset()
+
+        def one(j):
+            with self.turns:
+                return fn(j)
+
+        if self.k == 1:
+            return [one(0)]
+        results, errors = run_threads(one, self.k, "dpnet-micro", on_error=lambda j, exc: self.fail(exc))
+        own = [e for e in errors if e is not None and not isinstance(e, MicroShardFailure)]
+        if own or any(errors):
+            raise own[0] if own else next(e for e in errors if e is not None)
+        return results
+
+
+class MicroShardComm:
+    """What the batchnorm layers of one micro-shard's pass reduce over: the M micro-shards of
+    the global batch (rank = this micro-shard's index). allgather returns every micro-shard's
+    array in micro-shard order; allreduce sums them in that order, so both give the same bits
+    at any number of ranks."""
+
+    def __init__(self, group, j):
+        self.group, self.j = group, j
+        self.rank = group.comm.rank * group.k + j
+        self.size = group.size
+
+    def allgather(self, array):
+        return self.group.gather(self.j, np.asarray(array))
+
+    def allreduce(self, array, op="sum"):
+        if op != "sum":
+            raise ValueError(f"micro-shard allreduce sums only, got op {op!r}")
+        parts = self.group.gather(self.j, array)
+        total = parts[0].copy()
+        for part in parts[1:]:
+            total += part
+        array[...] = total
+        return array
+
+    def __repr__(self):
+        return f"MicroShardComm(micro-shard {self.rank} of {self.size})"

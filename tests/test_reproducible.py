@@ -1,0 +1,119 @@
+"""The reproducible mode's pieces: micro-shard bounds, the canonical sums, the passes of a rank.
+Bit-identity across numbers of ranks is in tests/parallel_cases.py (SimComm and mpirun)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from dpnet.parallel import DataParallel, SerialComm, SimComm
+from dpnet.parallel.canonical import FixedPointSum, TreeSum, pairwise_sum
+from dpnet.parallel.microshards import check_micro_shards, rank_bounds
+from dpnet.parallel.sharding import shard_bounds
+from tests import parallel_cases as cases
+
+
+def test_ranks_hold_whole_micro_shards_that_tile_the_batch():
+    for batch in (0, 3, 19, 128):
+        for size in (1, 2, 4, 8):
+            bounds = [rank_bounds(batch, 8, size, r) for r in range(size)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == batch
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            micro = [shard_bounds(batch, 8, m) for m in range(8)]  # the same cut at any size
+            k = 8 // size
+            assert all(bounds[r] == (micro[r * k][0], micro[r * k + k - 1][1]) for r in range(size))
+
+
+@pytest.mark.parametrize("micro_shards, size, message", [
+    (6, 2, "must be a power of two (1, 2, 4, 8, ...), got 6"),
+    (8, 3, "3 ranks cannot share 8 micro-shards equally: the number of ranks must divide it (1, 2, 4, 8)"),
+    (4, 8, "8 ranks cannot share 4 micro-shards equally: the number of ranks must divide it (1, 2, 4)")])
+def test_a_count_that_cannot_work_is_refused_naming_the_valid_ones(micro_shards, size, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_micro_shards(micro_shards, size)
+
+
+def test_the_tree_sum_is_the_pairwise_tree_over_micro_shard_index():
+    rng = np.random.default_rng(0)
+    parts = [(rng.standard_normal(1000) * 10.0 ** rng.integers(-3, 4)).astype(np.float32) for _ in range(8)]
+    tree = ((parts[0] + parts[1]) + (parts[2] + parts[3])) + ((parts[4] + parts[5]) + (parts[6] + parts[7]))
+    assert np.array_equal(pairwise_sum([p.copy() for p in parts]), tree)
+    sequential = parts[0] + parts[1] + parts[2] + parts[3] + parts[4] + parts[5] + parts[6] + parts[7]
+    assert not np.array_equal(tree, sequential)  # control: the order shows in the bits
+    for size in (2, 4):
+        k = 8 // size
+        out = SimComm(size).run(lambda comm: TreeSum(comm).combine(
+            [p.copy() for p in parts[comm.rank * k:(comm.rank + 1) * k]], np.empty(1000, np.float32)))
+        assert all(np.array_equal(o, tree) for o in out)
+
+
+def test_the_fixed_point_sum_is_within_its_grid_of_the_exact_sum_at_any_size():
+    rng = np.random.default_rng(1)
+    sizes = [40, 25, 1, 1]  # two parameters, then [loss, stop vote]
+    scales = np.repeat([1e3, 1e-6, 1.0, 1.0], sizes)
+    parts = [rng.standard_normal(sum(sizes)) * scales for _ in range(8)]
+    exact = np.array([math.fsum(p[i] for p in parts) for i in range(sum(sizes))])
+    one = FixedPointSum(SerialComm(), 8, sizes).combine([p.copy() for p in parts], np.empty(sum(sizes)))
+    largest = np.repeat([np.abs(np.array(parts)[:, a:a + n]).max() for a, n in
+                         zip(np.cumsum([0] + sizes[:-1]), sizes)], sizes)
+    grid = 2.0 ** (np.frexp(largest)[1] - (62 - 3))  # each part rounds to within half of it
+    assert np.all(np.abs(one - exact) <= 8 * grid / 2 + np.spacing(np.abs(exact))), np.abs(one - exact).max()
+    for size in (2, 4, 8):
+        k = 8 // size
+        out = SimComm(size).run(lambda comm: FixedPointSum(comm, 8, sizes).combine(
+            [p.copy() for p in parts[comm.rank * k:(comm.rank + 1) * k]], np.empty(sum(sizes))))
+        assert all(np.array_equal(o, one) for o in out), size
+
+
+def test_in_float64_the_mode_computes_the_full_batch_gradient():
+    """Sync batchnorm, float64, 4 ranks: the reproducible mode's gradients are the one-process
+    full-batch gradients to rounding (it is the same math, summed in another order)."""
+    X, y = cases.make_batch(19)
+    ref_loss, ref = cases.make_model("convnet", "sync").loss(X, y)
+
+    def run(comm):
+        dp = DataParallel(cases.make_model("convnet", "sync"), comm, reproducible=8)
+        lo, hi = rank_bounds(19, 8, comm.size, comm.rank)
+        loss, grads = dp.loss(X[lo:hi], y[lo:hi], global_batch_size=19)
+        return loss, cases.copies(grads)
+    for loss, grads in SimComm(4).run(run):
+        assert abs(loss - ref_loss) <= 1e-12 * ref_loss
+        assert max(cases.grad_errors(grads, ref).values()) <= 1e-10
+
+
+def test_passes_that_compute_two_at_a_time_give_the_same_bits():
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1, user_api="blas"):
+        one = SimComm(2).run(cases.reproducible_run, "convnet", "sync", "tree", workers=1)
+        two = SimComm(2).run(cases.reproducible_run, "convnet", "sync", "tree", workers=2)
+    for a, b in zip(one, two):
+        cases.assert_same_run(a, b, "workers=2")
+
+
+def test_a_rank_must_pass_its_micro_shards():
+    dp = DataParallel(cases.make_model("threelayer"), SerialComm(), reproducible=8)
+    X, y = cases.make_batch(10)
+    with pytest.raises(ValueError, match=r"must pass its micro-shards, examples \[0, 19\) of the global batch of 19"):
+        dp.loss(X, y, global_batch_size=19)
+
+
+def test_a_pass_that_fails_fails_the_step_at_once():
+    """A pass that raises while the others wait for it in sync batchnorm's collective: the step
+    raises that error (no pass is left waiting)."""
+
+    class Failing(type(cases.make_model("convnet"))):
+        def _forward(self, X):
+            if len(X) and X[0, 0, 0, 0] == 123.0:
+                raise RuntimeError("pass failed")
+            return super()._forward(X)
+
+    X, y = cases.make_batch(16)
+    X[10, 0, 0, 0] = 123.0  # the first example of micro-shard 5, on rank 1 of 2
+
+    def run(comm):
+        model = Failing(input_dim=cases.INPUT, stages=((4,), (5,)), hidden_dims=(6,), bn_mode="sync")
+        dp = DataParallel(model, comm, reproducible=8)
+        lo, hi = rank_bounds(16, 8, comm.size, comm.rank)
+        dp.loss(X[lo:hi], y[lo:hi], global_batch_size=16)
+    with pytest.raises(RuntimeError, match="pass failed"):
+        SimComm(2, timeout=20).run(run)
