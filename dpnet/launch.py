@@ -52,8 +52,9 @@ HYDRA_DEATH = re.compile(r"PID (\d+) RUNNING AT (\S+)")
 HYDRA_CODE = re.compile(r"EXIT CODE: (\d+)")
 # A rank's guardian (dpnet.parallel.guardian), on stderr: it names the rank, where Hydra's report,
 # which comes after its cleanup, may name another rank's PID
-GUARDIAN_REPORT = re.compile(r"^\[rank (\d+)\] (?:was killed by (\S+)|ended with (exit status \d+) and no report)"
-                             r".*; PID (\d+) on (\S+)$", re.M)
+# (not anchored: the line may follow a progress bar's unfinished line, or a launcher's prefix)
+GUARDIAN_REPORT = re.compile(r"\[rank (\d+)\] (?:was killed by (\S+)|ended with exit status (\d+) and no report)"
+                             r".*?; PID (\d+) on (\S+)$", re.M)
 
 
 def say(text):
@@ -129,21 +130,26 @@ def restart_argv(train_argv, resume):
 
 
 def death_report(output, rank_map):
-    """(what the job's output says about a rank that died, whether it died by a signal): a rank's
-    guardian's report, else the launcher's, with its rank where the rank map knows the PID;
-    (None, False) where neither said anything."""
+    """(what the job's output says about a rank that died, whether a rank crashed, the job's
+    status as that rank's end gives it): a rank's guardian's report (an end it did not explain:
+    a signal, Hydra's status k for signal k, or an exit, its own status), else the launcher's
+    report of a death by signal, with its rank where the rank map knows the PID (status None:
+    the launcher's); (None, False, None) where neither said anything."""
     guardian = GUARDIAN_REPORT.search(output)
     if guardian:
-        rank, signame, exit_status, pid, host = guardian.groups()
-        how = f"died, killed by {signame}" if signame else f"ended with {exit_status} and no report"
-        return f"rank {rank} (PID {pid} on {host}) {how}", bool(signame)
+        rank, signame, code, pid, host = guardian.groups()
+        where = f"rank {rank} (PID {pid} on {host})"
+        if signame:
+            number = getattr(signal, signame, None)
+            return f"{where} died, killed by {signame}", True, int(number) if number else None
+        return f"{where} ended with exit status {code} and no report", True, int(code)
     return _hydra_report(output, rank_map)
 
 
 def _hydra_report(output, rank_map):
     death = HYDRA_DEATH.search(output)
     if not death:
-        return None, False
+        return None, False, None
     pid, host = int(death.group(1)), death.group(2)
     code = HYDRA_CODE.search(output, death.end())
     ranks = [entry["rank"] for entry in rank_map if pid in (entry["pid"], entry.get("guardian"))]
@@ -157,7 +163,7 @@ def _hydra_report(output, rank_map):
                 how = f", killed by {signal.Signals(status).name}"
             except ValueError:
                 pass
-    return f"{who} (PID {pid} on {host}) died{how}", True
+    return f"{who} (PID {pid} on {host}) died{how}", True, None
 
 
 # ------------------------------------------------------------------ the supervisor
@@ -185,9 +191,10 @@ class Supervisor:
         """Attempts until one ends in a final status or the restarts are spent; returns the exit status."""
         argv, restarts = list(self.train_argv), 0
         while True:
-            status, seconds, report, signalled = self.attempt(argv, restarts)
-            # a rank killed by signal k makes Hydra exit k, which may look like a final status
-            if (status in FINAL_STATUSES and not signalled) or self.stop:
+            status, seconds, report, crashed = self.attempt(argv, restarts)
+            # a rank killed by signal k makes Hydra exit k, and a rank may exit on its own with any
+            # status: either may look like a final status
+            if (status in FINAL_STATUSES and not crashed) or self.stop:
                 if restarts and status == 0:
                     say(f"finished after {restarts} restart(s)")
                 return status
@@ -230,9 +237,12 @@ class Supervisor:
                 forward.join(timeout=5)
             _kill_group(self.job)  # what the launcher left of its own group
             ranks = read_rank_map(rank_map)
-            report, signalled = death_report("".join(tail), ranks) if status else (None, False)
+            report, crashed, rank_status = death_report("".join(tail), ranks)
             _end_leftover_ranks(ranks)  # Hydra starts its ranks in sessions of their own
-        return _exit_status(status), time.monotonic() - started, report, signalled
+        status = _exit_status(status)
+        if crashed:  # Hydra's own status may be that of another rank it killed while cleaning up
+            status = rank_status or status or 1
+        return status, time.monotonic() - started, report, crashed
 
     @contextlib.contextmanager
     def rank_map_path(self):
@@ -270,10 +280,9 @@ class Supervisor:
             return False
         newest = self.newest_own_checkpoint()
         source = newest[1] if newest else self.config.resume
-        bn_mode = _stored_bn_mode(source) if source else self.config.bn_mode
-        if bn_mode == "local":
-            say("giving up: fewer ranks change what --bn-mode local computes (statistics per rank's shard); "
-                "use --bn-mode sync to go on with fewer ranks")
+        problem = fewer_ranks_problem(self.config, _stored_settings(source) if source else {}, ranks)
+        if problem:
+            say(f"giving up: {problem}")
             return False
         self.hosts, self.ranks = alive, ranks
         return True
@@ -319,14 +328,15 @@ class Supervisor:
 def _forward(stream, ours, tail, keep=400):
     """Copy one of the job's output streams to ours (stdout or stderr) as it comes (a progress
     bar's carriage returns too), keeping the last `keep` lines of both in `tail`. If ours is gone
-    (a closed pipe), go on reading, so the job never blocks on a full pipe."""
-    out, partial = ours.buffer, ""
+    or fails (closed, a closed pipe, a terminal hung up), go on reading, so the job never blocks
+    on a full pipe."""
+    out, partial = getattr(ours, "buffer", None), ""
     for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
         if out is not None:
             try:
                 out.write(chunk)
                 out.flush()
-            except (BrokenPipeError, ValueError):
+            except (OSError, ValueError):
                 out = None
         lines = (partial + chunk.decode(errors="replace")).split("\n")
         partial = lines.pop()
@@ -397,12 +407,30 @@ def _exit_status(returncode):
     return 128 - returncode if returncode < 0 else returncode  # killed by signal k: 128 + k, as a shell says
 
 
-def _stored_bn_mode(path):
+def _stored_settings(path):
+    """The TrainConfig (a dict) a checkpoint was written with; {} where it cannot be read."""
     from .train.resume import stored_config
     try:
-        return stored_config(path).get("bn_mode")
+        return stored_config(path)
     except Exception:
+        return {}
+
+
+def fewer_ranks_problem(config, stored, ranks):
+    """Why the run cannot go on at `ranks` ranks (None: it can): its settings are the stored ones
+    of its checkpoint where there is one, else config's. Sync batchnorm (or none) computes the same
+    model at any number of ranks; the reproducible mode computes the same bits at any number that
+    divides its micro-shards, whatever the batchnorm."""
+    setting = {key: stored.get(key, getattr(config, key)) for key in ("bn_mode", "reproducible", "micro_shards")}
+    if setting["reproducible"]:
+        if setting["micro_shards"] % ranks:
+            return (f"{ranks} rank(s) cannot share the run's {setting['micro_shards']} micro-shards (--reproducible): "
+                    f"the number of ranks must divide it")
         return None
+    if setting["bn_mode"] == "local":
+        return ("fewer ranks change what --bn-mode local computes (statistics per rank's shard); use --bn-mode "
+                "sync, or --reproducible, to go on with fewer ranks")
+    return None
 
 
 def _end_with_parent():
@@ -473,11 +501,11 @@ def main(argv=None):
         print("python -m dpnet.launch: error: restarts continue from checkpoints, and --checkpoint is '' "
               "(give a path, or --max-restarts 0)", file=sys.stderr)
         return EXIT_USAGE
-    bn_mode = (_stored_bn_mode(config.resume) if config.resume and os.path.isfile(config.resume) else None) \
-        or config.bn_mode
-    if args.min_ranks and args.min_ranks < args.ranks and bn_mode == "local":
-        print("python -m dpnet.launch: error: --min-ranks below -n needs --bn-mode sync or none: with local "
-              "statistics, fewer ranks compute another model", file=sys.stderr)
+    stored = _stored_settings(config.resume) if config.resume and os.path.isfile(config.resume) else {}
+    problem = fewer_ranks_problem(config, stored, args.min_ranks) if args.min_ranks and args.min_ranks < args.ranks \
+        else None
+    if problem:
+        print(f"python -m dpnet.launch: error: --min-ranks {args.min_ranks}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     launcher = choose_launcher(args.launcher, args.launcher_command)
     if args.hosts and launcher.name == "srun":

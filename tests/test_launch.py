@@ -87,9 +87,10 @@ HYDRA_REPORT = """
 
 def test_death_report_names_the_rank_of_the_pid():
     ranks = [{"rank": 0, "host": "a", "pid": 1401}, {"rank": 1, "host": "a", "pid": 1402}]
-    assert death_report(HYDRA_REPORT, ranks) == ("rank 1 (PID 1402 on 198.18.7.11) died, killed by SIGKILL", True)
-    assert death_report(HYDRA_REPORT, []) == ("a rank (PID 1402 on 198.18.7.11) died, killed by SIGKILL", True)
-    assert death_report("no report here", ranks) == (None, False)
+    assert death_report(HYDRA_REPORT, ranks) == ("rank 1 (PID 1402 on 198.18.7.11) died, killed by SIGKILL", True,
+                                                 None)
+    assert death_report(HYDRA_REPORT, []) == ("a rank (PID 1402 on 198.18.7.11) died, killed by SIGKILL", True, None)
+    assert death_report("no report here", ranks) == (None, False, None)
     guarded = [{"rank": 0, "host": "a", "pid": 7, "guardian": 1401},
                {"rank": 1, "host": "a", "pid": 8, "guardian": 1402}]
     assert death_report(HYDRA_REPORT, guarded)[0] == "rank 1 (PID 1402 on 198.18.7.11) died, killed by SIGKILL"
@@ -98,11 +99,15 @@ def test_death_report_names_the_rank_of_the_pid():
 def test_a_guardians_report_wins_over_hydras():
     """Hydra's report comes after its cleanup and may name another rank's guardian; the line of
     the guardian whose rank died names the rank itself."""
-    killed = "[rank 2] was killed by SIGKILL; PID 5150 on node7\n" + HYDRA_REPORT
-    assert death_report(killed, []) == ("rank 2 (PID 5150 on node7) died, killed by SIGKILL", True)
-    exited = ("[rank 1] ended with exit status 3 and no report (os._exit, or exit() in C code); PID 5151 on node7\n"
-              "epoch 1/2: loss 2.1\n")
-    assert death_report(exited, []) == ("rank 1 (PID 5151 on node7) ended with exit status 3 and no report", False)
+    killed = "[rank 2] was killed by SIGSEGV; PID 5150 on node7\n" + HYDRA_REPORT
+    assert death_report(killed, []) == ("rank 2 (PID 5150 on node7) died, killed by SIGSEGV", True, 11)
+    exited = ("[rank 1] ended with exit status 2 and no report (os._exit, or exit() in C code); PID 5151 on node7\n"
+              "epoch 1/2: loss 2.1\n")  # 2 is a bad option's status, but nothing reported one: a crash
+    assert death_report(exited, []) == ("rank 1 (PID 5151 on node7) ended with exit status 2 and no report", True, 2)
+    # after a progress bar's unfinished line, or behind mpiexec -l's prefix
+    glued = "\repoch 1/2:  40%|####  | 2/5 [00:01, loss=2.185][rank 1] was killed by SIGKILL; PID 5152 on node7\n"
+    assert death_report(glued, [])[0] == "rank 1 (PID 5152 on node7) died, killed by SIGKILL"
+    assert death_report("[1] [rank 1] was killed by SIGKILL; PID 5153 on n7\n", [])[0].startswith("rank 1 (PID 5153")
 
 
 def test_srun_is_the_launcher_inside_slurm(tmp_path):
@@ -332,3 +337,45 @@ def test_the_live_bar_reaches_a_terminal_through_the_supervisor(cifar_dir, tmp_p
     shown = typescript.read_bytes().decode(errors="replace")
     assert re.search(r"\repoch 1/1: +\d+%\|", shown), shown
     assert "epoch 1/1: step " not in shown, shown
+
+
+@pytest.mark.skipif(not (shutil.which("script") and os.path.isdir("/proc/self")),
+                    reason="needs util-linux's script (a terminal for the supervisor) and /proc")
+def test_output_piped_to_another_program_gets_lines_not_a_bar(cifar_dir, tmp_path):
+    """python -m dpnet.launch ... 2>&1 | cat > log on a terminal: the output goes to another
+    program, not the terminal: progress lines, no bar."""
+    args = [a for a in train_args(cifar_dir, "--epochs", "1") if a != "--no-progress"]
+    command = shlex.join(launch_command(args, "-n", "2")) + " 2>&1 | cat > log"
+    cmd = ["script", "-qec", command, str(tmp_path / "typescript")]
+    run = finish(start(cmd, tmp_path, clean_env(DPNET_PROGRESS_SECONDS="0")), cmd, tmp_path, time.monotonic(), 90)
+    assert run.returncode == 0, str(run)
+    log = (tmp_path / "log").read_text()
+    assert "\r" not in log and "epoch 1/1: step " in log, log
+
+
+def test_the_supervisor_keeps_reading_when_its_own_output_fails(tmp_path):
+    """Its stderr closed (2>&-) or a terminal gone: the job's output is still drained, so the job
+    never blocks writing it."""
+    from dpnet.launch import _forward
+
+    class Failing:
+        class buffer:
+            @staticmethod
+            def write(data):
+                raise OSError(5, "Input/output error")
+
+    import threading
+
+    def write(fd):
+        with os.fdopen(fd, "wb") as writer:
+            writer.write(b"x" * 200000 + b"\nlast line\n")  # more than a pipe holds
+
+    for ours in (None, Failing):
+        read_end, write_end = os.pipe()
+        writer = threading.Thread(target=write, args=(write_end,))
+        writer.start()
+        with os.fdopen(read_end, "rb") as stream:
+            tail = []
+            _forward(stream, ours, tail)
+        writer.join(timeout=10)
+        assert not writer.is_alive() and tail[-1] == "last line\n"

@@ -5,8 +5,7 @@ signal), the guardian names it, on stderr:
 
     [rank 1] ended with exit status 3 and no report (os._exit, or exit() in C code); PID 4242 on node3
 
-and then ends the same way (the same status, or the same signal), so the launcher sees what
-it would have seen without a guardian.
+and then ends the same way (the same status, or the same signal).
 
 Why a second process: Hydra reports a rank killed by a signal by its PID only, says nothing of
 a rank that exits on its own, and SIGKILLs the other ranks within milliseconds, before any of
@@ -14,11 +13,14 @@ them could report (measured: they receive no catchable signal first). Only a pro
 the rank, yet started by the launcher, is there to see and say which rank it was.
 
 The rank tells its guardian that an end is its own doing (a normal exit, which reports what it
-has to; an abort or a watchdog exit, which report first) with expect_exit(). The guardian passes
-on the signals it receives (the launchers signal whole process groups; the rank leaves its
-guardian's group so it gets each one once), and the rank dies with its guardian
-(PR_SET_PDEATHSIG), so killing the guardian ends the rank. Linux only; elsewhere the rank runs
-unguarded, as before.
+has to; an abort or a watchdog exit, which report first) with expect_exit(); any other end is
+reported, status 0 included. The guardian passes on the signals it receives (Hydra signals whole
+process groups; a rank without a terminal leaves its guardian's group, so it gets each one once;
+one with a terminal stays, so it can read it, and may get a signal twice: see dpnet.train.cli's
+Ctrl-C), and the rank dies with its guardian (PR_SET_PDEATHSIG), so killing the guardian ends
+the rank. The launcher's exit status is not always the rank's: Hydra may pass on the status of
+another rank it killed while cleaning up (9); the guardian's line says how the rank ended.
+Linux only; elsewhere the rank runs unguarded, as before.
 """
 
 import atexit
@@ -61,8 +63,14 @@ def guard_this_rank():
     rank = launcher_rank()
     parent = os.getpid()
     read_fd, write_fd = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+    # signals wait until each side has its handlers (the guardian's pass them on; the rank's own)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PASSED_ON)
     child = os.fork()
     if child == 0:
         os.close(read_fd)
@@ -70,11 +78,15 @@ def guard_this_rank():
         set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != parent:  # the guardian died before the line above took effect
             os._exit(1)
-        os.setpgid(0, 0)  # group signals reach the guardian only, which passes each on once
+        if not _has_terminal():
+            # group signals (Hydra signals each rank's group) reach the guardian only, which passes
+            # each on once; a rank with a terminal stays in its foreground group, to read from it
+            os.setpgid(0, 0)
         atexit.register(expect_exit)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return
     os.close(write_fd)
-    _guard(child, rank, read_fd)
+    _guard(child, rank, read_fd, blocked)
 
 
 def set_parent_death_signal(signum):
@@ -82,14 +94,17 @@ def set_parent_death_signal(signum):
     _prctl(_PR_SET_PDEATHSIG, int(signum))
 
 
-def _guard(child, rank, read_fd):
+def _guard(child, rank, read_fd, blocked):
     """The guardian: pass signals on to the rank, wait for it, report an unexplained end, and
     end as it ended. Never returns."""
     import ctypes
     _prctl(_PR_SET_NAME, ctypes.c_char_p(GUARDIAN_NAME.encode()))
     for signum in PASSED_ON:
         signal.signal(signum, lambda signum, frame: _pass_on(child, signum))
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     _, status = os.waitpid(child, 0)  # retried after each signal handler (PEP 475)
+    for signum in PASSED_ON:  # the rank is gone: nothing to pass on any more
+        signal.signal(signum, signal.SIG_IGN)
     os.set_blocking(read_fd, False)
     try:
         expected = os.read(read_fd, 1) == b"x"
@@ -102,7 +117,7 @@ def _guard(child, rank, read_fd):
             _report(f"[rank {rank}] was killed by {_signal_name(signum)}; {where}")
         _end_by_signal(signum)
     code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
-    if code != 0 and not expected:
+    if not expected:  # even status 0: a rank that ended mid-run without finishing
         _report(f"[rank {rank}] ended with exit status {code} and no report (os._exit, or exit() in C code); "
                 f"{where}")
     os._exit(code)
@@ -142,6 +157,15 @@ def _signal_name(signum):
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
+
+
+def _has_terminal():
+    """True if this process has a controlling terminal (Hydra starts ranks in sessions without one)."""
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+        return True
+    except OSError:
+        return False
 
 
 def _linux():

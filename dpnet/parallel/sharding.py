@@ -30,15 +30,18 @@ def steps_per_epoch(num_examples, batch_size):
     return -(-num_examples // batch_size)
 
 
-def shard_indices(num_examples, batch_size, rank, size, seed, epoch):
+def shard_indices(num_examples, batch_size, rank, size, seed, epoch, micro_shards=None):
     """Example indices of this rank for every step of `epoch`: a list with one int array per
-    global minibatch (an array may be empty)."""
+    global minibatch (an array may be empty). With micro_shards (the reproducible mode), the
+    rank's shard is its micro-shards (dpnet.parallel.microshards.rank_bounds)."""
+    from .microshards import rank_bounds
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     order = epoch_permutation(num_examples, seed, epoch)
     shards = []
     for start in range(0, num_examples, batch_size):
         batch = order[start:start + batch_size]
-        lo, hi = shard_bounds(len(batch), size, rank)
+        lo, hi = (rank_bounds(len(batch), micro_shards, size, rank) if micro_shards else
+                  shard_bounds(len(batch), size, rank))
         shards.append(batch[lo:hi])
     return shards

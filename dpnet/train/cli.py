@@ -104,11 +104,21 @@ def install_abort_hook(comm):
     sys.excepthook = hook
 
 
+SECOND_CTRL_C_SECONDS = 1.0  # a SIGINT sooner than this after the first is the same one delivered twice
+_first_sigint = []
+
+
 def _on_sigint(signum, frame):
-    """The first Ctrl-C stops the run at the next step, saved; a second ends it at once."""
+    """The first Ctrl-C stops the run at the next step, saved; a second ends it at once. One
+    Ctrl-C may arrive twice (to the rank's group and through its guardian, or `pkill -INT` of both):
+    a second within SECOND_CTRL_C_SECONDS counts as the first."""
+    now = time.monotonic()
     if stop_signal.is_set():
+        if _first_sigint and now - _first_sigint[0] < SECOND_CTRL_C_SECONDS:
+            return
         expect_exit()
         os._exit(EXIT_INTERRUPTED)
+    _first_sigint[:] = [now]
     stop_signal.set("SIGINT")
 
 

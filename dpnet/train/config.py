@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from ..parallel import REDUCTIONS
+from ..parallel.microshards import DEFAULT_MICRO_SHARDS, check_micro_shards
 
 OPTIMIZERS = {"sgd": "sgd", "momentum": "sgd_momentum", "nesterov": "sgd_nesterov_momentum",
               "rmsprop": "rmsprop", "adam": "adam"}
@@ -50,6 +51,8 @@ class TrainConfig:
     bucket_mb: float = 0.0
     timeout: float = 300.0
     progress: bool = True
+    reproducible: bool = False
+    micro_shards: int = DEFAULT_MICRO_SHARDS
     # the options set explicitly (flags, TOML), which a resumed run checks against its checkpoint
     given: tuple = field(default=(), metadata={"option": False})
 
@@ -103,6 +106,12 @@ OPTION_HELP = {
     "bucket_mb": "with allreduce: reduce buckets of this many MiB during backward (0: once, after it)",
     "timeout": "seconds one step may take, waiting for other ranks included, before the job is aborted",
     "progress": "progress bar on rank 0 (shown only on a terminal)",
+    "reproducible": "the same run, bit for bit, at any number of ranks that divides --micro-shards: every "
+                    "global batch is cut into that many micro-shards by position, each gets a forward and "
+                    "backward pass of its own (--threads of them at once, one BLAS thread each), and every sum "
+                    "over examples is made in one fixed order; local batchnorm then means per micro-shard "
+                    "statistics",
+    "micro_shards": "with --reproducible: micro-shards per global batch, a power of two",
 }
 
 CHOICES = {"model": ("threelayer", "convnet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"),
@@ -159,6 +168,17 @@ def validate(config, world_size):
         raise ConfigError(f"--timeout must be positive, got {config.timeout}")
     if config.resume and not os.path.isfile(config.resume):
         raise ConfigError(f"--resume {config.resume}: no such checkpoint file")
+    if config.reproducible:
+        try:
+            check_micro_shards(config.micro_shards, world_size)
+        except ValueError as exc:
+            raise ConfigError(f"--reproducible --micro-shards {config.micro_shards}: {exc}") from None
+        if config.conv_algorithm == "auto":
+            raise ConfigError("--reproducible needs a fixed --conv-algorithm (im2col or winograd): auto measures "
+                              "this machine and may choose differently elsewhere")
+        if config.bucket_mb or config.reduction != "auto":
+            raise ConfigError("--reproducible sums gradients in its own fixed order: leave out --reduction and "
+                              "--bucket-mb")
     if config.batch_size < world_size:
         raise ConfigError(f"--batch-size {config.batch_size} is smaller than the {world_size} ranks: "
                           "every rank needs at least one example per step")

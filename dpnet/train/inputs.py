@@ -5,8 +5,9 @@ import os
 
 import numpy as np
 
-from ..augment import random_crop_flip
+from ..augment import crop_flip, crop_flip_draws
 from ..data import load_dataset, make_synthetic
+from ..parallel.microshards import rank_bounds
 from .config import DATA_ENV, ConfigError
 
 
@@ -68,10 +69,41 @@ def normaliser(x_train, dtype):
     return to_input
 
 
-def training_batch(x, idx, to_input, augment_rng=None):
-    """The network's input for the training images x[idx]: normalised, then randomly cropped
-    and flipped with augment_rng (None: not augmented)."""
+def training_batch(x, idx, to_input, draws=None):
+    """The network's input for the training images x[idx]: normalised, then cropped and flipped
+    as draws = (dy, dx, flip) say (None: not augmented)."""
     xb = to_input(x[idx])
-    if augment_rng is not None:
-        xb = random_crop_flip(xb, augment_rng)
+    if draws is not None:
+        xb = crop_flip(xb, *draws)
     return xb
+
+
+class RankAugmentation:
+    """Crops and flips drawn from this rank's own stream, seeded with (seed, rank) and saved in
+    checkpoints: the default mode."""
+
+    def __init__(self, seed, rank):
+        self.rng = np.random.default_rng([seed, rank, 1])
+        self.streams = {"augment": self.rng}  # what a checkpoint saves and a resume restores
+
+    def draws(self, step, count, global_len):
+        return crop_flip_draws(self.rng, count)
+
+
+class StepAugmentation:
+    """The crops and flips of the whole global batch, drawn from (seed, step); each rank takes
+    those of its examples (its micro-shards): the reproducible mode, the same at any number of
+    ranks. Nothing to save: the step says it all."""
+
+    STEP_KEY = 1 << 32  # apart from RankAugmentation's (seed, rank, 1) streams
+
+    def __init__(self, seed, micro_shards, size, rank):
+        self.seed, self.micro_shards, self.size, self.rank = seed, micro_shards, size, rank
+        self.streams = {}
+
+    def draws(self, step, count, global_len):
+        start, stop = rank_bounds(global_len, self.micro_shards, self.size, self.rank)
+        if stop - start != count:
+            raise ValueError(f"rank {self.rank} holds {stop - start} examples of this batch, not {count}")
+        everyone = crop_flip_draws(np.random.default_rng([self.seed, self.STEP_KEY, step]), global_len)
+        return tuple(d[start:stop] for d in everyone)

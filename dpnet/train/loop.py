@@ -25,7 +25,7 @@ from ..parallel.watchdog import make_guard
 from ..scaling import run_prediction
 from .config import DATA_ENV, OPTIMIZERS, REFERENCE_BATCH, ConfigError, parse_stages, validate
 from .faults import fault_spec, inject_fault, inject_part_fault, inject_start_fault
-from .inputs import load_data, normaliser, split_train_val, training_batch
+from .inputs import RankAugmentation, StepAugmentation, load_data, normaliser, split_train_val, training_batch
 from .progress import progress
 from .ranks import write_rank_map
 from .resume import restore_settings, stored_config
@@ -233,13 +233,17 @@ class Trainer:
         try:
             self.dp = DataParallel(self.model, comm, seed=config.seed, check_every=config.check_every,
                                    timeout=config.timeout, bucket_bytes=int(config.bucket_mb * 2**20) or None,
-                                   reduction=config.reduction, guard=self.guard)
+                                   reduction=config.reduction, guard=self.guard,
+                                   reproducible=config.micro_shards if config.reproducible else None,
+                                   workers=self.threads)
         except ReducerUnavailable as exc:  # on every rank alike
             raise ConfigError(f"--reduction {config.reduction}: {exc}") from None
         self.update_rule = get_update_rule(OPTIMIZERS[config.optimizer])
         self.optim_config = {"learning_rate": config.lr}
-        self.rngs = {"augment": np.random.default_rng([config.seed, comm.rank, 1])}
-        if self.model.dropout_param is not None:
+        self.augmentation = (StepAugmentation(config.seed, config.micro_shards, comm.size, comm.rank)
+                             if config.reproducible else RankAugmentation(config.seed, comm.rank))
+        self.rngs = dict(self.augmentation.streams)  # the random streams checkpoints save
+        if self.model.dropout_param is not None and not config.reproducible:
             self.rngs["dropout"] = self.model.dropout_param["rng"]
         self.per_epoch = steps_per_epoch(len(self.x_train), config.batch_size)
         # the lr schedule spans --epochs; --max-steps only stops early
@@ -250,8 +254,11 @@ class Trainer:
             self._resume()
         # the scaling model's per-step prediction for this layout: the same for every epoch
         self.prediction = run_prediction(config, self.dp, comm.size, self.threads)
-        self.say(f"dpnet {__version__}: {config.model} (bn {config.bn_mode}), {comm.size} rank(s) x {self.threads} "
-                 f"BLAS thread(s); {source}: {len(self.x_train)} train / {len(self.x_val)} val / "
+        layout = (f"{comm.size} rank(s) x {self.threads} BLAS thread(s)" if not config.reproducible else
+                  f"{comm.size} rank(s), reproducible: {config.micro_shards} micro-shards per batch, "
+                  f"{self.threads} pass(es) at a time per rank, 1 BLAS thread each")
+        self.say(f"dpnet {__version__}: {config.model} (bn {config.bn_mode}), {layout}; "
+                 f"{source}: {len(self.x_train)} train / {len(self.x_val)} val / "
                  f"{len(self.data['x_test'])} test; "
                  f"{self.epochs} epochs of {self.per_epoch} steps, global batch {config.batch_size}")
         if self.conv_choices is not None:
@@ -309,7 +316,8 @@ class Trainer:
         from threadpoolctl import threadpool_limits
 
         summary, stopped = {}, False
-        with threadpool_limits(self.threads, user_api="blas"):
+        # reproducible: every pass on one BLAS thread (OpenBLAS's results may change with its thread count)
+        with threadpool_limits(1 if self.config.reproducible else self.threads, user_api="blas"):
             while self.step < self.total_steps:
                 epoch = self.step // self.per_epoch
                 stopped, loss_sum, seen, seconds, comm_before = self.train_epoch(epoch)
@@ -349,17 +357,18 @@ class Trainer:
         over the `seen` images, the time taken, and dp.comm_seconds at the start."""
         config, comm = self.config, self.comm
         skip = self.step - epoch * self.per_epoch
-        shards = shard_indices(len(self.x_train), config.batch_size, comm.rank, comm.size, config.seed, epoch)
+        shards = shard_indices(len(self.x_train), config.batch_size, comm.rank, comm.size, config.seed, epoch,
+                               micro_shards=config.micro_shards if config.reproducible else None)
         bar = _progress(config, comm, len(shards), skip, epoch, self.epochs)
         started, comm_before = time.perf_counter(), self.dp.comm_seconds
         loss_sum, seen, stopped = 0.0, 0, False
-        augment_rng = self.rngs["augment"] if config.augment else None
         for i in range(skip, len(shards)):
             if self.step >= self.total_steps:
                 break
             idx = shards[i]
             global_len = min(config.batch_size, len(self.x_train) - i * config.batch_size)
-            xb = training_batch(self.x_train, idx, self.to_input, augment_rng)
+            draws = self.augmentation.draws(self.step, len(idx), global_len) if config.augment else None
+            xb = training_batch(self.x_train, idx, self.to_input, draws)
             loss = self.train_step(xb, self.y_train[idx], global_len, epoch)
             if self.step_checkpoint_due() and i < len(shards) - 1:  # at an epoch's end: after end_epoch
                 self.save_step_checkpoint()
@@ -430,6 +439,8 @@ class Trainer:
         comm, config = self.comm, self.config
         inject_part_fault(comm.rank, self.step, "checkpoint")
         states = comm.allgather_obj({k: r.bit_generator.state for k, r in self.rngs.items()})
+        if not any(states):
+            states = []  # the reproducible mode: no stream of its own on any rank (the same at any count)
         if comm.rank == 0 and config.checkpoint:
             save_checkpoint(path or config.checkpoint, self.model, self.optim_config, self.step // self.per_epoch,
                             self.step, dataclasses.asdict(config), comm.size, states, self.dp.flat)

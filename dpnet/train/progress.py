@@ -27,25 +27,27 @@ def progress(total, done, description):
 def launcher_on_terminal(levels=6):
     """True if, under an MPI launcher on this machine, the output ends on a terminal: going up
     the parent processes (the rank's guardian, Hydra's proxy, mpiexec, a dpnet.launch supervisor)
-    while their stderr is a pipe, the first whose stderr is not a pipe has a tty there. False
-    without /proc (not Linux), where it ends in a file, or where the launcher runs elsewhere
-    (ssh, srun)."""
+    while each one's stderr is a pipe that its parent reads, the first whose stderr is not a pipe
+    has a tty there. False without /proc (not Linux), where the output ends in a file or in a
+    pipe to another program (`| tee log`), or where the launcher runs elsewhere (ssh, srun)."""
     from ..parallel import launched_by_mpi
     if not launched_by_mpi():
         return False
-    pid = os.getppid()
-    for _ in range(levels):
-        try:
-            stderr = os.readlink(f"/proc/{pid}/fd/2")
+    pid = os.getpid()
+    try:
+        stderr = os.readlink(f"/proc/{pid}/fd/2")
+        for _ in range(levels):
             if not stderr.startswith("pipe:"):
                 return stderr.startswith(("/dev/pts/", "/dev/tty"))
             with open(f"/proc/{pid}/stat") as f:
                 stat = f.read()
-        except OSError:
-            return False
-        pid = int(stat[stat.rindex(")") + 2:].split()[1])  # pid (comm) state ppid ...
-        if pid <= 1:
-            return False
+            pid = int(stat[stat.rindex(")") + 2:].split()[1])  # pid (comm) state ppid ...
+            if pid <= 1 or not any(os.readlink(f"/proc/{pid}/fd/{fd}") == stderr
+                                   for fd in os.listdir(f"/proc/{pid}/fd")):
+                return False  # the pipe leads to another program, not to the parent
+            stderr = os.readlink(f"/proc/{pid}/fd/2")
+    except OSError:
+        return False
     return False
 
 

@@ -1,0 +1,98 @@
+"""`python -m dpnet.train --reproducible`: the same checkpoint, bit for bit, at 1, 2 and 4 ranks,
+and after a resume at another number of ranks."""
+
+import os
+
+import numpy as np
+import pytest
+
+from dpnet.train import ConfigError, TrainConfig, validate
+from tests.train_helpers import (STEPS_PER_EPOCH, TINY, cifar_dir, read_checkpoint,  # noqa: F401 (fixture)
+                                 run_ok, run_train)
+
+CKPT = os.path.join("dpnet_run", "checkpoint.h5")
+STEPS = 20  # 4 epochs of 5 steps, 8 micro-shards of 4 images
+MODELS = {"threelayer": [], "convnet": ["--model", "convnet", "--stages", "8,8/16"]}
+
+
+def args(data, model, *extra):
+    """Sync batchnorm, float32, augmentation on: the defaults."""
+    return ["--data", data, *TINY, *MODELS[model], "--epochs", str(STEPS // STEPS_PER_EPOCH), *extra]
+
+
+def assert_identical(a, b, what):
+    """Every array of two checkpoints the same bits, and every attribute but the number of ranks
+    (and how the run was started: the options given, --resume)."""
+    for group in ("params", "optimizer", "batchnorm"):
+        assert sorted(a[group]) == sorted(b[group]), what
+        for name in a[group]:
+            assert np.array_equal(a[group][name], b[group][name]), f"{what}: {group}/{name}"
+    assert a["optimizer_attrs"] == b["optimizer_attrs"], what
+    def kept(attrs):
+        config = {k: v for k, v in attrs["config"].items() if k not in ("given", "resume")}
+        return {**{k: v for k, v in attrs.items() if k != "world_size"}, "config": config}
+    assert kept(a["attrs"]) == kept(b["attrs"]), what
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_the_checkpoint_after_20_steps_is_the_same_bits_at_1_2_and_4_ranks(cifar_dir, tmp_path, model):
+    runs = {}
+    for ranks in (None, 2, 4):
+        cwd = tmp_path / f"ranks-{ranks or 1}"
+        cwd.mkdir()
+        run_ok(args(cifar_dir, model, "--reproducible"), cwd, ranks, timeout=240)
+        runs[ranks or 1] = read_checkpoint(cwd / CKPT)
+    assert runs[1]["attrs"]["step"] == STEPS
+    assert runs[4]["attrs"]["world_size"] == 4 and runs[4]["attrs"]["rng_states"] == []
+    for ranks in (2, 4):
+        assert_identical(runs[ranks], runs[1], f"{model} at {ranks} ranks")
+    # control: the default mode's bits change with the number of ranks
+    for ranks in (None, 2):
+        cwd = tmp_path / f"default-{ranks or 1}"
+        cwd.mkdir()
+        run_ok(args(cifar_dir, model), cwd, ranks, timeout=240)
+    one, two = read_checkpoint(tmp_path / "default-1" / CKPT), read_checkpoint(tmp_path / "default-2" / CKPT)
+    assert any(not np.array_equal(one["params"][k], two["params"][k]) for k in one["params"])
+
+
+def test_a_4_rank_run_resumed_at_2_ranks_ends_as_the_4_rank_run(cifar_dir, tmp_path):
+    """Local batchnorm (per micro-shard statistics), which the default mode cannot resume at
+    another number of ranks: stopped at step 10 of a 4-rank run, resumed at 2 ranks, the final
+    checkpoint is the uninterrupted 4-rank run's."""
+    run_args = args(cifar_dir, "convnet", "--reproducible", "--bn-mode", "local")
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "resumed").mkdir()
+    run_ok(run_args, tmp_path / "straight", 4, timeout=240)
+    run_ok(run_args + ["--max-steps", "10"], tmp_path / "resumed", 4, timeout=240)
+    resumed = run_ok(["--data", cifar_dir, "--no-progress", "--epochs", str(STEPS // STEPS_PER_EPOCH), "--resume", CKPT],
+                     tmp_path / "resumed", 2, timeout=240)
+    assert "resumed from dpnet_run/checkpoint.h5 at step 10 (epoch 2), written by 4 rank(s)" in resumed.stdout
+    assert_identical(read_checkpoint(tmp_path / "resumed" / CKPT), read_checkpoint(tmp_path / "straight" / CKPT),
+                     "resumed at 2 ranks")
+
+
+@pytest.mark.parametrize("extra, ranks, message", [
+    (["--micro-shards", "8"], 3, "--reproducible --micro-shards 8: 3 ranks cannot share 8 micro-shards equally: "
+                                 "the number of ranks must divide it (1, 2, 4, 8)"),
+    (["--micro-shards", "12"], 2, "--reproducible --micro-shards 12: the number of micro-shards must be a power of two"),
+    (["--conv-algorithm", "auto"], 1, "--reproducible needs a fixed --conv-algorithm (im2col or winograd)"),
+    (["--reduction", "allreduce"], 2, "--reproducible sums gradients in its own fixed order: leave out --reduction"),
+    (["--bucket-mb", "1"], 2, "--reproducible sums gradients in its own fixed order: leave out --reduction"),
+])
+def test_settings_the_mode_cannot_keep_are_refused(extra, ranks, message):
+    from dpnet.train import parse_args
+    config = parse_args(["--reproducible", *extra])
+    with pytest.raises(ConfigError) as err:
+        validate(config, ranks)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_a_bad_rank_count_is_one_line_and_exit_2(cifar_dir, tmp_path):
+    run = run_train(args(cifar_dir, "threelayer", "--reproducible", "--micro-shards", "4"), tmp_path, 3)
+    assert run.returncode == 2, str(run)
+    assert run.stderr.strip() == ("python -m dpnet.train: error: --reproducible --micro-shards 4: 3 ranks cannot "
+                                  "share 4 micro-shards equally: the number of ranks must divide it (1, 2, 4)"), str(run)
+
+
+def test_the_default_config_is_not_reproducible():
+    assert TrainConfig().reproducible is False and TrainConfig().micro_shards == 8
