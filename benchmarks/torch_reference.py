@@ -4,7 +4,8 @@ same recipe, so that dpnet's test accuracy and speed can be compared with a matu
     /work/torch-venv/bin/python benchmarks/torch_reference.py \
         --data /work/shared/data/cifar-10-batches-py --model threelayer|convnet|resnet20 \
         [--epochs 10] [--threads 1] [--bn-mode none|sync] [--seed 0] [--no-augment] \
-        [--optimizer adam|momentum] [--lr 1e-3] [--reg 1e-3]
+        [--optimizer adam|momentum] [--lr 1e-3] [--reg 1e-3] \
+        [--stages 32,32/64,64] [--hidden-dim 500]
 
 The standard CIFAR ResNet recipe (He et al. 2016: SGD, momentum 0.9, lr 0.1, weight decay
 1e-4; here with the cosine schedule and crop + flip) is
@@ -14,7 +15,8 @@ and `python -m dpnet.train` takes the same four options.
 Needs torch and numpy, plus the dpnet of this checkout for its data code (load_cifar10,
 split_train_val, channel_stats, random_crop_flip: pure NumPy; dpnet does not depend on torch).
 Per-epoch progress goes to stderr; the last line on stdout is one JSON object:
-model, bn_mode, optimizer, lr, reg, augment, seed, epochs, steps, train_images, test_acc,
+model, stages (convnet only, else null), hidden_dim (null for resnet20), bn_mode, optimizer, lr,
+reg, augment, seed, epochs, steps, train_images, test_acc,
 val_acc, final_train_loss, seconds, seconds_per_epoch, images_per_s, threads, torch.
 
 What matches dpnet.train (defaults of TrainConfig):
@@ -27,13 +29,16 @@ What matches dpnet.train (defaults of TrainConfig):
 - minibatches: batch 128, the last one of an epoch partial (no example dropped); the epoch
   order is dpnet's epoch_permutation, np.random.default_rng([seed, epoch]).permutation(n),
   so the sequence of minibatches is the one of a 1-rank dpnet run.
-- models (dpnet.train.build_model, hidden_dim=500):
+- models (dpnet.train.build_model; --hidden-dim H, default 500 as dpnet.train's, for threelayer
+  and convnet; --stages, default 32,32/64,64, for convnet, parsed by dpnet.train's own
+  parse_stages, so e.g. 32,32/64,64/128 is the same layout in both):
   threelayer: conv 7x7, 32 filters, pad 3 (+BatchNorm2d) -> relu -> maxpool 2 ->
-              linear 8192->500 (+BatchNorm1d) -> relu -> linear 500->10;
-  convnet:    stages ((32, 32), (64, 64)) of conv 3x3 pad 1 (+BatchNorm2d) -> relu, maxpool 2
-              after each stage, then linear 4096->500 (+BatchNorm1d) -> relu -> linear 500->10.
-              (ConvNet's own default head is 256 units, but build_model passes
-              hidden_dims=(hidden_dim,) = (500,).)
+              linear 8192->H (+BatchNorm1d) -> relu -> linear H->10;
+  convnet:    the stages (default ((32, 32), (64, 64))) of conv 3x3 pad 1 (+BatchNorm2d) -> relu,
+              maxpool 2 after each stage, then linear C*h*w->H (+BatchNorm1d) -> relu ->
+              linear H->10 (default: 4096->500; 32,32/64,64/128 with --hidden-dim 256:
+              2048->256). (ConvNet's own default head is 256 units, but build_model passes
+              hidden_dims=(hidden_dim,), 500 unless --hidden-dim says otherwise.)
   resnet20:   dpnet.models.ResNet(depth=20): conv 3x3, 16, pad 1, no bias -> BatchNorm2d -> relu;
               three stages of 3 basic blocks of 16, 32, 64 channels, each conv 3x3 (no bias) ->
               BatchNorm2d -> relu -> conv 3x3 (no bias) -> BatchNorm2d, + shortcut, -> relu;
@@ -45,11 +50,17 @@ What matches dpnet.train (defaults of TrainConfig):
   --bn-mode none drops every BatchNorm (dpnet: use_batchnorm=False); local and sync are the
   same thing in one process. BN: eps 1e-5, running = 0.9*running + 0.1*batch (PyTorch
   momentum=0.1), gamma 1, beta 0.
-- init: He, N(0, 2/fan_in), for conv and linear weights, zero biases. The weights are drawn
-  exactly as dpnet's init_weight draws them (np.random.default_rng(seed), parameters in
-  dpnet's order W1, W2, ..., affine weights drawn as (in, out) and transposed), so the
-  initial weights are the same numbers as dpnet's, not just the same distribution. For
-  resnet20 too: W1 the stem, W2..W19 the blocks' convs in forward order, W20 the linear
+- init: what dpnet.train.build_model asks for, drawn exactly as dpnet's init_weight and
+  init_bias draw it (np.random.default_rng(seed), layers in dpnet's order W1, W2, ..., affine
+  weights drawn as (in, out) and transposed, draws in float64 then cast to the parameters'
+  dtype), so the initial parameters are the same numbers as dpnet's, not just the same
+  distribution:
+  with batchnorm (and always for resnet20): He, N(0, 2/fan_in), for conv and linear weights,
+  zero biases (no draw for them);
+  with --bn-mode none (threelayer, convnet): PyTorch's default, U(-1/sqrt(fan_in),
+  1/sqrt(fan_in)) for the weights and the biases, each layer's bias drawn right after its
+  weights (dpnet's weight_scale='uniform').
+  For resnet20: W1 the stem, W2..W19 the blocks' convs in forward order, W20 the linear
   layer; the convs have no bias, the linear layer's bias is 0.
 - loss: mean softmax cross-entropy + 0.5*reg*sum(W^2) over the conv/linear weights only
   (not biases, gamma, beta), reg=1e-3, as an explicit penalty term (Adam's weight_decay
@@ -107,6 +118,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from dpnet.data import load_cifar10  # noqa: E402  the data recipe is dpnet's own code, not a copy
 from dpnet.augment import random_crop_flip  # noqa: E402
 from dpnet.train import channel_stats, split_train_val  # noqa: E402
+from dpnet.train.config import parse_stages  # noqa: E402
 
 
 # dpnet.train.TrainConfig defaults
@@ -203,7 +215,17 @@ def resnet(depth=20, widths=(16, 32, 64), num_classes=10):
     return nn.Sequential(*layers)
 
 
-MODELS = {"threelayer": three_layer_convnet, "convnet": convnet, "resnet20": lambda use_bn: resnet(20)}
+def build(name, use_bn, stages=((32, 32), (64, 64)), hidden_dim=HIDDEN_DIM):
+    """The model --model names, as dpnet.train.build_model builds it (stages: convnet only;
+    hidden_dim: threelayer and convnet)."""
+    if name == "threelayer":
+        return three_layer_convnet(use_bn, hidden_dim=hidden_dim)
+    if name == "convnet":
+        return convnet(use_bn, stages=stages, hidden_dims=(hidden_dim,))
+    return resnet(20)
+
+
+MODELS = ("threelayer", "convnet", "resnet20")
 
 
 def weight_layers(model):
@@ -211,23 +233,41 @@ def weight_layers(model):
     return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def init_like_dpnet(model, seed):
-    """He init drawn exactly as dpnet.models.base.init_weight with weight_scale='he':
-    std sqrt(2/fan_in) * rng.standard_normal(dpnet shape), one generator, W1, W2, ... in
-    order; biases 0 (BatchNorm layers start at gamma 1, beta 0 by default)."""
+def init_like_dpnet(model, seed, scheme="he"):
+    """The initial parameters dpnet draws, as dpnet.models.base.init_weight and init_bias draw
+    them: one generator np.random.default_rng(seed), layers W1, W2, ... in order, weights in
+    dpnet's shape ((F, C, HH, WW) for a conv, (in, out) for an affine layer, transposed here).
+    scheme 'he' (dpnet with batchnorm): std sqrt(2/fan_in) * rng.standard_normal(shape), biases
+    0 with no draw. scheme 'uniform' (dpnet without batchnorm, PyTorch's default):
+    rng.uniform(-1/sqrt(fan_in), 1/sqrt(fan_in), shape) for the weights, then the same for
+    the layer's bias. Float64 draws cast to the parameters' dtype, as dpnet casts to its own.
+    BatchNorm layers start at gamma 1, beta 0 by default."""
+    if scheme not in ("he", "uniform"):
+        raise ValueError(f"scheme must be 'he' or 'uniform', got {scheme!r}")
     rng = np.random.default_rng(seed)
+
+    def draw(shape, fan_in):
+        if scheme == "uniform":
+            bound = 1 / np.sqrt(fan_in)
+            return rng.uniform(-bound, bound, shape)
+        return np.sqrt(2.0 / fan_in) * rng.standard_normal(shape)
+
+    def put(param, value):
+        dtype = torch.empty((), dtype=param.dtype).numpy().dtype
+        param.copy_(torch.from_numpy(np.ascontiguousarray(value.astype(dtype))))
+
     with torch.no_grad():
         for m in weight_layers(model):
             if isinstance(m, nn.Conv2d):
                 shape = tuple(m.weight.shape)  # (F, C, HH, WW), as in dpnet
                 fan_in = shape[1] * shape[2] * shape[3]
-                w = math.sqrt(2.0 / fan_in) * rng.standard_normal(shape)
+                put(m.weight, draw(shape, fan_in))
+                d_out = shape[0]
             else:
-                d_out, d_in = m.weight.shape  # dpnet stores (in, out)
-                w = (math.sqrt(2.0 / d_in) * rng.standard_normal((d_in, d_out))).T
-            m.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.astype(np.float32))))
+                d_out, fan_in = m.weight.shape  # dpnet stores (in, out)
+                put(m.weight, draw((fan_in, d_out), fan_in).T)
             if m.bias is not None:
-                m.bias.zero_()
+                put(m.bias, draw(d_out, fan_in) if scheme == "uniform" else np.zeros(d_out))
 
 
 # ---------------------------------------------------------------- training
@@ -251,7 +291,12 @@ def evaluate(model, x, y, to_input, chunk=500):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="cifar-10-batches-py folder")
-    parser.add_argument("--model", choices=tuple(MODELS), default="threelayer")
+    parser.add_argument("--model", choices=MODELS, default="threelayer")
+    parser.add_argument("--stages", default="32,32/64,64",
+                        help="convnet's layout, as dpnet.train's --stages: 3x3 conv filters per layer, commas "
+                             "within a stage, / between stages, a 2x2 max pool after each (e.g. 32,32/64,64/128)")
+    parser.add_argument("--hidden-dim", type=int, default=HIDDEN_DIM,
+                        help="units of the hidden linear layer (threelayer, convnet), as dpnet.train's --hidden-dim")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--bn-mode", choices=("none", "local", "sync"), default="sync",
@@ -267,6 +312,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.model.startswith("resnet") and args.bn_mode == "none":
         parser.error("--bn-mode none: a ResNet always has batchnorm (dpnet refuses it too)")
+    try:
+        stages = parse_stages(args.stages)
+    except ValueError as exc:  # dpnet's ConfigError
+        parser.error(str(exc))
+    if args.hidden_dim < 1:
+        parser.error(f"--hidden-dim must be positive, got {args.hidden_dim}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # unused: init and order come from NumPy, as in dpnet
@@ -282,8 +333,9 @@ def main(argv=None):
         return (torch.from_numpy(xb).to(torch.float32) - shift) * scale
 
     use_bn = args.bn_mode != "none"
-    model = MODELS[args.model](use_bn)
-    init_like_dpnet(model, args.seed)
+    model = build(args.model, use_bn, stages, args.hidden_dim)
+    # dpnet.train.build_model: He with batchnorm, PyTorch's default uniform init without
+    init_like_dpnet(model, args.seed, "he" if use_bn else "uniform")
     weights = [m.weight for m in weight_layers(model)]
     if args.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -293,7 +345,9 @@ def main(argv=None):
     n = len(x_train)
     per_epoch = -(-n // args.batch_size)
     total_steps = args.epochs * per_epoch
-    print(f"torch {torch.__version__}: {args.model} (bn {args.bn_mode}), {args.optimizer} lr {args.lr} "
+    layout = (f" {args.stages}" if args.model == "convnet" else "") + \
+        (f" hidden {args.hidden_dim}" if args.model != "resnet20" else "")
+    print(f"torch {torch.__version__}: {args.model}{layout} (bn {args.bn_mode}), {args.optimizer} lr {args.lr} "
           f"reg {args.reg}{', augment' if args.augment else ''}, seed {args.seed}, {args.threads} thread(s); "
           f"{n} train / {len(x_val)} val / {len(x_test)} test; {args.epochs} epochs of {per_epoch} "
           f"steps, batch {args.batch_size}", file=sys.stderr, flush=True)
@@ -332,7 +386,8 @@ def main(argv=None):
     val_acc = evaluate(model, x_val, y_val, to_input)
     test_acc = evaluate(model, x_test, y_test, to_input)
     print(json.dumps({
-        "model": args.model, "bn_mode": args.bn_mode, "optimizer": args.optimizer, "lr": args.lr,
+        "model": args.model, "stages": args.stages if args.model == "convnet" else None,
+        "hidden_dim": args.hidden_dim if args.model != "resnet20" else None, "bn_mode": args.bn_mode, "optimizer": args.optimizer, "lr": args.lr,
         "reg": args.reg, "augment": args.augment, "seed": args.seed, "epochs": args.epochs, "steps": step,
         "train_images": n, "test_acc": test_acc, "val_acc": val_acc,
         "final_train_loss": loss_mean, "seconds": round(train_seconds, 3),
