@@ -35,6 +35,7 @@ import time
 
 from .checkpoint import newest_checkpoint
 from .parallel.guardian import set_parent_death_signal
+from .parallel.microshards import check_micro_shards
 from .scaling.measure import mpiexec_path
 from .train.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, parse_args
 from .train.config import ConfigError
@@ -423,9 +424,10 @@ def fewer_ranks_problem(config, stored, ranks):
     divides its micro-shards, whatever the batchnorm."""
     setting = {key: stored.get(key, getattr(config, key)) for key in ("bn_mode", "reproducible", "micro_shards")}
     if setting["reproducible"]:
-        if setting["micro_shards"] % ranks:
-            return (f"{ranks} rank(s) cannot share the run's {setting['micro_shards']} micro-shards (--reproducible): "
-                    f"the number of ranks must divide it")
+        try:
+            check_micro_shards(setting["micro_shards"], ranks)
+        except ValueError as exc:
+            return f"--reproducible: {exc}"
         return None
     if setting["bn_mode"] == "local":
         return ("fewer ranks change what --bn-mode local computes (statistics per rank's shard); use --bn-mode "

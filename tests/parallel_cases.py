@@ -242,7 +242,7 @@ def reproducible_run(comm, kind, bn_mode, canonical_sum, steps=3, n=19, reproduc
     """A few Adam steps of a float32 model in the reproducible mode over comm, each rank passing
     its micro-shards of every global batch of n (19: micro-shards of 2 and 3 examples).
     Returns (losses, parameters by name, running statistics): copies."""
-    from dpnet.parallel.microshards import rank_bounds
+    from dpnet.parallel.sharding import rank_bounds
     model = make_model(kind, bn_mode, seed=comm.rank, dtype=np.float32)  # rank 0's broadcast wins
     dp = DataParallel(model, comm, reproducible=reproducible, workers=workers, canonical_sum=canonical_sum)
     config, losses = {"learning_rate": 1e-2}, []

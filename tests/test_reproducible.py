@@ -8,8 +8,8 @@ import pytest
 
 from dpnet.parallel import DataParallel, SerialComm, SimComm
 from dpnet.parallel.canonical import FixedPointSum, TreeSum, pairwise_sum
-from dpnet.parallel.microshards import check_micro_shards, rank_bounds
-from dpnet.parallel.sharding import shard_bounds
+from dpnet.parallel.microshards import check_micro_shards
+from dpnet.parallel.sharding import rank_bounds, shard_bounds
 from tests import parallel_cases as cases
 
 

@@ -23,6 +23,11 @@ The collectives of one training step (loss(), then step()), in order:
    - shared-memory: node fence; (each rank sums and finishes its slice) node fence
    - hierarchical:  node fence; Allreduce(own slice) among the slice's owners on the
                     other nodes; node fence
+   - reproducible (dpnet.parallel.microshards): instead of 3 and 4, per batchnorm layer with
+                    bn_mode 'sync' an Allgather of the rank's micro-shard rows (forward) and
+                    another (backward); then tree: Allgather(buffer), or fixed-point:
+                    Allreduce(max of each parameter), Allreduce(int64 buffer); with bn_mode
+                    'local', an Allgather of the running statistics
 5. guard.leave: a receive of every peer's heartbeat
 6. every check_every steps, an Allgather of parameter digests (the drift check)
 7. step(): with DividedUpdate, guard.enter ("update"), a node fence, guard.leave ("update");

@@ -145,6 +145,8 @@ def _end_by_signal(signum):
 
 
 def _report(line):
+    if sys.stderr is None:  # started with stderr closed: nowhere to say it
+        return
     try:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()

@@ -3,7 +3,7 @@ number of ranks (DataParallel(..., reproducible=M)).
 
 The global batch of B examples is cut into M micro-shards by position (shard_bounds(B, M, m)),
 the same cut whatever the number of ranks N; N divides M, both powers of two, and rank r holds
-the k = M / N micro-shards r*k .. r*k + k - 1 (rank_bounds). Each micro-shard gets a forward
+the k = M / N micro-shards r*k .. r*k + k - 1 (dpnet.parallel.sharding.rank_bounds). Each micro-shard gets a forward
 and backward pass of its own, on a thread of its own, so every array of a pass has the same
 shape at any N, and every reduction across examples is made per micro-shard, then combined in
 one order fixed by micro-shard index:
@@ -20,7 +20,6 @@ import threading
 
 import numpy as np
 
-from .sharding import shard_bounds
 from .threads import run_threads
 
 DEFAULT_MICRO_SHARDS = 8
@@ -44,12 +43,13 @@ def check_micro_shards(micro_shards, size):
                          f"must divide it ({', '.join(map(str, valid_rank_counts(micro_shards)))})")
 
 
-def rank_bounds(batch_len, micro_shards, size, rank):
-    """(start, stop) of the examples of a global batch of batch_len that rank holds: its
-    micro-shards, contiguous."""
-    k = micro_shards // size
-    return (shard_bounds(batch_len, micro_shards, rank * k)[0],
-            shard_bounds(batch_len, micro_shards, rank * k + k - 1)[1])
+def ordered_sum(parts):
+    """parts[0] + parts[1] + ... in that order (micro-shard order): the same bits wherever the
+    parts were computed."""
+    total = np.array(parts[0], copy=True)
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 class MicroShardFailure(RuntimeError):
@@ -152,11 +152,7 @@ class MicroShardComm:
     def allreduce(self, array, op="sum"):
         if op != "sum":
             raise ValueError(f"micro-shard allreduce sums only, got op {op!r}")
-        parts = self.group.gather(self.j, array)
-        total = parts[0].copy()
-        for part in parts[1:]:
-            total += part
-        array[...] = total
+        array[...] = ordered_sum(self.group.gather(self.j, array))
         return array
 
     def __repr__(self):

@@ -15,8 +15,8 @@ import copy
 
 import numpy as np
 
-from .microshards import rank_bounds
-from .sharding import shard_bounds
+from .microshards import ordered_sum
+from .sharding import rank_bounds, shard_bounds
 
 BN_STATS = ("running_mean", "running_var")
 
@@ -76,7 +76,7 @@ class MicroShardPasses:
         start, stop = rank_bounds(total, group.size, comm.size, comm.rank)
         if len(X) != stop - start:
             raise ValueError(f"in reproducible mode rank {comm.rank} must pass its micro-shards, examples "
-                             f"[{start}, {stop}) of the global batch of {total} (dpnet.parallel.microshards."
+                             f"[{start}, {stop}) of the global batch of {total} (dpnet.parallel.sharding."
                              f"rank_bounds), got {len(X)} examples")
         for view in self.views:  # every pass starts from the model's statistics
             for bn, own in zip(self.model.bn_params, view.bn_params):
@@ -110,10 +110,7 @@ class MicroShardPasses:
             return
         local = np.stack([np.concatenate([bn[key] for bn in view.bn_params for key in BN_STATS])
                           for view in self.views])
-        parts = self.group.comm.allgather(local).reshape(self.group.size, -1)
-        total = parts[0].copy()
-        for part in parts[1:]:
-            total += part
+        total = ordered_sum(self.group.comm.allgather(local).reshape(self.group.size, -1))
         total /= self.group.size  # a power of two: exact
         offset = 0
         for bn in self.model.bn_params:

@@ -25,6 +25,14 @@ def shard_bounds(batch_len, size, rank):
     return start, start + base + (rank < extra)
 
 
+def rank_bounds(batch_len, micro_shards, size, rank):
+    """(start, stop) of the examples of a global batch of batch_len that rank holds in the
+    reproducible mode (dpnet.parallel.microshards): its micro-shards, contiguous."""
+    k = micro_shards // size
+    return (shard_bounds(batch_len, micro_shards, rank * k)[0],
+            shard_bounds(batch_len, micro_shards, rank * k + k - 1)[1])
+
+
 def steps_per_epoch(num_examples, batch_size):
     """Global minibatches in an epoch, the last possibly partial."""
     return -(-num_examples // batch_size)
@@ -33,8 +41,7 @@ def steps_per_epoch(num_examples, batch_size):
 def shard_indices(num_examples, batch_size, rank, size, seed, epoch, micro_shards=None):
     """Example indices of this rank for every step of `epoch`: a list with one int array per
     global minibatch (an array may be empty). With micro_shards (the reproducible mode), the
-    rank's shard is its micro-shards (dpnet.parallel.microshards.rank_bounds)."""
-    from .microshards import rank_bounds
+    rank's shard is its micro-shards (rank_bounds)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     order = epoch_permutation(num_examples, seed, epoch)

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..augment import crop_flip, crop_flip_draws
 from ..data import load_dataset, make_synthetic
-from ..parallel.microshards import rank_bounds
+from ..parallel.sharding import rank_bounds
 from .config import DATA_ENV, ConfigError
 
 
