@@ -18,6 +18,10 @@ batch is split.
 
 Not restarted: a bad option, data set or checkpoint (exit 2), a non-finite loss (exit 4), and a
 job stopped by SIGTERM or Ctrl-C; the supervisor passes both signals on to the job.
+
+A rank that ended without a report (its guardian's line) dooms the job. If the launcher has not
+ended the job --launcher-grace seconds later (Hydra takes milliseconds), the supervisor ends it
+itself: the launcher's process group and the ranks of the rank map that run on its machine.
 """
 
 import argparse
@@ -27,6 +31,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +52,7 @@ FINAL_STATUSES = {0: "finished", EXIT_USAGE: "a bad option, data set or checkpoi
                   EXIT_DIVERGED: "the loss became inf or nan", EXIT_INTERRUPTED: "interrupted (Ctrl-C)"}
 PROBE_SECONDS = 20.0
 LEFTOVER_SECONDS = 10.0  # how long a failed attempt's ranks may take to end before they are killed
+LAUNCHER_GRACE_SECONDS = 10.0  # how long the launcher may take to end a job after a rank's unexplained end
 RANK_MAP_PREFIX = ".dpnet-launch-ranks-"  # + the supervisor's PID: the rank map beside the checkpoint
 # Hydra's report of a process that died: "PID 1402 RUNNING AT node3" ... "EXIT CODE: 9"
 HYDRA_DEATH = re.compile(r"PID (\d+) RUNNING AT (\S+)")
@@ -174,11 +180,11 @@ class Supervisor:
     ranks a restart may go on with."""
 
     def __init__(self, launcher, ranks, train_argv, config, hosts=None, max_restarts=3, min_ranks=None,
-                 probe_seconds=PROBE_SECONDS):
+                 probe_seconds=PROBE_SECONDS, launcher_grace=LAUNCHER_GRACE_SECONDS):
         self.launcher, self.ranks, self.train_argv, self.config = launcher, ranks, train_argv, config
         self.hosts = list(hosts) if hosts else None
         self.max_restarts, self.min_ranks = max_restarts, min_ranks or ranks
-        self.probe_seconds = probe_seconds
+        self.probe_seconds, self.launcher_grace = probe_seconds, launcher_grace
         self.stop = None  # the signal the user sent: no restart after it
         self.signals, self.forwarded = [], 0  # the signals received, and how many reached the job
         self.job = None
@@ -228,12 +234,13 @@ class Supervisor:
             self.job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         start_new_session=True, preexec_fn=_end_with_parent)
             self.forward_pending()
-            tail = []
-            forwards = [threading.Thread(target=_forward, args=(stream, out, tail), daemon=True)
+            tail, doomed = [], []  # doomed: when a guardian first reported its rank's unexplained end
+            forwards = [threading.Thread(target=_forward, args=(stream, out, tail, lambda line: _note_doom(line, doomed)),
+                                         daemon=True)
                         for stream, out in ((self.job.stdout, sys.stdout), (self.job.stderr, sys.stderr))]
             for forward in forwards:
                 forward.start()
-            status = self.job.wait()
+            status = self.wait_for_job(doomed, rank_map)
             for forward in forwards:
                 forward.join(timeout=5)
             _kill_group(self.job)  # what the launcher left of its own group
@@ -244,6 +251,25 @@ class Supervisor:
         if crashed:  # Hydra's own status may be that of another rank it killed while cleaning up
             status = rank_status or status or 1
         return status, time.monotonic() - started, report, crashed
+
+    def wait_for_job(self, doomed, rank_map):
+        """The launcher's exit status. Once a rank's guardian has reported an end the rank did not
+        explain, the job cannot go on, and the launcher (Hydra: within milliseconds) ends the
+        others; if it has not ended the job launcher_grace seconds later, the supervisor ends it:
+        the launcher's process group, and the ranks and guardians the rank map names on this
+        machine (a rank that outlived the launcher's clean-up must not hold the restart up until
+        its --timeout)."""
+        while True:
+            try:
+                return self.job.wait(timeout=0.25)
+            except subprocess.TimeoutExpired:
+                pass
+            if doomed and time.monotonic() - doomed[0] > self.launcher_grace:
+                say(f"the launcher had not ended the job {self.launcher_grace:g} s after a rank's unexplained "
+                    f"end; ending it")
+                _kill_group(self.job)
+                _end_leftover_ranks(read_rank_map(rank_map), grace=0)
+                return self.job.wait()
 
     @contextlib.contextmanager
     def rank_map_path(self):
@@ -326,13 +352,13 @@ class Supervisor:
             self.job.send_signal(self.signals[self.forwarded - 1])
 
 
-def _forward(stream, ours, tail, keep=400):
+def _forward(stream, ours, tail, on_line=None, keep=400):
     """Copy one of the job's output streams to ours (stdout or stderr) as it comes (a progress
-    bar's carriage returns too), keeping the last `keep` lines of both in `tail`. If ours is gone
-    or fails (closed, a closed pipe, a terminal hung up), go on reading, so the job never blocks
-    on a full pipe."""
+    bar's carriage returns too), keeping the last `keep` lines of both in `tail` and showing each
+    whole line to on_line. If ours is gone or fails (closed, a closed pipe, a terminal hung up),
+    go on reading, so the job never blocks on a full pipe."""
     out, partial = getattr(ours, "buffer", None), ""
-    for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
+    for chunk in iter(lambda: _read_some(stream), b""):
         if out is not None:
             try:
                 out.write(chunk)
@@ -343,8 +369,24 @@ def _forward(stream, ours, tail, keep=400):
         partial = lines.pop()
         tail.extend(line + "\n" for line in lines)
         del tail[:-keep]
+        for line in lines if on_line else ():
+            on_line(line)
     if partial:
         tail.append(partial)
+
+
+def _read_some(stream):
+    """Up to 64 KiB of what the stream has; b"" at its end, or when it cannot be read any more."""
+    try:
+        return os.read(stream.fileno(), 65536)
+    except OSError:
+        return b""
+
+
+def _note_doom(line, doomed):
+    """Record the time of the first guardian's report of a rank's unexplained end."""
+    if not doomed and GUARDIAN_REPORT.search(line):
+        doomed.append(time.monotonic())
 
 
 def _remove_stale_rank_maps(folder):
@@ -391,11 +433,14 @@ def _rank_alive(pid):
 
 
 def _end_leftover_ranks(ranks, grace=LEFTOVER_SECONDS):
-    """Wait up to `grace` seconds for the ranks of a finished attempt that run on this machine to
-    end, then SIGKILL them: a restart must not overlap them (after kill -9 of mpiexec, its
-    proxies and ranks go on in their own sessions for a while)."""
+    """Wait up to `grace` seconds for the ranks (and their guardians) of a finished attempt that
+    run on this machine to end, then SIGKILL them: a restart must not overlap them (after kill -9
+    of mpiexec, its proxies and ranks go on in their own sessions for a while)."""
     deadline = time.monotonic() + grace
-    left = [entry["pid"] for entry in ranks if _rank_alive(entry["pid"])]
+    here = socket.gethostname()
+    pids = [pid for entry in ranks if entry.get("host", here) == here
+            for pid in (entry.get("guardian"), entry["pid"]) if pid]  # a guardian first: it would report its rank
+    left = [pid for pid in pids if _rank_alive(pid)]
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
         left = [pid for pid in left if _rank_alive(pid)]
@@ -466,6 +511,9 @@ def parse(argv):
     parser.add_argument("--probe-seconds", type=float, default=PROBE_SECONDS,
                         help=f"with --hosts: how long a host may take to run a one-rank job before it counts as "
                              f"lost (default: {PROBE_SECONDS:.0f})")
+    parser.add_argument("--launcher-grace", type=float, default=LAUNCHER_GRACE_SECONDS,
+                        help=f"how long the launcher may take to end the job after a rank ended without a report "
+                             f"before the supervisor ends it (default: {LAUNCHER_GRACE_SECONDS:.0f})")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="options of python -m dpnet.train, after --")
     args = parser.parse_args(argv)
     args.train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
@@ -482,6 +530,8 @@ def parse(argv):
         parser.error("--min-ranks applies with --hosts: the hosts that stop answering are left out")
     if args.probe_seconds <= 0:
         parser.error(f"--probe-seconds must be positive, got {args.probe_seconds}")
+    if not args.launcher_grace > 0:
+        parser.error(f"--launcher-grace must be positive, got {args.launcher_grace}")
     args.hosts = hosts
     return args
 
@@ -516,7 +566,7 @@ def main(argv=None):
         return EXIT_USAGE
     supervisor = Supervisor(launcher, args.ranks, args.train_args, config, hosts=args.hosts,
                             max_restarts=args.max_restarts, min_ranks=args.min_ranks,
-                            probe_seconds=args.probe_seconds)
+                            probe_seconds=args.probe_seconds, launcher_grace=args.launcher_grace)
     signal.signal(signal.SIGTERM, supervisor.forward_signal)
     signal.signal(signal.SIGINT, supervisor.forward_signal)
     try:

@@ -19,8 +19,8 @@ import pytest
 
 from dpnet.checkpoint import newest_checkpoint, step_checkpoint_path
 from dpnet.launch import choose_launcher, death_report, restart_argv
-from tests.train_helpers import (TINY, assert_same_state, cifar_dir, clean_env, finish,  # noqa: F401
-                                 job_processes, kill_group, read_checkpoint, read_metrics, run_ok, start)
+from tests.train_helpers import (TINY, assert_same_state, cifar_dir, clean_env, describe_processes,  # noqa: F401
+                                 finish, job_processes, kill_group, read_checkpoint, read_metrics, run_ok, start)
 
 CKPT = os.path.join("dpnet_run", "checkpoint.h5")
 METRICS = os.path.join("dpnet_run", "metrics.jsonl")
@@ -289,6 +289,28 @@ def test_no_job_outlives_a_killed_supervisor(cifar_dir, tmp_path):
     run = supervised(train_args(cifar_dir, "--resume", CKPT, "--max-steps", "25"), tmp_path, "-n", "2")
     assert run.returncode == 0, str(run)
     assert not [n for n in os.listdir(tmp_path / "dpnet_run") if n.startswith(".dpnet-launch-ranks-")]
+
+
+def test_a_launcher_that_does_not_end_a_doomed_job_is_ended(cifar_dir, tmp_path):
+    """Rank 1 exits without a report; the launcher (a stand-in: mpiexec, then a long sleep, as a
+    launcher whose clean-up left a rank behind) does not end. --launcher-grace 1 s after the
+    guardian's line the supervisor ends the launcher's group itself and reports the rank's status."""
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    stuck = tmp_path / "stuck-mpiexec"
+    stuck.write_text(f"#!/bin/sh\n{mpiexec if os.path.exists(mpiexec) else 'mpiexec'} \"$@\"\nexec sleep 300\n")
+    stuck.chmod(0o755)
+    (tmp_path / "work").mkdir()
+    args = ["--data", cifar_dir, *TINY, "--epochs", "1"]
+    run = supervised(args, tmp_path / "work", "-n", "2", "--max-restarts", "0", "--launcher-command", str(stuck),
+                     "--launcher-grace", "1", env=clean_env(DPNET_FAULT="1:2:exit"), timeout=60)
+    assert run.returncode == 3, str(run)
+    assert "the launcher had not ended the job 1 s after a rank's unexplained end; ending it" in notes(run), str(run)
+    assert re.search(r"attempt 1 failed after [\d.]+ s with exit status 3: rank 1 \(PID \d+ on \S+\) ended "
+                     r"with exit status 3 and no report", run.stderr), str(run)
+    deadline = time.monotonic() + 5  # the stand-in's sleep went with its group
+    while " sleep: " in describe_processes(-1, tmp_path / "work") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert " sleep: " not in describe_processes(-1, tmp_path / "work"), describe_processes(-1, tmp_path / "work")
 
 
 def test_a_restart_never_resumes_an_earlier_runs_checkpoint(cifar_dir, tmp_path):

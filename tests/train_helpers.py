@@ -180,6 +180,48 @@ def job_processes(cwd):
     return ranks, guardians
 
 
+def describe_processes(root, cwd):
+    """One line per process that descends from PID root or runs in folder cwd (Linux /proc):
+    PID, parent, group, session, state, kernel wait channel, name, and its open files, so that
+    a hung job's failure shows who was still alive and what each held (pipes, sockets)."""
+    if not os.path.isdir("/proc/self"):
+        return "(no /proc)"
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            here = os.readlink(f"/proc/{entry}/cwd") == str(cwd)
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        table[int(entry)] = (stat[stat.index("(") + 1:stat.rindex(")")], fields[0], int(fields[1]),
+                             int(fields[2]), int(fields[3]), here)
+    def descends(pid):
+        while pid in table and pid != root:
+            pid = table[pid][2]
+        return pid == root
+    lines = []
+    for pid in sorted(p for p in table if table[p][5] or descends(p)):
+        name, state, ppid, pgid, sid, _ = table[pid]
+        try:
+            wchan = open(f"/proc/{pid}/wchan").read() or "-"
+        except OSError:
+            wchan = "?"
+        files = []
+        try:
+            for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+                try:
+                    files.append(f"{fd}:{os.readlink(f'/proc/{pid}/fd/{fd}')}")
+                except OSError:
+                    pass
+        except OSError:
+            pass
+        lines.append(f"{pid} ppid {ppid} pgid {pgid} sid {sid} {state} {wchan} {name}: {' '.join(files)}")
+    return "\n".join(lines) or "(none)"
+
+
 def group_alive(pgid):
     return bool(group_members(pgid))
 
@@ -190,10 +232,11 @@ def finish(proc, cmd, cwd, started, timeout):
     try:
         out, err = proc.communicate(timeout=max(0.1, timeout - (time.monotonic() - started)))
     except subprocess.TimeoutExpired:
+        processes = describe_processes(proc.pid, cwd)  # what was still there, for the failure's message
         kill_group(proc)
         out, err = proc.communicate()
         run = Run(cmd, cwd, proc.returncode, out, err, time.monotonic() - started)
-        pytest.fail(f"the job did not end within {timeout} s; killed\n{run}")
+        pytest.fail(f"the job did not end within {timeout} s; killed\n{run}\n--- its processes then\n{processes}")
     run = Run(cmd, cwd, proc.returncode, out, err, time.monotonic() - started)
     # nothing of the job may outlive it (a hung rank, an orphaned proxy)
     deadline = time.monotonic() + 5
