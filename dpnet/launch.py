@@ -265,10 +265,12 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 pass
             if doomed and time.monotonic() - doomed[0] > self.launcher_grace:
+                ranks = read_rank_map(rank_map)
+                alive = [f"rank {e['rank']} (PID {e['pid']})" for e in _on_this_host(ranks) if _rank_alive(e["pid"])]
                 say(f"the launcher had not ended the job {self.launcher_grace:g} s after a rank's unexplained "
-                    f"end; ending it")
+                    f"end; ending it" + (f" and {', '.join(alive)}, still running" if alive else ""))
                 _kill_group(self.job)
-                _end_leftover_ranks(read_rank_map(rank_map), grace=0)
+                _end_leftover_ranks(ranks, grace=0)
                 return self.job.wait()
 
     @contextlib.contextmanager
@@ -432,13 +434,18 @@ def _rank_alive(pid):
     return _proc_state(pid) not in (None, "Z")
 
 
+def _on_this_host(ranks):
+    """The rank map's entries for ranks on this machine (a PID means nothing on another)."""
+    here = socket.gethostname()
+    return [entry for entry in ranks if entry.get("host", here) == here]
+
+
 def _end_leftover_ranks(ranks, grace=LEFTOVER_SECONDS):
     """Wait up to `grace` seconds for the ranks (and their guardians) of a finished attempt that
     run on this machine to end, then SIGKILL them: a restart must not overlap them (after kill -9
     of mpiexec, its proxies and ranks go on in their own sessions for a while)."""
     deadline = time.monotonic() + grace
-    here = socket.gethostname()
-    pids = [pid for entry in ranks if entry.get("host", here) == here
+    pids = [pid for entry in _on_this_host(ranks)
             for pid in (entry.get("guardian"), entry["pid"]) if pid]  # a guardian first: it would report its rank
     left = [pid for pid in pids if _rank_alive(pid)]
     while left and time.monotonic() < deadline:
