@@ -318,3 +318,57 @@ def test_the_supervisor_goes_on_with_fewer_ranks_after_losing_a_host(cifar_dir, 
     assert (mine["attrs"]["step"], mine["attrs"]["world_size"]) == (steps, 2)
     for name, value in theirs["params"].items():  # 4 ranks' sums, then 2's: the same math, other rounding
         assert np.abs(mine["params"][name] - value).max() <= 1e-9 * np.abs(value).max(), name
+
+
+@pytest.mark.parametrize("model", ["threelayer", "convnet"])
+def test_the_reproducible_mode_gives_one_process_bits_across_hosts(cifar_dir, tmp_path, model):
+    """--reproducible on 2 hosts x 2 ranks (shared memory within each, TCP across): the checkpoint
+    after 20 steps (sync batchnorm, float32, augmentation on) is bit for bit one process's."""
+    from tests.test_reproducible_train import args as reproducible_args, assert_identical
+    args = reproducible_args(cifar_dir, model, "--reproducible", "--checkpoint", CKPT, "--metrics", "")
+    (tmp_path / "cluster").mkdir()
+    (tmp_path / "one").mkdir()
+    run, _ = run_across([2, 2], args, tmp_path / "cluster")
+    assert "reproducible: 2 micro-shard(s) per rank, summed by tree" in run.lines[1], str(run)
+    one = run_ok(args, tmp_path / "one")
+    assert_identical(read_checkpoint(run.path(CKPT)), read_checkpoint(one.path(CKPT)), f"{model} on 2x2 hosts")
+
+
+def test_after_losing_a_host_the_reproducible_run_ends_with_the_same_bits(cifar_dir, tmp_path):
+    """The supervisor on 2 hosts x 2 ranks, --reproducible: host 1 loses its link mid-run, the
+    job goes on from the newest step checkpoint on host 0's 2 ranks, and the final checkpoint is
+    bit for bit that of an uninterrupted one-process run."""
+    import shlex
+    import subprocess
+
+    from dpnet.checkpoint import newest_checkpoint
+    from tests.test_reproducible_train import args as reproducible_args, assert_identical
+    steps = 120
+    args = reproducible_args(cifar_dir, "threelayer", "--reproducible", "--timeout", "4", "--max-steps", str(steps),
+                             "--checkpoint-every", "5", "--checkpoint", CKPT, "--metrics", "")
+    args[args.index("--epochs") + 1] = "100000"
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "lost").mkdir()
+    straight = run_ok(args, tmp_path / "straight", timeout=180)
+    cwd = tmp_path / "lost"
+    with Cluster(2) as cluster:
+        mpiexec = os.path.join(os.path.dirname(mpirun_path()), "mpiexec")
+        cmd = [sys.executable, "-m", "dpnet.launch", "-n", "4", "--hosts", ",".join(cluster.addresses),
+               "--min-ranks", "2", "--probe-seconds", "5",
+               "--launcher-command", shlex.join(cluster.mpiexec_prefix(mpiexec=mpiexec)), "--", *args]
+        proc = start(cmd, cwd, clean_env())
+        try:
+            deadline = time.monotonic() + 60
+            while (newest_checkpoint(str(cwd / CKPT)) or (0,))[0] < 20:
+                assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled"
+                time.sleep(0.05)
+            subprocess.run(["ip", "link", "set", cluster.veths[1], "down"], check=True)
+            run = finish(proc, cmd, cwd, time.monotonic(), timeout=150)
+        finally:
+            proc.kill()
+    assert run.returncode == 0, str(run)
+    assert any(line.startswith("dpnet.launch: restart 1 of 3: ") and line.endswith(f"on 2 rank(s) on {cluster.addresses[0]}")
+               for line in run.stderr.splitlines()), str(run)
+    mine = read_checkpoint(cwd / CKPT)
+    assert (mine["attrs"]["step"], mine["attrs"]["world_size"]) == (steps, 2)
+    assert_identical(mine, read_checkpoint(straight.path(CKPT)), "after losing a host")
