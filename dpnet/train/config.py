@@ -7,11 +7,12 @@ from typing import Optional
 
 from ..parallel import REDUCTIONS
 from ..parallel.microshards import DEFAULT_MICRO_SHARDS, check_micro_shards
+from .recipes import recipes_text, with_recipe
 
 OPTIMIZERS = {"sgd": "sgd", "momentum": "sgd_momentum", "nesterov": "sgd_nesterov_momentum",
               "rmsprop": "rmsprop", "adam": "adam"}
-DATA_ENV = "DPNET_DATA"
-REFERENCE_BATCH = 128  # --lr-scaling linear: --lr is the rate for a global batch of this size  # names the data set when --data is not given
+DATA_ENV = "DPNET_DATA"  # names the data set when --data is not given
+REFERENCE_BATCH = 128  # --lr-scaling linear: --lr is the rate for a global batch of this size
 
 
 @dataclass
@@ -25,15 +26,15 @@ class TrainConfig:
     max_steps: Optional[int] = None
     batch_size: int = 128
     val_size: int = 1000
-    lr: float = 1e-3
+    lr: Optional[float] = None  # None: the model's recipe (recipes.py), as for the other Optional ones below
     lr_decay: float = 1.0
     lr_schedule: str = "cosine"
     lr_scaling: str = "none"
     warmup_epochs: float = 0.0
-    optimizer: str = "adam"
-    reg: float = 1e-3
-    hidden_dim: int = 500
-    stages: str = "32,32/64,64"
+    optimizer: Optional[str] = None
+    reg: Optional[float] = None
+    hidden_dim: Optional[int] = None
+    stages: Optional[str] = None
     seed: int = 0
     dtype: str = "float32"
     conv_algorithm: str = "im2col"
@@ -65,25 +66,27 @@ def option_fields():
 OPTION_HELP = {
     "data": f"cifar-10-batches-py folder, or a .h5 from `python -m dpnet.data prepare` "
             f"(default: ${DATA_ENV}, then ~/.cache/dpnet; else a synthetic set)",
-    "model": "network to train: the three-layer CNN, the VGG-style ConvNet, or a CIFAR ResNet "
-             "(basic blocks of 16/32/64 channels, parameter-free shortcuts)",
+    "model": "network to train: the three-layer CNN, the ConvNet (--stages), vgg (the ConvNet with "
+             "--stages 32,32/64,64/128 --hidden-dim 256), or a CIFAR ResNet (basic blocks of 16/32/64 channels, "
+             "parameter-free shortcuts). Each has a default recipe for the options marked 'recipe': "
+             + "; ".join(recipes_text()),
     "bn_mode": "batchnorm: none, per-rank statistics (local) or the global batch's (sync)",
-    "epochs": "total epochs (default: 10 on CIFAR-10, 3 on the synthetic set)",
+    "epochs": "total epochs (default: the recipe's on CIFAR-10, 3 on the synthetic set)",
     "max_steps": "stop after this many optimizer steps in all",
     "batch_size": "global batch, over all ranks",
     "val_size": "training images held out for validation",
-    "lr": "learning rate",
+    "lr": "learning rate (default: recipe)",
     "lr_decay": "with --lr-schedule step: multiply the rate by this after every epoch",
     "lr_schedule": "cosine over --epochs, or step (see --lr-decay)",
     "lr_scaling": f"linear: --lr is the rate for a global batch of {REFERENCE_BATCH} and the run uses "
                   f"lr x batch-size / {REFERENCE_BATCH} (the linear scaling rule for large batches); none: --lr as given",
     "warmup_epochs": "raise the rate linearly from 0 over this many epochs (fractions allowed), then follow "
                      "the schedule; large global batches need a few",
-    "optimizer": "update rule",
-    "reg": "L2 strength: the loss adds 0.5 * reg * sum(W^2)",
-    "hidden_dim": "units of the hidden affine layer (threelayer, convnet)",
+    "optimizer": "update rule (default: recipe)",
+    "reg": "L2 strength: the loss adds 0.5 * reg * sum(W^2) (default: recipe)",
+    "hidden_dim": "units of the hidden affine layer (threelayer, convnet, vgg; default: recipe)",
     "stages": "convnet's layout: 3x3 conv filters per layer, layers of a stage separated by commas, stages by "
-              "/, each stage ending in a 2x2 max pool (e.g. 32,32/64,64/128)",
+              "/, each stage ending in a 2x2 max pool (e.g. 32,32/64,64/128; default: recipe)",
     "seed": "seeds initialisation, shuffling, and (with the rank) augmentation and dropout",
     "dtype": "dtype of parameters and activations",
     "conv_algorithm": "how the 3x3 stride-1 convolutions of convnet and the resnets are computed: im2col, "
@@ -114,7 +117,7 @@ OPTION_HELP = {
     "micro_shards": "with --reproducible: micro-shards per global batch, a power of two",
 }
 
-CHOICES = {"model": ("threelayer", "convnet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"),
+CHOICES = {"model": ("threelayer", "convnet", "vgg", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"),
            "bn_mode": ("none", "local", "sync"),
            "lr_schedule": ("cosine", "step"), "lr_scaling": ("none", "linear"), "optimizer": tuple(OPTIMIZERS),
            "dtype": ("float32", "float64"), "conv_algorithm": ("im2col", "winograd", "auto"), "reduction": REDUCTIONS}
@@ -137,11 +140,12 @@ def parse_stages(text):
 
 
 def validate(config, world_size):
-    """Raise ConfigError naming the first impossible option."""
+    """Raise ConfigError naming the first impossible option (the recipe's fill the unset ones)."""
     for key, allowed in CHOICES.items():
-        if getattr(config, key) not in allowed:
+        if getattr(config, key) not in allowed + ((None,) if key == "optimizer" else ()):
             raise ConfigError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, "
                               f"got {getattr(config, key)!r}")
+    config = with_recipe(config)
     positive = {"batch_size": config.batch_size, "epochs": config.epochs, "max_steps": config.max_steps,
                 "threads": config.threads, "simulate_ranks": config.simulate_ranks,
                 "hidden_dim": config.hidden_dim}

@@ -28,6 +28,7 @@ from .faults import fault_spec, inject_fault, inject_part_fault, inject_start_fa
 from .inputs import RankAugmentation, StepAugmentation, load_data, normaliser, split_train_val, training_batch
 from .progress import progress
 from .ranks import write_rank_map
+from .recipes import default_epochs, with_recipe
 from .resume import restore_settings, stored_config
 from .scoring import accuracy, confusion_matrix
 
@@ -145,6 +146,8 @@ def check_outputs(config):
 
 
 def build_model(config, comm):
+    """The network config describes (its recipe filling unset layout options), on comm's rank."""
+    config = with_recipe(config)
     dtype = np.dtype(config.dtype)
     use_bn = config.bn_mode != "none"
     bn_mode = config.bn_mode if use_bn else "local"
@@ -212,12 +215,13 @@ class Trainer:
         if config.resume:  # the run's own settings, unless an option given again disagrees
             config = on_every_rank(comm, lambda: restore_settings(config, stored_config(config.resume)))
             on_every_rank(comm, lambda: validate(config, comm.size))
+        config = with_recipe(config)  # what is still unset: the model's default recipe
         if comm.size > 1:
             remove_stale()  # segments that killed MPI jobs left in /dev/shm
         self.config, self.comm = config, comm
         self.say = Printer(comm)
         self.data, source, self.synthetic = on_every_rank(comm, lambda: load_data(config))
-        self.epochs = config.epochs or (3 if self.synthetic else 10)
+        self.epochs = default_epochs(config, self.synthetic)
         if self.synthetic:
             self.say("=" * 72 + f"\n  {source}: training on a synthetic CIFAR-shaped set, not real images.\n"
                      f"  Pass --data PATH or set {DATA_ENV}; `python -m dpnet.data download` fetches CIFAR-10.\n"
@@ -260,7 +264,8 @@ class Trainer:
         self.say(f"dpnet {__version__}: {config.model} (bn {config.bn_mode}), {layout}; "
                  f"{source}: {len(self.x_train)} train / {len(self.x_val)} val / "
                  f"{len(self.data['x_test'])} test; "
-                 f"{self.epochs} epochs of {self.per_epoch} steps, global batch {config.batch_size}")
+                 f"{self.epochs} epochs of {self.per_epoch} steps, global batch {config.batch_size}; "
+                 f"{config.optimizer} lr {config.lr:g}, L2 {config.reg:g}")
         if self.conv_choices is not None:
             choices, measured, path = self.conv_choices
             by_algorithm = {a: sorted(l for l, c in choices.items() if c == a) for a in sorted(set(choices.values()))}
