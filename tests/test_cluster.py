@@ -277,22 +277,14 @@ def test_the_supervisor_names_the_rank_killed_on_another_host(cifar_dir, tmp_pat
     assert "giving up: 0 restart(s) made, --max-restarts 0" in run.stderr, str(run)
 
 
-def test_the_supervisor_goes_on_with_fewer_ranks_after_losing_a_host(cifar_dir, tmp_path):
-    """python -m dpnet.launch on 2 hosts x 2 ranks with --min-ranks 2: host 1 loses its link; the
-    job ends (watchdog), the supervisor finds host 1 gone, restarts from the newest step
-    checkpoint on host 0's 2 ranks, and the run completes. Sync batchnorm in float64 without
-    augmentation: the result equals an uninterrupted 2-rank run to rounding."""
+def supervised_losing_host_1(args, cwd):
+    """python -m dpnet.launch -n 4 on 2 namespace hosts with --min-ranks 2; once the run has a
+    step checkpoint at step 20 or later, host 1's link goes down. Returns (the supervisor's Run,
+    which must have ended with status 0; the cluster, removed by then)."""
     import shlex
     import subprocess
 
     from dpnet.checkpoint import newest_checkpoint
-    steps = 300
-    args = train_args(cifar_dir, "--timeout", "4", "--max-steps", str(steps), "--epochs", "100000",
-                      "--checkpoint-every", "5")
-    (tmp_path / "straight").mkdir()
-    (tmp_path / "lost").mkdir()
-    straight = run_ok(args, tmp_path / "straight", 2, timeout=180)
-    cwd = tmp_path / "lost"
     with Cluster(2) as cluster:
         mpiexec = os.path.join(os.path.dirname(mpirun_path()), "mpiexec")
         cmd = [sys.executable, "-m", "dpnet.launch", "-n", "4", "--hosts", ",".join(cluster.addresses),
@@ -309,6 +301,22 @@ def test_the_supervisor_goes_on_with_fewer_ranks_after_losing_a_host(cifar_dir, 
         finally:
             proc.kill()
     assert run.returncode == 0, str(run)
+    return run, cluster
+
+
+def test_the_supervisor_goes_on_with_fewer_ranks_after_losing_a_host(cifar_dir, tmp_path):
+    """python -m dpnet.launch on 2 hosts x 2 ranks with --min-ranks 2: host 1 loses its link; the
+    job ends (watchdog), the supervisor finds host 1 gone, restarts from the newest step
+    checkpoint on host 0's 2 ranks, and the run completes. Sync batchnorm in float64 without
+    augmentation: the result equals an uninterrupted 2-rank run to rounding."""
+    steps = 300
+    args = train_args(cifar_dir, "--timeout", "4", "--max-steps", str(steps), "--epochs", "100000",
+                      "--checkpoint-every", "5")
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "lost").mkdir()
+    straight = run_ok(args, tmp_path / "straight", 2, timeout=180)
+    cwd = tmp_path / "lost"
+    run, cluster = supervised_losing_host_1(args, cwd)
     notes = [line for line in run.stderr.splitlines() if line.startswith("dpnet.launch: ")]
     assert f"dpnet.launch: host(s) {cluster.addresses[1]} did not answer within 5 s" in notes, str(run)
     assert any(re.fullmatch(rf"dpnet\.launch: restart 1 of 3: from checkpoint(-step\d{{8}})?\.h5 \(step \d+\) on 2 rank\(s\) on "
@@ -338,10 +346,6 @@ def test_after_losing_a_host_the_reproducible_run_ends_with_the_same_bits(cifar_
     """The supervisor on 2 hosts x 2 ranks, --reproducible: host 1 loses its link mid-run, the
     job goes on from the newest step checkpoint on host 0's 2 ranks, and the final checkpoint is
     bit for bit that of an uninterrupted one-process run."""
-    import shlex
-    import subprocess
-
-    from dpnet.checkpoint import newest_checkpoint
     from tests.test_reproducible_train import args as reproducible_args, assert_identical
     steps = 120
     args = reproducible_args(cifar_dir, "threelayer", "--reproducible", "--timeout", "4", "--max-steps", str(steps),
@@ -351,22 +355,7 @@ def test_after_losing_a_host_the_reproducible_run_ends_with_the_same_bits(cifar_
     (tmp_path / "lost").mkdir()
     straight = run_ok(args, tmp_path / "straight", timeout=180)
     cwd = tmp_path / "lost"
-    with Cluster(2) as cluster:
-        mpiexec = os.path.join(os.path.dirname(mpirun_path()), "mpiexec")
-        cmd = [sys.executable, "-m", "dpnet.launch", "-n", "4", "--hosts", ",".join(cluster.addresses),
-               "--min-ranks", "2", "--probe-seconds", "5",
-               "--launcher-command", shlex.join(cluster.mpiexec_prefix(mpiexec=mpiexec)), "--", *args]
-        proc = start(cmd, cwd, clean_env())
-        try:
-            deadline = time.monotonic() + 60
-            while (newest_checkpoint(str(cwd / CKPT)) or (0,))[0] < 20:
-                assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled"
-                time.sleep(0.05)
-            subprocess.run(["ip", "link", "set", cluster.veths[1], "down"], check=True)
-            run = finish(proc, cmd, cwd, time.monotonic(), timeout=150)
-        finally:
-            proc.kill()
-    assert run.returncode == 0, str(run)
+    run, cluster = supervised_losing_host_1(args, cwd)
     assert any(line.startswith("dpnet.launch: restart 1 of 3: ") and line.endswith(f"on 2 rank(s) on {cluster.addresses[0]}")
                for line in run.stderr.splitlines()), str(run)
     mine = read_checkpoint(cwd / CKPT)
