@@ -40,6 +40,7 @@ def test_ring_and_recursive_doubling_by_hand():
 
 def test_fit_line_pins_the_smallest_size_and_fits_the_slope():
     assert fit_line([1, 2, 4], [3, 5, 9]) == pytest.approx((1, 2))
+    assert fit_line([1, 2, 4], [3, 2.9, 2.5]) == (3, 0)  # noise that shrinks with size: no negative bandwidth
     a, b = fit_line([0, 1, 2], [1, 2, 4])  # slope of (1, 3) over (1, 2) through the origin: 7 / 5
     assert (a, b) == pytest.approx((1, 1.4))
 
@@ -165,7 +166,7 @@ def test_fit_quick_end_to_end(tmp_path):
     fit = json.loads(path.read_text())[machine_key()]
     assert fit["quick"] is True and {"shm", "mpi-local"} <= set(fit["links"])
     for line in fit["links"].values():
-        assert line["a"] >= 0 and line["b"] > 0 and math.isfinite(line["b"])
+        assert line["a"] >= 0 and line["b"] >= 0 and math.isfinite(line["b"])  # 0: too noisy, and said
     for name in ("threelayer", "convnet"):
         m = fit["models"][name]
         assert m["images"] == [8, 32] and all(t > 0 for t in m["compute_s"]) and m["optimizer_s"] > 0

@@ -173,6 +173,13 @@ def _line(points, how):
     return {"a": a, "b": b, "points": points, "how": how}
 
 
+def _warn_flat(links, say):
+    for name, line in links.items():
+        if line["b"] == 0:
+            say(f"fit: the {name} link's times did not grow with the message size (noise: another job on the "
+                f"machine?), so its per-byte time is 0; measure again on a quiet machine")
+
+
 def measure_links(sizes, repeats, say=print):
     """{name: line} for 'shm' and 'mpi-local', and each of NETWORK_LINKS where a cluster of
     network-namespace hosts can be made here (else said, and left out)."""
@@ -202,6 +209,7 @@ def measure_fit(quick=False, say=print):
     info = machine()
     say(f"fit: {machine_key(info)}")
     links = measure_links(sizes, repeats, say)
+    _warn_flat(links, say)
     for name, line in links.items():
         say(f"  {name:9s}: a = {1e6 * line['a']:8.1f} us, b = {1e9 * line['b']:7.3f} ns/byte")
     models = {}

@@ -29,13 +29,14 @@ NETWORK_LINKS = ("1gbit", "10gbit")
 def fit_line(x, y):
     """(a, b) of t = a + b x: the line through the point of smallest x (latency-bound;
     a kept >= 0) whose slope b fits all points by least squares (the large ones weigh
-    most: bandwidth).
+    most: bandwidth); b is kept >= 0 too (times that shrink as messages grow are noise, e.g.
+    another job on the machine: the caller says so).
     A plain least-squares intercept is not used: it can come out negative, and small
     messages that fit a link's token bucket (netns_cluster's burst) bend the line."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     first = int(np.argmin(x))
     dx, dy = x - x[first], y - y[first]
-    b = float(np.sum(dx * dy) / np.sum(dx * dx)) if np.any(dx) else 0.0
+    b = max(float(np.sum(dx * dy) / np.sum(dx * dx)), 0.0) if np.any(dx) else 0.0
     return max(float(y[first] - b * x[first]), 0.0), b
 
 
