@@ -2,10 +2,13 @@
 same recipe, so that dpnet's test accuracy and speed can be compared with a mature library.
 
     /work/torch-venv/bin/python benchmarks/torch_reference.py \
-        --data /work/shared/data/cifar-10-batches-py --model threelayer|convnet|resnet20 \
-        [--epochs 10] [--threads 1] [--bn-mode none|sync] [--seed 0] [--no-augment] \
-        [--optimizer adam|momentum] [--lr 1e-3] [--reg 1e-3] \
-        [--stages 32,32/64,64] [--hidden-dim 500]
+        --data /work/shared/data/cifar-10-batches-py --model threelayer|convnet|vgg|resnet20 \
+        [--epochs E] [--threads 1] [--bn-mode none|sync] [--seed 0] [--no-augment] \
+        [--optimizer adam|momentum] [--lr LR] [--reg REG] [--stages S] [--hidden-dim H]
+
+Epochs, optimizer, lr, reg, stages and hidden-dim default to dpnet.train's recipe for the
+model (dpnet/train/recipes.py), so the same command without them compares dpnet's defaults
+with PyTorch under the same recipe; vgg is convnet with the vgg layout, as in dpnet.
 
 The standard CIFAR ResNet recipe (He et al. 2016: SGD, momentum 0.9, lr 0.1, weight decay
 1e-4; here with the cosine schedule and crop + flip) is
@@ -63,10 +66,10 @@ What matches dpnet.train (defaults of TrainConfig):
   For resnet20: W1 the stem, W2..W19 the blocks' convs in forward order, W20 the linear
   layer; the convs have no bias, the linear layer's bias is 0.
 - loss: mean softmax cross-entropy + 0.5*reg*sum(W^2) over the conv/linear weights only
-  (not biases, gamma, beta), reg=1e-3, as an explicit penalty term (Adam's weight_decay
+  (not biases, gamma, beta), reg from --reg, as an explicit penalty term (Adam's weight_decay
   would be a different update).
-- optimizer: --optimizer adam (dpnet's default): Adam, betas 0.9/0.999, eps 1e-8 (same
-  bias-corrected formula as dpnet.optim.adam), lr 1e-3; --optimizer momentum: SGD with
+- optimizer: --optimizer adam: Adam, betas 0.9/0.999, eps 1e-8 (same
+  bias-corrected formula as dpnet.optim.adam); --optimizer momentum: SGD with
   momentum 0.9 (dpnet's sgd_momentum default; it sets no other value), no dampening, not
   Nesterov, and no weight_decay (--reg is the L2, which for SGD is the same update on the
   weights it covers). Either with the cosine schedule of dpnet.train.learning_rate, set
@@ -119,13 +122,12 @@ from dpnet.data import load_cifar10  # noqa: E402  the data recipe is dpnet's ow
 from dpnet.augment import random_crop_flip  # noqa: E402
 from dpnet.train import channel_stats, split_train_val  # noqa: E402
 from dpnet.train.config import parse_stages  # noqa: E402
+from dpnet.train.recipes import recipe_for  # noqa: E402
 
 
 # dpnet.train.TrainConfig defaults
 BATCH_SIZE = 128
 VAL_SIZE = 1000
-LR = 1e-3
-REG = 1e-3
 HIDDEN_DIM = 500
 SEED = 0
 BN_EPS = 1e-5
@@ -220,12 +222,12 @@ def build(name, use_bn, stages=((32, 32), (64, 64)), hidden_dim=HIDDEN_DIM):
     hidden_dim: threelayer and convnet)."""
     if name == "threelayer":
         return three_layer_convnet(use_bn, hidden_dim=hidden_dim)
-    if name == "convnet":
+    if name in ("convnet", "vgg"):
         return convnet(use_bn, stages=stages, hidden_dims=(hidden_dim,))
     return resnet(20)
 
 
-MODELS = ("threelayer", "convnet", "resnet20")
+MODELS = ("threelayer", "convnet", "vgg", "resnet20")
 
 
 def weight_layers(model):
@@ -292,26 +294,34 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="cifar-10-batches-py folder")
     parser.add_argument("--model", choices=MODELS, default="threelayer")
-    parser.add_argument("--stages", default="32,32/64,64",
+    parser.add_argument("--stages",
                         help="convnet's layout, as dpnet.train's --stages: 3x3 conv filters per layer, commas "
-                             "within a stage, / between stages, a 2x2 max pool after each (e.g. 32,32/64,64/128)")
-    parser.add_argument("--hidden-dim", type=int, default=HIDDEN_DIM,
-                        help="units of the hidden linear layer (threelayer, convnet), as dpnet.train's --hidden-dim")
-    parser.add_argument("--epochs", type=int, default=10)
+                             "within a stage, / between stages, a 2x2 max pool after each (e.g. 32,32/64,64/128; "
+                             "default: dpnet's recipe)")
+    parser.add_argument("--hidden-dim", type=int,
+                        help="units of the hidden linear layer (threelayer, convnet, vgg), as dpnet.train's "
+                             "--hidden-dim (default: dpnet's recipe)")
+    parser.add_argument("--epochs", type=int, help="default: dpnet's recipe (on CIFAR-10)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--bn-mode", choices=("none", "local", "sync"), default="sync",
                         help="none: no batchnorm; local and sync are the same in one process")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument("--lr", type=float, default=LR)
-    parser.add_argument("--reg", type=float, default=REG)
-    parser.add_argument("--optimizer", choices=("adam", "momentum"), default="adam",
-                        help="adam (dpnet's default) or SGD with momentum 0.9 (dpnet's --optimizer momentum)")
+    parser.add_argument("--lr", type=float, help="default: dpnet's recipe")
+    parser.add_argument("--reg", type=float, help="default: dpnet's recipe")
+    parser.add_argument("--optimizer", choices=("adam", "momentum"),
+                        help="adam or SGD with momentum 0.9 (dpnet's --optimizer momentum); default: dpnet's recipe")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random crop + flip, dpnet's own function and rank-0 stream (dpnet's default)")
     args = parser.parse_args(argv)
     if args.model.startswith("resnet") and args.bn_mode == "none":
         parser.error("--bn-mode none: a ResNet always has batchnorm (dpnet refuses it too)")
+    recipe = recipe_for(args.model, args.bn_mode)
+    for key in ("epochs", "optimizer", "lr", "reg", "stages", "hidden_dim"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(recipe, key))
+    if args.optimizer not in ("adam", "momentum"):
+        parser.error(f"dpnet's recipe uses --optimizer {args.optimizer}, which this script does not implement")
     try:
         stages = parse_stages(args.stages)
     except ValueError as exc:  # dpnet's ConfigError
@@ -345,7 +355,7 @@ def main(argv=None):
     n = len(x_train)
     per_epoch = -(-n // args.batch_size)
     total_steps = args.epochs * per_epoch
-    layout = (f" {args.stages}" if args.model == "convnet" else "") + \
+    layout = (f" {args.stages}" if args.model in ("convnet", "vgg") else "") + \
         (f" hidden {args.hidden_dim}" if args.model != "resnet20" else "")
     print(f"torch {torch.__version__}: {args.model}{layout} (bn {args.bn_mode}), {args.optimizer} lr {args.lr} "
           f"reg {args.reg}{', augment' if args.augment else ''}, seed {args.seed}, {args.threads} thread(s); "
@@ -386,7 +396,7 @@ def main(argv=None):
     val_acc = evaluate(model, x_val, y_val, to_input)
     test_acc = evaluate(model, x_test, y_test, to_input)
     print(json.dumps({
-        "model": args.model, "stages": args.stages if args.model == "convnet" else None,
+        "model": args.model, "stages": args.stages if args.model in ("convnet", "vgg") else None,
         "hidden_dim": args.hidden_dim if args.model != "resnet20" else None, "bn_mode": args.bn_mode, "optimizer": args.optimizer, "lr": args.lr,
         "reg": args.reg, "augment": args.augment, "seed": args.seed, "epochs": args.epochs, "steps": step,
         "train_images": n, "test_acc": test_acc, "val_acc": val_acc,
