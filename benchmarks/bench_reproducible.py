@@ -1,0 +1,115 @@
+"""What the reproducible mode costs: training-step images/s of DataParallel(..., reproducible=M)
+against the default mode, for ThreeLayerConvNet (hidden 500) and ConvNet (32,32/64,64, hidden
+500), sync batchnorm, float32, global batch 128, Adam.
+
+    python benchmarks/bench_reproducible.py [--models threelayer convnet] [--ranks 1 2]
+
+In one run, each configuration in fresh processes under mpirun (1 or 2 ranks), the machine's
+cores shared as the trainer shares them (cores / ranks BLAS threads per rank in the default
+mode; as many micro-shard passes at a time, one BLAS thread each, in the reproducible mode):
+- the default mode;
+- the reproducible mode with M = 8 micro-shards, summed by the pairwise tree and by the exact
+  fixed-point sum;
+- the tree with M = 2 (when the ranks divide it), 4 and 16: what M costs as it grows.
+Each figure is the best of REPEATS runs of STEPS steps after WARMUP, printed with its ratio to
+the default mode at the same number of ranks. Name the CPU and BLAS kernels beside any figure
+you quote (printed first).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+STEPS, WARMUP, BATCH, REPEATS = 12, 3, 128, 2
+
+
+def worker(model_name, options):
+    os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    import time
+
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from dpnet.models import ConvNet, ThreeLayerConvNet
+    from dpnet.optim import adam
+    from dpnet.parallel import DataParallel, get_comm, shard_bounds
+    from dpnet.parallel.sharding import rank_bounds
+
+    comm = get_comm()
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // comm.size)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, BATCH)
+    if model_name == "threelayer":
+        model = ThreeLayerConvNet(hidden_dim=500, weight_scale="he", dtype=np.float32, bn_mode="sync", comm=comm)
+    else:
+        model = ConvNet(stages=((32, 32), (64, 64)), hidden_dims=(500,), dtype=np.float32, bn_mode="sync",
+                        comm=comm)
+    micro = options.get("reproducible")
+    dp = DataParallel(model, comm, workers=threads if micro else 1, **options)
+    lo, hi = rank_bounds(BATCH, micro, comm.size, comm.rank) if micro else shard_bounds(BATCH, comm.size, comm.rank)
+    config = {"learning_rate": 1e-4}
+    with threadpool_limits(1 if micro else threads, user_api="blas"):
+        for i in range(WARMUP + STEPS):
+            if i == WARMUP:
+                comm.barrier()
+                start = time.perf_counter()
+            dp.loss(X[lo:hi], y[lo:hi], global_batch_size=BATCH)
+            dp.step(adam, config)
+        comm.barrier()
+        seconds = time.perf_counter() - start
+    if comm.rank == 0:
+        print(json.dumps({"images_per_s": BATCH * STEPS / seconds, "step_ms": 1e3 * seconds / STEPS}))
+    dp.close()
+
+
+def launch(ranks, model, options):
+    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    command = [mpirun if os.path.exists(mpirun) else "mpirun", "-n", str(ranks), sys.executable, __file__,
+               "--worker", model, json.dumps(options)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def variants(ranks):
+    """(label, DataParallel options) of every configuration measured at `ranks` ranks."""
+    found = [("default", {})]
+    found += [(f"reproducible, M = 8, {name}", {"reproducible": 8, "canonical_sum": name})
+              for name in ("tree", "fixed-point")]
+    found += [(f"reproducible, M = {m}, tree", {"reproducible": m, "canonical_sum": "tree"})
+              for m in (2, 4, 16) if m % ranks == 0]
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["threelayer", "convnet"], choices=["threelayer", "convnet"])
+    parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
+    args = parser.parse_args(argv)
+    from threadpoolctl import threadpool_info
+    blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')} kernels)"
+            for i in threadpool_info() if i.get("user_api") == "blas"]
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "unknown CPU") if os.path.exists("/proc/cpuinfo") else "unknown CPU"
+    print(f"{cpu}, {os.cpu_count()} cores; BLAS: {', '.join(blas) or 'unknown'}; global batch {BATCH}, float32, "
+          f"best of {REPEATS} runs of {STEPS} steps")
+    for model in args.models:
+        for ranks in args.ranks:
+            print(f"{model}, {ranks} rank(s):")
+            runs = {label: [] for label, _ in variants(ranks)}
+            for _ in range(REPEATS):  # configurations alternate: the machine's speed drifts
+                for label, options in variants(ranks):
+                    runs[label].append(launch(ranks, model, options)["images_per_s"])
+            base = max(runs["default"])
+            for label, values in runs.items():
+                print(f"  {label:34s} {max(values):7.0f} images/s  {max(values) / base:5.2f} of the default")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2], json.loads(sys.argv[3]))
+    else:
+        main()
