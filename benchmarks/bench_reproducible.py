@@ -1,6 +1,7 @@
 """What the reproducible mode costs: training-step images/s of DataParallel(..., reproducible=M)
-against the default mode, for ThreeLayerConvNet (hidden 500) and ConvNet (32,32/64,64, hidden
-500), sync batchnorm, float32, global batch 128, Adam.
+against the default mode, for ThreeLayerConvNet and ConvNet as `python -m dpnet.train` builds
+them by default (sync batchnorm, the model's recipe: optimizer, L2, layout), float32, global
+batch 128.
 
     python benchmarks/bench_reproducible.py [--models threelayer convnet] [--ranks 1 2]
 
@@ -32,10 +33,11 @@ def worker(model_name, options):
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from dpnet.models import ConvNet, ThreeLayerConvNet
-    from dpnet.optim import adam
+    from dpnet.optim import get_update_rule
     from dpnet.parallel import DataParallel, get_comm, shard_bounds
     from dpnet.parallel.sharding import rank_bounds
+    from dpnet.train import OPTIMIZERS, TrainConfig, build_model
+    from dpnet.train.recipes import with_recipe
 
     comm = get_comm()
     cores = os.cpu_count() or 1
@@ -43,22 +45,20 @@ def worker(model_name, options):
     rng = np.random.default_rng(0)
     X = rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, BATCH)
-    if model_name == "threelayer":
-        model = ThreeLayerConvNet(hidden_dim=500, weight_scale="he", dtype=np.float32, bn_mode="sync", comm=comm)
-    else:
-        model = ConvNet(stages=((32, 32), (64, 64)), hidden_dims=(500,), dtype=np.float32, bn_mode="sync",
-                        comm=comm)
+    train_config = with_recipe(TrainConfig(model=model_name, dtype="float32"))
+    model = build_model(train_config, comm)
+    update = get_update_rule(OPTIMIZERS[train_config.optimizer])
     micro = options.get("reproducible")
     dp = DataParallel(model, comm, workers=threads if micro else 1, **options)
     lo, hi = rank_bounds(BATCH, micro, comm.size, comm.rank) if micro else shard_bounds(BATCH, comm.size, comm.rank)
-    config = {"learning_rate": 1e-4}
+    config = {"learning_rate": train_config.lr}
     with threadpool_limits(1 if micro else threads, user_api="blas"):
         for i in range(WARMUP + STEPS):
             if i == WARMUP:
                 comm.barrier()
                 start = time.perf_counter()
             dp.loss(X[lo:hi], y[lo:hi], global_batch_size=BATCH)
-            dp.step(adam, config)
+            dp.step(update, config)
         comm.barrier()
         seconds = time.perf_counter() - start
     if comm.rank == 0:
@@ -78,7 +78,7 @@ def variants(ranks):
     """(label, DataParallel options) of every configuration measured at `ranks` ranks."""
     found = [("default", {})]
     found += [(f"reproducible, M = 8, {name}", {"reproducible": 8, "canonical_sum": name})
-              for name in ("tree", "fixed-point")]
+              for name in ("tree", "fixed-point") if 8 % ranks == 0]
     found += [(f"reproducible, M = {m}, tree", {"reproducible": m, "canonical_sum": "tree"})
               for m in (2, 4, 16) if m % ranks == 0]
     return found

@@ -246,7 +246,7 @@ class Supervisor:
             _kill_group(self.job)  # what the launcher left of its own group
             ranks = read_rank_map(rank_map)
             report, crashed, rank_status = death_report("".join(tail), ranks)
-            _end_leftover_ranks(ranks)  # Hydra starts its ranks in sessions of their own
+            _end_leftover_ranks(ranks, rank_map)  # Hydra starts its ranks in sessions of their own
         status = _exit_status(status)
         if crashed:  # Hydra's own status may be that of another rank it killed while cleaning up
             status = rank_status or status or 1
@@ -270,7 +270,7 @@ class Supervisor:
                 say(f"the launcher had not ended the job {self.launcher_grace:g} s after a rank's unexplained "
                     f"end; ending it" + (f" and {', '.join(alive)}, still running" if alive else ""))
                 _kill_group(self.job)
-                _end_leftover_ranks(ranks, grace=0)
+                _end_leftover_ranks(ranks, rank_map, grace=0)
                 return self.job.wait()
 
     @contextlib.contextmanager
@@ -434,23 +434,50 @@ def _rank_alive(pid):
     return _proc_state(pid) not in (None, "Z")
 
 
+def _started_with(name, value):
+    """PIDs of this machine's processes (not this one) whose environment holds name=value
+    (Linux /proc; [] elsewhere, or where an environment cannot be read)."""
+    wanted, found = f"{name}={value}".encode(), []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if wanted in fh.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
 def _on_this_host(ranks):
     """The rank map's entries for ranks on this machine (a PID means nothing on another)."""
     here = socket.gethostname()
     return [entry for entry in ranks if entry.get("host", here) == here]
 
 
-def _end_leftover_ranks(ranks, grace=LEFTOVER_SECONDS):
-    """Wait up to `grace` seconds for the ranks (and their guardians) of a finished attempt that
-    run on this machine to end, then SIGKILL them: a restart must not overlap them (after kill -9
-    of mpiexec, its proxies and ranks go on in their own sessions for a while)."""
+def _end_leftover_ranks(ranks, rank_map, grace=LEFTOVER_SECONDS):
+    """Wait up to `grace` seconds for the processes of a finished attempt that run on this
+    machine to end, then SIGKILL them: a restart must not overlap them (after kill -9 of
+    mpiexec, its proxies and ranks go on in their own sessions for a while). They are the ranks
+    and guardians of the rank map, and, for a job that died before rank 0 wrote the map, the
+    processes started with this attempt's rank map path in their environment."""
     deadline = time.monotonic() + grace
-    pids = [pid for entry in _on_this_host(ranks)
-            for pid in (entry.get("guardian"), entry["pid"]) if pid]  # a guardian first: it would report its rank
-    left = [pid for pid in pids if _rank_alive(pid)]
+    mapped = [pid for entry in _on_this_host(ranks)
+              for pid in (entry.get("guardian"), entry["pid"]) if pid]  # a guardian first: it would report its rank
+
+    def still_running():
+        alive = [pid for pid in mapped if _rank_alive(pid)]
+        return alive + [pid for pid in _started_with(RANK_MAP_ENV, rank_map)
+                        if pid not in alive and _process_running(pid)]
+    left = still_running()
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = [pid for pid in left if _rank_alive(pid)]
+        left = still_running()
     for pid in left:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)

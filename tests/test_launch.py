@@ -291,26 +291,51 @@ def test_no_job_outlives_a_killed_supervisor(cifar_dir, tmp_path):
     assert not [n for n in os.listdir(tmp_path / "dpnet_run") if n.startswith(".dpnet-launch-ranks-")]
 
 
+def stand_in_launcher(tmp_path, body):
+    """An executable script to pass as --launcher-command: `body` (sh), which receives the
+    launcher's arguments (-n N python -m dpnet.train ...)."""
+    script = tmp_path / "stand-in-launcher"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return str(script)
+
+
+def assert_no_sleep_left(cwd):
+    """No `sleep` (a stand-in's leftover) still runs in folder cwd, 5 s at most after the end."""
+    deadline = time.monotonic() + 5
+    while " sleep: " in describe_processes(-1, cwd) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert " sleep: " not in describe_processes(-1, cwd), describe_processes(-1, cwd)
+
+
 def test_a_launcher_that_does_not_end_a_doomed_job_is_ended(cifar_dir, tmp_path):
     """Rank 1 exits without a report; the launcher (a stand-in: mpiexec, then a long sleep, as a
     launcher whose clean-up left a rank behind) does not end. --launcher-grace 1 s after the
     guardian's line the supervisor ends the launcher's group itself and reports the rank's status."""
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    stuck = tmp_path / "stuck-mpiexec"
-    stuck.write_text(f"#!/bin/sh\n{mpiexec if os.path.exists(mpiexec) else 'mpiexec'} \"$@\"\nexec sleep 300\n")
-    stuck.chmod(0o755)
+    stuck = stand_in_launcher(tmp_path, f"{mpiexec if os.path.exists(mpiexec) else 'mpiexec'} \"$@\"\nexec sleep 300\n")
     (tmp_path / "work").mkdir()
     args = ["--data", cifar_dir, *TINY, "--epochs", "1"]
-    run = supervised(args, tmp_path / "work", "-n", "2", "--max-restarts", "0", "--launcher-command", str(stuck),
+    run = supervised(args, tmp_path / "work", "-n", "2", "--max-restarts", "0", "--launcher-command", stuck,
                      "--launcher-grace", "1", env=clean_env(DPNET_FAULT="1:2:exit"), timeout=60)
     assert run.returncode == 3, str(run)
-    assert "the launcher had not ended the job 1 s after a rank's unexplained end; ending it" in notes(run), str(run)  # no rank left: mpiexec ended them
+    assert any(line.startswith("the launcher had not ended the job 1 s after a rank's unexplained end; ending it")
+               for line in notes(run)), str(run)
     assert re.search(r"attempt 1 failed after [\d.]+ s with exit status 3: rank 1 \(PID \d+ on \S+\) ended "
                      r"with exit status 3 and no report", run.stderr), str(run)
-    deadline = time.monotonic() + 5  # the stand-in's sleep went with its group
-    while " sleep: " in describe_processes(-1, tmp_path / "work") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert " sleep: " not in describe_processes(-1, tmp_path / "work"), describe_processes(-1, tmp_path / "work")
+    assert_no_sleep_left(tmp_path / "work")  # the stand-in's sleep went with its group
+
+
+def test_a_doomed_job_without_a_rank_map_leaves_no_process(tmp_path):
+    """A job doomed before rank 0 wrote the rank map (a stand-in launcher: one process in a
+    session of its own, as Hydra starts ranks, then a guardian's line, then no end): the
+    supervisor finds what the attempt started by the rank map path in its environment."""
+    stuck = stand_in_launcher(tmp_path, "setsid sleep 300 &\necho '[rank 1] ended with exit status 3 and no report "
+                                        "(os._exit, or exit() in C code); PID 4242 on here' >&2\nexec sleep 301\n")
+    run = supervised(["--data", "unused"], tmp_path, "-n", "2", "--max-restarts", "0", "--launcher-command", stuck,
+                     "--launcher-grace", "1", timeout=60)
+    assert run.returncode == 3, str(run)
+    assert_no_sleep_left(tmp_path)
 
 
 def test_a_restart_never_resumes_an_earlier_runs_checkpoint(cifar_dir, tmp_path):

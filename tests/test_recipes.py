@@ -77,6 +77,22 @@ def test_a_run_stores_the_recipe_it_used_and_resumes_with_it(cifar_dir, tmp_path
     assert (stored["optimizer"], stored["lr"], stored["reg"], stored["stages"]) == \
         ("adam", 2e-3, 5e-4, "32,32/64,64/128")
     assert stored["hidden_dim"] == 16  # TINY's --hidden-dim wins over the recipe's 256
+    assert stored["epochs"] == 15  # the recipe's count, stored as used
+    # what the checkpoint holds wins over today's recipe: change it there and resume
+    with h5py.File(tmp_path / "dpnet_run" / "checkpoint.h5", "r+") as f:
+        f.attrs["config"] = json.dumps({**stored, "lr": 0.003, "epochs": 12})
     resumed = run_ok(["--data", cifar_dir, "--no-progress", "--resume", "dpnet_run/checkpoint.h5",
                       "--max-steps", "2"], tmp_path)
-    assert resumed.lines[1].endswith("adam lr 0.002, L2 0.0005"), resumed
+    assert resumed.lines[1].endswith("12 epochs of 5 steps, global batch 32; adam lr 0.003, L2 0.0005"), resumed
+    # another optimizer under --reset-optimizer gets its own rate, not the checkpoint's
+    reset = run_ok(["--data", cifar_dir, "--no-progress", "--resume", "dpnet_run/checkpoint.h5",
+                    "--max-steps", "3", "--optimizer", "momentum", "--reset-optimizer"], tmp_path)
+    assert reset.lines[1].endswith("; momentum lr 0.05, L2 0.0005"), reset
+
+
+def test_an_optimizer_other_than_the_recipes_gets_its_own_rate():
+    """A recipe's rate belongs to its optimizer: --optimizer adam on ThreeLayerConvNet (whose
+    recipe is SGD momentum at 0.05) runs Adam at 1e-3."""
+    assert with_recipe(parse_args(["--optimizer", "adam"])).lr == 1e-3
+    assert with_recipe(parse_args(["--model", "convnet", "--optimizer", "momentum"])).lr == 0.05
+    assert with_recipe(parse_args(["--optimizer", "adam", "--lr", "0.01"])).lr == 0.01

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 
 from ..checkpoint import CheckpointError
 from ..data import DataError
@@ -60,9 +61,10 @@ def parse_args(argv):
 
 def _option_type(field, default):
     """The Python type of a TrainConfig field (int, float, str or bool), Optional[...] unwrapped."""
-    name = (type(default).__name__ if default is not None else
-            str(field.type).replace("typing.Optional[", "").rstrip("]").replace("Optional[", ""))
-    return {"int": int, "float": float, "str": str, "bool": bool}.get(name, str)
+    if default is not None:
+        return type(default)
+    kinds = [t for t in typing.get_args(field.type) if t is not type(None)] or [field.type]
+    return kinds[0] if kinds[0] in (int, float, str, bool) else str
 
 
 def _read_toml(path):

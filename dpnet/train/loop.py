@@ -448,7 +448,8 @@ class Trainer:
             states = []  # the reproducible mode: no stream of its own on any rank (the same at any count)
         if comm.rank == 0 and config.checkpoint:
             save_checkpoint(path or config.checkpoint, self.model, self.optim_config, self.step // self.per_epoch,
-                            self.step, dataclasses.asdict(config), comm.size, states, self.dp.flat)
+                            self.step, dataclasses.asdict(dataclasses.replace(config, epochs=self.epochs)),
+                            comm.size, states, self.dp.flat)
 
     def step_checkpoint_due(self):
         every = self.config.checkpoint_every

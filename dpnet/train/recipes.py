@@ -36,6 +36,10 @@ RECIPES = {
 }
 RESNET_RECIPE = ADAM  # ResNet-20: 52.4%, the same as PyTorch's 52.4% (SGD momentum 0.1: 49.4%)
 RECIPE_OPTIONS = ("optimizer", "lr", "reg", "hidden_dim", "stages")  # the TrainConfig fields a recipe fills
+# the rate when --optimizer is given and is not the recipe's: a recipe's rate belongs to its
+# optimizer (SGD's 0.05 would wreck Adam); 1e-3 is Adam's and RMSProp's customary rate, 0.05 the
+# SGD momentum rate measured best on the batchnorm models here
+OPTIMIZER_RATES = {"adam": 1e-3, "rmsprop": 1e-3, "sgd": 0.05, "momentum": 0.05, "nesterov": 0.05}
 
 
 def recipe_for(model, bn_mode):
@@ -49,13 +53,16 @@ def recipe_for(model, bn_mode):
 
 
 def with_recipe(config):
-    """config with each of RECIPE_OPTIONS left unset (None) taken from its model's recipe.
-    An unknown model is returned as it is, for validation to name."""
+    """config with each of RECIPE_OPTIONS left unset (None) taken from its model's recipe; the
+    rate of an optimizer other than the recipe's from OPTIMIZER_RATES. An unknown model is
+    returned as it is, for validation to name."""
     try:
         recipe = recipe_for(config.model, config.bn_mode)
     except ValueError:
         return config
     unset = {key: getattr(recipe, key) for key in RECIPE_OPTIONS if getattr(config, key) is None}
+    if config.lr is None and config.optimizer not in (None, recipe.optimizer):
+        unset["lr"] = OPTIMIZER_RATES.get(config.optimizer, recipe.lr)
     return dataclasses.replace(config, **unset) if unset else config
 
 

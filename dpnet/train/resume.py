@@ -42,9 +42,13 @@ def restore_settings(config, stored):
     """config with the RESTORED settings of the checkpoint's `stored` config; ConfigError naming
     the setting and both values where an option given again (config.given) disagrees."""
     changes = {}
+    new_optimizer = (config.reset_optimizer and "optimizer" in config.given
+                     and config.optimizer != stored.get("optimizer"))
     for key in RESTORED:
         if key not in stored:
             continue
+        if key == "lr" and new_optimizer and key not in config.given:
+            continue  # the old optimizer's rate is not the new one's: the recipe chooses (recipes.py)
         mine, theirs = getattr(config, key), stored[key]
         if key in config.given and mine != theirs:
             if config.reset_optimizer and key in OPTIMIZER_SETTINGS:
@@ -54,4 +58,6 @@ def restore_settings(config, stored):
             raise ConfigError(f"{flag} {mine} does not match the checkpoint's {theirs} ({config.resume}): "
                               f"leave {flag} out to continue the run as it was{hint}")
         changes[key] = theirs
+    if config.epochs is None and stored.get("epochs"):  # the total the run was started with
+        changes["epochs"] = stored["epochs"]
     return dataclasses.replace(config, **changes)
