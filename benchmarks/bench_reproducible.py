@@ -89,6 +89,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=["threelayer", "convnet"], choices=["threelayer", "convnet"])
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
     args = parser.parse_args(argv)
+    import numpy  # noqa: F401  loads the BLAS that threadpoolctl then names
     from threadpoolctl import threadpool_info
     blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')} kernels)"
             for i in threadpool_info() if i.get("user_api") == "blas"]
