@@ -1124,6 +1124,20 @@ def test_a_killed_guardian_takes_its_rank_and_the_job_with_it(cifar_dir, tmp_pat
     assert run.returncode != 0, str(run)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="the guardian finds its peers through /proc (Linux)")
+def test_a_rank_that_exits_ends_its_host_without_the_launchers_clean_up(cifar_dir, tmp_path):
+    """mpiexec -disable-auto-cleanup (Hydra then kills no rank when one dies): rank 1 exits at
+    step 2 without a report; its guardian reports it and ends rank 0 itself, so the job ends
+    within seconds, not after rank 0's --timeout 120."""
+    args = base_args(cifar_dir, "--epochs", "2", "--timeout", "120")
+    cmd = [mpirun_path(), "-disable-auto-cleanup", "-n", "2", *train_command(args)]
+    started = time.monotonic()
+    run = finish(start(cmd, tmp_path, clean_env(DPNET_FAULT="1:2:exit")), cmd, tmp_path, started, 60)
+    assert run.returncode != 0, str(run)
+    assert re.search(r"^\[rank 1\] ended with exit status 3 and no report", run.stderr, re.M), str(run)
+    assert run.seconds < 30, str(run)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the ranks through /proc (Linux)")
 def test_one_ctrl_c_delivered_twice_still_saves(cifar_dir, tmp_path):
     """SIGINT to every guardian and every rank at once (`pkill -INT -f dpnet.train`, or a

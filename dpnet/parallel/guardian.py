@@ -86,7 +86,7 @@ def guard_this_rank():
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return
     os.close(write_fd)
-    _guard(child, rank, read_fd, blocked)
+    _guard(child, rank, read_fd, blocked, os.getppid())
 
 
 def set_parent_death_signal(signum):
@@ -94,9 +94,10 @@ def set_parent_death_signal(signum):
     _prctl(_PR_SET_PDEATHSIG, int(signum))
 
 
-def _guard(child, rank, read_fd, blocked):
-    """The guardian: pass signals on to the rank, wait for it, report an unexplained end, and
-    end as it ended. Never returns."""
+def _guard(child, rank, read_fd, blocked, launcher):
+    """The guardian: pass signals on to the rank, wait for it, report an unexplained end (and
+    end the host's other ranks), and end as it ended. launcher: the PID of the process that
+    started it (Hydra's proxy). Never returns."""
     import ctypes
     _prctl(_PR_SET_NAME, ctypes.c_char_p(GUARDIAN_NAME.encode()))
     for signum in PASSED_ON:
@@ -115,12 +116,46 @@ def _guard(child, rank, read_fd, blocked):
         signum = os.WTERMSIG(status)
         if not expected:
             _report(f"[rank {rank}] was killed by {_signal_name(signum)}; {where}")
+            _end_local_peers(launcher)
         _end_by_signal(signum)
     code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1
     if not expected:  # even status 0: a rank that ended mid-run without finishing
         _report(f"[rank {rank}] ended with exit status {code} and no report (os._exit, or exit() in C code); "
                 f"{where}")
+        _end_local_peers(launcher)
     os._exit(code)
+
+
+def _end_local_peers(launcher):
+    """After its rank's unexplained end the job cannot go on: SIGKILL the other guardians the
+    same launcher process started on this host, then their ranks, as the launcher's own clean-up
+    would, so that their end never depends on it (twice in CI a job outlived that clean-up).
+    Nothing if this guardian's launcher is gone (it would then be another process's child)."""
+    if os.getppid() != launcher or launcher <= 1:
+        return
+    table = {}  # pid -> (parent pid, name), from /proc
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+            table[int(entry)] = (int(stat[stat.rindex(")") + 2:].split()[1]), stat[stat.index("(") + 1:stat.rindex(")")])
+        except (OSError, ValueError, IndexError):
+            continue
+    me = os.getpid()
+    peers = [pid for pid, (parent, name) in table.items() if parent == launcher and pid != me and name == GUARDIAN_NAME]
+    for guardian in peers:  # the guardian first: killed first, it cannot report its rank's death
+        ranks = [pid for pid, (parent, _) in table.items() if parent == guardian]
+        for pid in [guardian] + ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _pass_on(child, signum):
