@@ -5,7 +5,9 @@ signal), the guardian names it, on stderr:
 
     [rank 1] ended with exit status 3 and no report (os._exit, or exit() in C code); PID 4242 on node3
 
-and then ends the same way (the same status, or the same signal).
+and then, since the job cannot go on, ends the host's other ranks (their guardians first, then
+the ranks: what the launcher's clean-up does, without depending on it), and ends the same way
+(the same status, or the same signal).
 
 Why a second process: Hydra reports a rank killed by a signal by its PID only, says nothing of
 a rank that exits on its own, and SIGKILLs the other ranks within milliseconds, before any of
