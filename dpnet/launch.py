@@ -41,6 +41,7 @@ import time
 from .checkpoint import newest_checkpoint
 from .parallel.guardian import set_parent_death_signal
 from .parallel.microshards import check_micro_shards
+from .proc import pids, proc_stat
 from .scaling.measure import mpiexec_path
 from .train.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, parse_args
 from .train.config import ConfigError
@@ -404,12 +405,8 @@ def _remove_stale_rank_maps(folder):
 
 def _proc_state(pid):
     """The state letter of process pid in /proc (R, S, Z, ...), or None if it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            stat = fh.read()
-        return stat[stat.rindex(")") + 2]  # pid (comm) state ...; comm may hold spaces and parentheses
-    except (OSError, ValueError, IndexError):
-        return None
+    stat = proc_stat(pid)
+    return stat.state if stat else None
 
 
 def _process_running(pid):
@@ -438,17 +435,13 @@ def _started_with(name, value):
     """PIDs of this machine's processes (not this one) whose environment holds name=value
     (Linux /proc; [] elsewhere, or where an environment cannot be read)."""
     wanted, found = f"{name}={value}".encode(), []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return found
-    for entry in entries:
-        if not entry.isdigit() or int(entry) == os.getpid():
+    for pid in pids():
+        if pid == os.getpid():
             continue
         try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
                 if wanted in fh.read().split(b"\0"):
-                    found.append(int(entry))
+                    found.append(pid)
         except OSError:
             continue
     return found

@@ -17,6 +17,8 @@ import time
 import numpy as np
 import pytest
 
+from dpnet.proc import pids, proc_stat
+
 # ------------------------------------------------------------------ CIFAR-10 files
 
 LABEL_NAMES = [name.encode() for name in ("airplane", "automobile", "bird", "cat", "deer", "dog",
@@ -141,20 +143,8 @@ def group_members(pgid):
         except ProcessLookupError:
             return []
         return [(pgid, "?")]
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append((int(entry), stat[stat.index("(") + 1:stat.rindex(")")]))
-    return members
+    stats = ((pid, proc_stat(pid)) for pid in pids())
+    return [(pid, stat.name) for pid, stat in stats if stat and stat.pgid == pgid and stat.state != "Z"]
 
 
 def job_processes(cwd):
@@ -170,12 +160,12 @@ def job_processes(cwd):
             if b"dpnet.train" not in cmdline or os.readlink(f"/proc/{entry}/cwd") != str(cwd):
                 continue
             environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
-            stat = open(f"/proc/{entry}/stat").read()
         except OSError:
             continue
+        stat = proc_stat(int(entry))
         rank = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"PMI_RANK=")]
-        if rank and stat[stat.rindex(")") + 2] != "Z":
-            found = guardians if f"({GUARDIAN_NAME})" in stat else ranks
+        if rank and stat and stat.state != "Z":
+            found = guardians if stat.name == GUARDIAN_NAME else ranks
             found[int(rank[0])] = int(entry)
     return ranks, guardians
 
@@ -186,25 +176,23 @@ def describe_processes(root, cwd):
     a hung job's failure shows who was still alive and what each held (pipes, sockets)."""
     if not os.path.isdir("/proc/self"):
         return "(no /proc)"
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    table, here = {}, set()
+    for pid in pids():
+        stat = proc_stat(pid)
         try:
-            stat = open(f"/proc/{entry}/stat").read()
-            here = os.readlink(f"/proc/{entry}/cwd") == str(cwd)
+            if os.readlink(f"/proc/{pid}/cwd") == str(cwd):
+                here.add(pid)
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        table[int(entry)] = (stat[stat.index("(") + 1:stat.rindex(")")], fields[0], int(fields[1]),
-                             int(fields[2]), int(fields[3]), here)
+        if stat:
+            table[pid] = stat
     def descends(pid):
         while pid in table and pid != root:
-            pid = table[pid][2]
+            pid = table[pid].ppid
         return pid == root
     lines = []
-    for pid in sorted(p for p in table if table[p][5] or descends(p)):
-        name, state, ppid, pgid, sid, _ = table[pid]
+    for pid in sorted(p for p in table if p in here or descends(p)):
+        name, state, ppid, pgid, sid = table[pid]
         try:
             wchan = open(f"/proc/{pid}/wchan").read() or "-"
         except OSError:

@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 
+from ..proc import pids, proc_stat
 from .comm import launched_by_mpi, launcher_rank
 
 GUARDIAN_NAME = "dpnet-guardian"  # the guardian's process name (ps -o comm, /proc/PID/stat)
@@ -135,24 +136,11 @@ def _end_local_peers(launcher):
     Nothing if this guardian's launcher is gone (it would then be another process's child)."""
     if os.getppid() != launcher or launcher <= 1:
         return
-    table = {}  # pid -> (parent pid, name), from /proc
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
-            table[int(entry)] = (int(stat[stat.rindex(")") + 2:].split()[1]), stat[stat.index("(") + 1:stat.rindex(")")])
-        except (OSError, ValueError, IndexError):
-            continue
+    table = {pid: stat for pid, stat in ((pid, proc_stat(pid)) for pid in pids()) if stat}
     me = os.getpid()
-    peers = [pid for pid, (parent, name) in table.items() if parent == launcher and pid != me and name == GUARDIAN_NAME]
+    peers = [pid for pid, stat in table.items() if stat.ppid == launcher and pid != me and stat.name == GUARDIAN_NAME]
     for guardian in peers:  # the guardian first: killed first, it cannot report its rank's death
-        ranks = [pid for pid, (parent, _) in table.items() if parent == guardian]
+        ranks = [pid for pid, stat in table.items() if stat.ppid == guardian]
         for pid in [guardian] + ranks:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from ..proc import proc_stat
+
 PROGRESS_SECONDS_ENV = "DPNET_PROGRESS_SECONDS"
 
 
@@ -39,9 +41,10 @@ def launcher_on_terminal(levels=6):
         for _ in range(levels):
             if not stderr.startswith("pipe:"):
                 return stderr.startswith(("/dev/pts/", "/dev/tty"))
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-            pid = int(stat[stat.rindex(")") + 2:].split()[1])  # pid (comm) state ppid ...
+            stat = proc_stat(pid)
+            if stat is None:
+                return False
+            pid = stat.ppid
             if pid <= 1 or not any(os.readlink(f"/proc/{pid}/fd/{fd}") == stderr
                                    for fd in os.listdir(f"/proc/{pid}/fd")):
                 return False  # the pipe leads to another program, not to the parent
