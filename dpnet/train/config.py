@@ -141,11 +141,11 @@ def parse_stages(text):
 
 def validate(config, world_size):
     """Raise ConfigError naming the first impossible option (the recipe's fill the unset ones)."""
+    config = with_recipe(config)  # an unknown model is left as it is, and named below
     for key, allowed in CHOICES.items():
-        if getattr(config, key) not in allowed + ((None,) if key == "optimizer" else ()):
+        if getattr(config, key) not in allowed:
             raise ConfigError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, "
                               f"got {getattr(config, key)!r}")
-    config = with_recipe(config)
     positive = {"batch_size": config.batch_size, "epochs": config.epochs, "max_steps": config.max_steps,
                 "threads": config.threads, "simulate_ranks": config.simulate_ranks,
                 "hidden_dim": config.hidden_dim}
