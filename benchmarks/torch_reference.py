@@ -2,7 +2,7 @@
 same recipe, so that dpnet's test accuracy and speed can be compared with a mature library.
 
     /work/torch-venv/bin/python benchmarks/torch_reference.py \
-        --data /work/shared/data/cifar-10-batches-py --model threelayer|convnet|vgg|resnet20 \
+        --data /work/shared/data/cifar-10-batches-py --model threelayer|convnet|vgg|resnet20|32|44|56|110 \
         [--epochs E] [--threads 1] [--bn-mode none|sync] [--seed 0] [--no-augment] \
         [--optimizer adam|momentum] [--lr LR] [--reg REG] [--stages S] [--hidden-dim H]
 
@@ -18,7 +18,7 @@ and `python -m dpnet.train` takes the same four options.
 Needs torch and numpy, plus the dpnet of this checkout for its data code (load_cifar10,
 split_train_val, channel_stats, random_crop_flip: pure NumPy; dpnet does not depend on torch).
 Per-epoch progress goes to stderr; the last line on stdout is one JSON object:
-model, stages (convnet only, else null), hidden_dim (null for resnet20), bn_mode, optimizer, lr,
+model, stages (convnet only, else null), hidden_dim (null for a ResNet), bn_mode, optimizer, lr,
 reg, augment, seed, epochs, steps, train_images, test_acc,
 val_acc, final_train_loss, seconds, seconds_per_epoch, images_per_s, threads, torch.
 
@@ -42,9 +42,10 @@ What matches dpnet.train (defaults of TrainConfig):
               linear H->10 (default: 4096->500; 32,32/64,64/128 with --hidden-dim 256:
               2048->256). (ConvNet's own default head is 256 units, but build_model passes
               hidden_dims=(hidden_dim,), 500 unless --hidden-dim says otherwise.)
-  resnet20:   dpnet.models.ResNet(depth=20): conv 3x3, 16, pad 1, no bias -> BatchNorm2d -> relu;
-              three stages of 3 basic blocks of 16, 32, 64 channels, each conv 3x3 (no bias) ->
-              BatchNorm2d -> relu -> conv 3x3 (no bias) -> BatchNorm2d, + shortcut, -> relu;
+  resnet<D>:  dpnet.models.ResNet(depth=D), D = 20, 32, 44, 56 or 110: conv 3x3, 16, pad 1, no
+              bias -> BatchNorm2d -> relu; three stages of (D - 2) / 6 basic blocks of 16, 32, 64
+              channels, each conv 3x3 (no bias) -> BatchNorm2d -> relu -> conv 3x3 (no bias) ->
+              BatchNorm2d, + shortcut, -> relu;
               the first block of stages 2 and 3 has stride 2 (PyTorch's symmetric pad 1 reads
               the same pixels as dpnet's top/left pad) and the parameter-free "option A"
               shortcut: x[:, :, ::2, ::2], channels zero-padded (F - C) // 2 before, the rest
@@ -58,12 +59,12 @@ What matches dpnet.train (defaults of TrainConfig):
   weights drawn as (in, out) and transposed, draws in float64 then cast to the parameters'
   dtype), so the initial parameters are the same numbers as dpnet's, not just the same
   distribution:
-  with batchnorm (and always for resnet20): He, N(0, 2/fan_in), for conv and linear weights,
+  with batchnorm (and always for a ResNet): He, N(0, 2/fan_in), for conv and linear weights,
   zero biases (no draw for them);
   with --bn-mode none (threelayer, convnet): PyTorch's default, U(-1/sqrt(fan_in),
   1/sqrt(fan_in)) for the weights and the biases, each layer's bias drawn right after its
   weights (dpnet's weight_scale='uniform').
-  For resnet20: W1 the stem, W2..W19 the blocks' convs in forward order, W20 the linear
+  For resnet<D>: W1 the stem, W2..W<D-1> the blocks' convs in forward order, W<D> the linear
   layer; the convs have no bias, the linear layer's bias is 0.
 - loss: mean softmax cross-entropy + 0.5*reg*sum(W^2) over the conv/linear weights only
   (not biases, gamma, beta), reg from --reg, as an explicit penalty term (Adam's weight_decay
@@ -224,10 +225,11 @@ def build(name, use_bn, stages=((32, 32), (64, 64)), hidden_dim=HIDDEN_DIM):
         return three_layer_convnet(use_bn, hidden_dim=hidden_dim)
     if name in ("convnet", "vgg"):
         return convnet(use_bn, stages=stages, hidden_dims=(hidden_dim,))
-    return resnet(20)
+    return resnet(int(name[len("resnet"):]))
 
 
-MODELS = ("threelayer", "convnet", "vgg", "resnet20")
+RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+MODELS = ("threelayer", "convnet", "vgg") + RESNETS
 
 
 def weight_layers(model):
@@ -356,7 +358,7 @@ def main(argv=None):
     per_epoch = -(-n // args.batch_size)
     total_steps = args.epochs * per_epoch
     layout = (f" {args.stages}" if args.model in ("convnet", "vgg") else "") + \
-        (f" hidden {args.hidden_dim}" if args.model != "resnet20" else "")
+        (f" hidden {args.hidden_dim}" if args.model not in RESNETS else "")
     print(f"torch {torch.__version__}: {args.model}{layout} (bn {args.bn_mode}), {args.optimizer} lr {args.lr} "
           f"reg {args.reg}{', augment' if args.augment else ''}, seed {args.seed}, {args.threads} thread(s); "
           f"{n} train / {len(x_val)} val / {len(x_test)} test; {args.epochs} epochs of {per_epoch} "
@@ -397,7 +399,7 @@ def main(argv=None):
     test_acc = evaluate(model, x_test, y_test, to_input)
     print(json.dumps({
         "model": args.model, "stages": args.stages if args.model in ("convnet", "vgg") else None,
-        "hidden_dim": args.hidden_dim if args.model != "resnet20" else None, "bn_mode": args.bn_mode, "optimizer": args.optimizer, "lr": args.lr,
+        "hidden_dim": args.hidden_dim if args.model not in RESNETS else None, "bn_mode": args.bn_mode, "optimizer": args.optimizer, "lr": args.lr,
         "reg": args.reg, "augment": args.augment, "seed": args.seed, "epochs": args.epochs, "steps": step,
         "train_images": n, "test_acc": test_acc, "val_acc": val_acc,
         "final_train_loss": loss_mean, "seconds": round(train_seconds, 3),

@@ -245,6 +245,14 @@ def reproducible_run(comm, kind, bn_mode, canonical_sum, steps=3, n=19, reproduc
     from dpnet.parallel.sharding import rank_bounds
     model = make_model(kind, bn_mode, seed=comm.rank, dtype=np.float32)  # rank 0's broadcast wins
     dp = DataParallel(model, comm, reproducible=reproducible, workers=workers, canonical_sum=canonical_sum)
+    shared = False  # the tree runs in shared memory where every rank is on one node, else through MPI
+    if comm.size > 1 and canonical_sum == "tree":
+        node, cross = comm.split_by_node()
+        shared = node.size == comm.size
+        node.free()
+        cross.free()
+    assert dp.reduction == ("reproducible-shared-memory-tree" if shared else f"reproducible-{canonical_sum}"), \
+        (dp.reduction, dp.why_not_shared_memory)
     config, losses = {"learning_rate": 1e-2}, []
     for step in range(steps):
         X, y = make_batch(n, seed=10 + step)

@@ -55,12 +55,14 @@ def test_one_rank_is_the_serial_model():
 
 
 @pytest.mark.parametrize("size", [2, 4, 8])
-@pytest.mark.parametrize("kind, bn_mode, canonical_sum", [
-    ("threelayer", "sync", "tree"), ("convnet", "sync", "fixed-point"), ("resnet", "sync", "tree"),
-    ("convnet", "local", "tree"), ("threelayer", "local", "fixed-point")])
-def test_reproducible_mode_is_bit_identical_at_any_size(size, kind, bn_mode, canonical_sum):
-    """One BLAS thread, as the mode asks (python -m dpnet.train --reproducible sets it)."""
+@pytest.mark.parametrize("kind, bn_mode, canonical_sum, path", [
+    ("threelayer", "sync", "tree", "allreduce"), ("convnet", "sync", "fixed-point", "allreduce"),
+    ("resnet", "sync", "tree", "allreduce"), ("convnet", "local", "tree", "allreduce"),
+    ("threelayer", "local", "fixed-point", "allreduce"), ("threelayer", "sync", "tree", "hierarchical")])
+def test_reproducible_mode_is_bit_identical_at_any_size(size, kind, bn_mode, canonical_sum, path):
+    """One BLAS thread, as the mode asks (python -m dpnet.train --reproducible sets it). The tree
+    runs in shared memory on one node and through Allgather across nodes ('hierarchical': nodes
+    of size / 2 ranks)."""
     from threadpoolctl import threadpool_limits
     with threadpool_limits(1, user_api="blas"):
-        cases.sim(size, "allreduce").run(cases.case_reproducible_is_bit_identical_at_any_size, kind, bn_mode,
-                                         canonical_sum)
+        cases.sim(size, path).run(cases.case_reproducible_is_bit_identical_at_any_size, kind, bn_mode, canonical_sum)

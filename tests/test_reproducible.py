@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from dpnet.parallel import DataParallel, SerialComm, SimComm
-from dpnet.parallel.canonical import FixedPointSum, TreeSum, pairwise_sum
+from dpnet.parallel import canonical
+from dpnet.parallel.canonical import FixedPointSum, SharedTreeReducer, TreeSum, tree_sum_pieces
 from dpnet.parallel.microshards import check_micro_shards
 from dpnet.parallel.sharding import rank_bounds, shard_bounds
 from tests import parallel_cases as cases
@@ -37,14 +38,43 @@ def test_the_tree_sum_is_the_pairwise_tree_over_micro_shard_index():
     rng = np.random.default_rng(0)
     parts = [(rng.standard_normal(1000) * 10.0 ** rng.integers(-3, 4)).astype(np.float32) for _ in range(8)]
     tree = ((parts[0] + parts[1]) + (parts[2] + parts[3])) + ((parts[4] + parts[5]) + (parts[6] + parts[7]))
-    assert np.array_equal(pairwise_sum([p.copy() for p in parts]), tree)
     sequential = parts[0] + parts[1] + parts[2] + parts[3] + parts[4] + parts[5] + parts[6] + parts[7]
     assert not np.array_equal(tree, sequential)  # control: the order shows in the bits
+    copies = [p.copy() for p in parts]
+    out = tree_sum_pieces(copies, np.empty(1000, np.float32), 0, 1000, 97, np.empty((4, 97), np.float32))
+    assert np.array_equal(out, tree)  # pieces of 97 entries: the last one partial
+    assert all(np.array_equal(c, p) for c, p in zip(copies, parts))  # the parts are left as they were
+    assert np.array_equal(TreeSum(SerialComm()).combine(copies, np.empty(1000, np.float32)), tree)
     for size in (2, 4):
         k = 8 // size
         out = SimComm(size).run(lambda comm: TreeSum(comm).combine(
             [p.copy() for p in parts[comm.rank * k:(comm.rank + 1) * k]], np.empty(1000, np.float32)))
         assert all(np.array_equal(o, tree) for o in out)
+
+
+@pytest.mark.parametrize("size", [2, 4, 8])
+def test_the_shared_memory_tree_is_the_same_tree(size, monkeypatch):
+    """SharedTreeReducer: each rank sums its slice of the 8 micro-shard segments, in pieces."""
+    monkeypatch.setattr(canonical, "TREE_PIECE_BYTES", 4 * 37)  # many pieces, slices ending mid-piece
+    rng = np.random.default_rng(2)
+    parts = [(rng.standard_normal(1001) * 10.0 ** rng.integers(-3, 4)).astype(np.float32) for _ in range(8)]
+    tree = ((parts[0] + parts[1]) + (parts[2] + parts[3])) + ((parts[4] + parts[5]) + (parts[6] + parts[7]))
+    k = 8 // size
+
+    def reduce(comm):
+        node, cross = comm.split_by_node()
+        reducer = SharedTreeReducer(comm, node, cross, 1001, np.float32, 8)
+        assert len(reducer.sends) == k and reducer.loss_ranges[0] == ((0, 1001) if comm.rank == 0 else (0, 0))
+        for j, send in enumerate(reducer.sends):
+            send[...] = parts[comm.rank * k + j]
+        finished = []
+        result = reducer.reduce(lambda res, lo, hi: finished.append((lo, hi)))
+        return np.array(result), finished
+
+    outs = SimComm(size).run(reduce)
+    assert all(np.array_equal(out, tree) for out, _ in outs)
+    pieces = sorted(piece for _, finished in outs for piece in finished)  # each entry finished once
+    assert pieces[0][0] == 0 and pieces[-1][1] == 1001 and all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
 
 
 def test_the_fixed_point_sum_is_within_its_grid_of_the_exact_sum_at_any_size():

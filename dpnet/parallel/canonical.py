@@ -20,20 +20,39 @@ Interface: combine(buffers, out) writes the sum of every rank's buffers into out
 import numpy as np
 
 from .reducer import Reducer, finish_all
+from .shared_memory import SharedMemoryReducer
 
 GRID_BITS = 62  # a sum of M values each below 2^(62 - log2 M) stays below 2^62
+TREE_PIECE_BYTES = 1 << 16  # the tree sums this much of each part at a time: M parts and M / 2 partial sums stay in cache
 
 
-def pairwise_sum(buffers):
-    """Sum a power-of-two number of arrays as the pairwise tree over their order, in place:
-    the result is in buffers[0]."""
-    n = len(buffers)
-    step = 1
-    while step < n:
-        for i in range(0, n, 2 * step):
-            buffers[i] += buffers[i + step]
-        step *= 2
-    return buffers[0]
+def tree_sum_into(parts, out, scratch):
+    """out[...] = the pairwise tree over parts (a power-of-two number of arrays shaped like out),
+    without writing parts; scratch: len(parts) // 2 arrays
+    shaped like out (any for one part)."""
+    n = len(parts)
+    if n == 1:
+        out[...] = parts[0]
+        return out
+    level = parts
+    while n > 1:
+        n //= 2
+        for i in range(n):
+            np.add(level[2 * i], level[2 * i + 1], out=out if n == 1 else scratch[i])
+        level = scratch
+    return out
+
+
+def tree_sum_pieces(parts, out, lo, hi, piece, scratch, finish=None):
+    """tree_sum_into over entries [lo, hi) of parts ((M, count) or M arrays) into out, `piece`
+    entries at a time so that the partial sums stay in cache; finish(out, a, b) after each piece.
+    scratch: (M // 2, >= piece) array."""
+    for a in range(lo, hi, piece):
+        b = min(a + piece, hi)
+        tree_sum_into([part[a:b] for part in parts], out[a:b], [row[:b - a] for row in scratch])
+        if finish is not None:
+            finish(out, a, b)
+    return out
 
 
 class TreeSum:
@@ -41,15 +60,20 @@ class TreeSum:
 
     def __init__(self, comm):
         self.comm = comm
+        self._scratch = None
+
+    def _tree(self, parts, out):
+        piece = max(1, TREE_PIECE_BYTES // out.itemsize)
+        if self._scratch is None or self._scratch.shape[0] < len(parts) // 2:
+            self._scratch = np.empty((max(1, len(parts) // 2), piece), dtype=out.dtype)
+        return tree_sum_pieces(parts, out, 0, len(out), piece, self._scratch)
 
     def combine(self, buffers, out):
-        local = pairwise_sum(buffers)
         if self.comm.size == 1:
-            out[...] = local
-            return out
+            return self._tree(buffers, out)
+        local = self._tree(buffers, np.empty_like(out)) if len(buffers) > 1 else buffers[0]
         parts = self.comm.allgather(local)  # (N, count), in rank order
-        out[...] = pairwise_sum(list(parts))
-        return out
+        return self._tree(parts, out)
 
 
 class FixedPointSum:
@@ -112,3 +136,34 @@ class CanonicalReducer(Reducer):
         self.summer.combine(self.sends, self.result)
         finish_all(self.result, finish, *self.owned)
         return self.result
+
+
+class SharedTreeReducer(SharedMemoryReducer):
+    """The tree sum on one node, through shared memory: every micro-shard's pass writes its
+    gradients into a shared segment of its own (M segments, rank r's k passes writing r*k ..
+    r*k + k - 1), and each rank sums its slice of all M of them as the pairwise tree over
+    micro-shard index, piece by piece in cache, into the shared result: the bits of TreeSum,
+    with each buffer read once, by one rank, and no copies through MPI. Like
+    SharedMemoryReducer, the ranks share one copy of the parameters and each updates its slice
+    (DividedUpdate: the update rules are elementwise, so the bits are those of every rank
+    updating everything). Collectives per step, over the node: fence, fence.
+
+    The L2 loss rides in micro-shard 0's buffer only, for all the weights: the same sum at any N."""
+
+    def __init__(self, comm, node, cross, count, dtype, micro_shards):
+        if cross.size != 1:
+            raise ValueError("SharedTreeReducer sums on one node; across nodes use TreeSum")
+        super().__init__(comm, node, cross, count, dtype, segments=micro_shards)
+        self.loss_range = (0, count if comm.rank == 0 else 0)
+        self.loss_ranges = [self.loss_range] + [(0, 0)] * (len(self.sends) - 1)
+        self._piece = max(1, TREE_PIECE_BYTES // self.dtype.itemsize)
+        self._scratch = np.empty((max(1, micro_shards // 2), self._piece), dtype=self.dtype)
+        self.name = "reproducible-shared-memory-tree"
+
+    def describe(self):
+        return (f"reproducible: {len(self.sends)} micro-shard(s) per rank, summed by tree "
+                f"in shared memory ({self.node.size} ranks)")
+
+    def _sum_node(self, lo, hi):
+        tree_sum_into([part[lo:hi] for part in self._segments], self._result[lo:hi],
+                      [row[:hi - lo] for row in self._scratch])

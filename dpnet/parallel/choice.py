@@ -48,10 +48,40 @@ def choose_reducer(comm, reduction, bucket_bytes, sizes, extra, dtype):
     return AllreduceReducer(comm, np.zeros(count, dtype)), None
 
 
+def choose_canonical_reducer(comm, canonical_sum, micro_shards, sizes, extra, dtype, passes):
+    """(reducer, reason) for the reproducible mode: SharedTreeReducer where every rank is on one
+    node with room for its shared arrays and the sum is the tree, else CanonicalReducer with
+    canonical_sum over comm (reason: why not shared memory). Collective over comm.
+    passes: this rank's micro-shard passes (micro_shards / comm.size)."""
+    from .canonical import CanonicalReducer, SharedTreeReducer, canonical_summer
+    dtype = np.dtype(dtype)
+    count = int(sum(sizes)) + extra
+    why_not = "one rank: nothing to share"
+    if comm.size > 1:
+        why_not = f"the {canonical_sum} sum goes through MPI"
+        if canonical_sum == "tree":
+            node, cross, why_not = _node_split(comm, count, dtype, micro_shards, auto=False, one_node=True)
+            if why_not is None:
+                return SharedTreeReducer(comm, node, cross, count, dtype, micro_shards), None
+    summer = canonical_summer(canonical_sum, comm, micro_shards, list(sizes) + [1] * extra)
+    return CanonicalReducer(comm, count, dtype, passes, summer), why_not
+
+
 def _shared_memory(comm, count, dtype, auto):
     """(reducer, None), or (None, why not) on every rank alike."""
+    node, cross, why_not = _node_split(comm, count, dtype, None, auto, one_node=False)
+    if why_not is not None:
+        return None, why_not
+    kind = SharedMemoryReducer if cross.size == 1 else HierarchicalReducer
+    return kind(comm, node, cross, count, dtype), None
+
+
+def _node_split(comm, count, dtype, segments, auto, one_node):
+    """(node, cross, None) where shared memory can hold `segments` send segments of `count`
+    entries per node (None: one per rank), or (None, None, why not), on every rank alike."""
     node, cross = comm.split_by_node()
-    needed = (node.size + 1 + SPARE_ARRAYS) * count * dtype.itemsize
+    segments = node.size if segments is None else segments
+    needed = (segments + 1 + SPARE_ARRAYS) * count * dtype.itemsize
     free = node.shared_bytes_free() if node.rank == 0 else None
     short = int(free is not None and free < SHM_HEADROOM * needed)
     # [-min ranks per node, max ranks per node, any node short of shared memory]
@@ -59,6 +89,8 @@ def _shared_memory(comm, count, dtype, auto):
     why_not = None
     if -facts[0] != facts[1]:
         why_not = f"nodes hold different numbers of ranks ({-facts[0]} to {facts[1]})"
+    elif one_node and facts[1] != comm.size:
+        why_not = "the ranks span several nodes: the tree is summed through MPI"
     elif auto and facts[1] == 1:
         why_not = "one rank per node: nothing to share"
     elif facts[2]:
@@ -66,6 +98,5 @@ def _shared_memory(comm, count, dtype, auto):
     if why_not is not None:
         node.free()
         cross.free()
-        return None, why_not
-    kind = SharedMemoryReducer if cross.size == 1 else HierarchicalReducer
-    return kind(comm, node, cross, count, dtype), None
+        return None, None, why_not
+    return node, cross, None

@@ -25,9 +25,11 @@ The collectives of one training step (loss(), then step()), in order:
                     other nodes; node fence
    - reproducible (dpnet.parallel.microshards): instead of 3 and 4, per batchnorm layer with
                     bn_mode 'sync' an Allgather of the rank's micro-shard rows (forward) and
-                    another (backward); then tree: Allgather(buffer), or fixed-point:
-                    Allreduce(max of each parameter), Allreduce(int64 buffer); with bn_mode
-                    'local', an Allgather of the running statistics
+                    another (backward); then tree on one node: node fence, (each rank sums
+                    its slice of every micro-shard's shared buffer) node fence; tree across
+                    nodes: Allgather(buffer); fixed-point: Allreduce(max of each parameter),
+                    Allreduce(int64 buffer); with bn_mode 'local', an Allgather of the running
+                    statistics
 5. guard.leave: a receive of every peer's heartbeat
 6. every check_every steps, an Allgather of parameter digests (the drift check)
 7. step(): with DividedUpdate, guard.enter ("update"), a node fence, guard.leave ("update");
@@ -48,8 +50,7 @@ import numpy as np
 
 from ..flat import FlatParams
 from .allreduce import AllreduceReducer
-from .canonical import CanonicalReducer, canonical_summer
-from .choice import choose_reducer
+from .choice import choose_canonical_reducer, choose_reducer
 from .consistency import check_consistency
 from .microshards import MicroShardGroup
 from .passes import MicroShardPasses, SinglePass
@@ -108,7 +109,9 @@ class DataParallel:
       (rank_bounds) and the reduction and bucket_bytes are not used
     - workers: in the reproducible mode, how many of a rank's micro-shard passes compute at
       once (give each one BLAS thread)
-    - canonical_sum: in the reproducible mode, 'tree' or 'fixed-point' (dpnet.parallel.canonical)
+    - canonical_sum: in the reproducible mode, 'tree' or 'fixed-point' (dpnet.parallel.canonical);
+      the tree runs through shared memory where every rank is on one node (and the parameters
+      are then shared as with 'shared-memory'), else through MPI
 
     Attributes: reducer, reduction (its name), why_not_shared_memory (the reason 'auto'
     did not use it, or None), flat, steps (steps taken: set it when resuming a run, so
@@ -133,9 +136,8 @@ class DataParallel:
         sizes = [int(np.size(model.params[name])) for name in order]
         if reproducible:
             group = MicroShardGroup(comm, reproducible, workers)
-            self.reducer = CanonicalReducer(comm, sum(sizes) + TAIL, model.dtype, group.k,
-                                            canonical_summer(canonical_sum, comm, reproducible, sizes + [1] * TAIL))
-            self.why_not_shared_memory = "the reproducible mode sums in a canonical order"
+            self.reducer, self.why_not_shared_memory = choose_canonical_reducer(
+                comm, canonical_sum, reproducible, sizes, TAIL, model.dtype, group.k)
         else:
             self.reducer, self.why_not_shared_memory = choose_reducer(comm, reduction, bucket_bytes, sizes,
                                                                       TAIL, model.dtype)

@@ -29,27 +29,33 @@ PIECE_BYTES = 1 << 18  # on one node, sum and finish in pieces this size, which 
 
 class SharedMemoryReducer(Reducer):
     """Inputs: comm (the world), node and cross (from comm.split_by_node()), count
-    (entries), dtype."""
+    (entries), dtype; segments: how many send segments the node holds (a multiple of its
+    ranks, default one per rank), node rank r writing the k = segments / ranks segments
+    r*k .. r*k + k - 1 (`sends`, one per pass of a step)."""
 
     name = "shared-memory"
 
-    def __init__(self, comm, node, cross, count, dtype):
+    def __init__(self, comm, node, cross, count, dtype, segments=None):
         self.comm, self.node, self.cross = comm, node, cross
         self.count, self.dtype = count, np.dtype(dtype)
         per_line = max(1, ALIGN_BYTES // self.dtype.itemsize)
         lines = -(-count // per_line)  # each segment starts on a cache line
         rank, size = node.rank, node.size
-        shared = node.allocate_shared((size + 1) * lines * per_line, self.dtype).reshape(size + 1, -1)
-        self._segments = shared[:size, :count]  # (ranks on the node, count)
-        self._result = shared[size, :count]
+        segments = size if segments is None else segments
+        k = segments // size
+        shared = node.allocate_shared((segments + 1) * lines * per_line, self.dtype).reshape(segments + 1, -1)
+        self._segments = shared[:segments, :count]  # (segments, count)
+        self._result = shared[segments, :count]
         self.lo = min(count, rank * lines // size * per_line)
         self.hi = min(count, (rank + 1) * lines // size * per_line)
         self._piece = PIECE_BYTES // self.dtype.itemsize
         result = self._result.view()
         result.flags.writeable = False
-        super().__init__(self._segments[rank], result, (self.lo, self.hi),
+        super().__init__(self._segments[rank * k], result, (self.lo, self.hi),
                          (self.lo, self.hi) if cross.rank == 0 else (0, 0))
-        self.send[...] = 0  # first touch by the owner places its pages near it
+        self.sends = list(self._segments[rank * k:(rank + 1) * k])
+        for send in self.sends:
+            send[...] = 0  # first touch by the owner places its pages near it
         self._result[self.lo:self.hi] = 0
         node.fence()
 
