@@ -361,6 +361,34 @@ def test_affine_backward_without_dx(rng):
     np.testing.assert_array_equal(db2, db)
 
 
+@pytest.mark.parametrize("backward", ["affine", "affine_relu", "affine_bn_relu"])
+def test_affine_weight_gradient_as_factors_is_the_product(backward, rng):
+    """dw_factors=True returns dw as WeightGradFactors: its product equals the dense dw (naive
+    sum over examples), and nothing else changes."""
+    from dpnet.layers import WeightGradFactors, affine_bn_relu_backward, affine_bn_relu_forward, \
+        affine_relu_backward, affine_relu_forward
+    x, w, b = rng.standard_normal((5, 2, 3)), rng.standard_normal((6, 4)), rng.standard_normal(4)
+    if backward == "affine":
+        out, cache = affine_forward(x, w, b)
+        run = lambda dout, factors: affine_backward(dout, cache, dw_factors=factors)  # noqa: E731
+    elif backward == "affine_relu":
+        out, cache = affine_relu_forward(x, w, b)
+        run = lambda dout, factors: affine_relu_backward(dout, cache, dw_factors=factors)  # noqa: E731
+    else:
+        out, cache = affine_bn_relu_forward(x, w, b, np.ones(4), np.zeros(4), {"mode": "train"})
+        run = lambda dout, factors: affine_bn_relu_backward(dout, cache, dw_factors=factors)  # noqa: E731
+    dout = rng.standard_normal(out.shape)
+    dense, factored = run(dout, False), run(dout, True)
+    dw = factored[1]
+    assert isinstance(dw, WeightGradFactors) and dw.shape == (6, 4) and dw.x2.shape == (5, 6)
+    naive = sum(np.outer(dw.x2[i], dw.dout[i]) for i in range(5))
+    np.testing.assert_allclose(np.asarray(dw), naive, rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(dw), dense[1])
+    np.testing.assert_array_equal(dw.into(np.empty((6, 4))), dense[1])
+    for got, expected in zip(factored[:1] + factored[2:], dense[:1] + dense[2:]):
+        np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("forward_pool", [True, False], ids=["pool", "no_pool"])
 def test_conv_relu_pool_equals_composition(forward_pool, rng):
     """The sandwiches compute exactly conv -> ReLU (-> pool), the homework order."""

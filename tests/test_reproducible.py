@@ -8,7 +8,8 @@ import pytest
 
 from dpnet.parallel import DataParallel, SerialComm, SimComm
 from dpnet.parallel import canonical
-from dpnet.parallel.canonical import FixedPointSum, SharedTreeReducer, TreeSum, tree_sum_pieces
+from dpnet.parallel.canonical import FactorLayout, FixedPointSum, MicroShardSum, SharedTreeReducer, TreeSum
+from dpnet.parallel.choice import choose_canonical_reducer
 from dpnet.parallel.microshards import check_micro_shards
 from dpnet.parallel.sharding import rank_bounds, shard_bounds
 from tests import parallel_cases as cases
@@ -34,21 +35,24 @@ def test_a_count_that_cannot_work_is_refused_naming_the_valid_ones(micro_shards,
         check_micro_shards(micro_shards, size)
 
 
-def test_the_tree_sum_is_the_pairwise_tree_over_micro_shard_index():
+def test_the_tree_sum_is_the_pairwise_tree_over_micro_shard_index(monkeypatch):
+    monkeypatch.setattr(canonical, "TREE_PIECE_BYTES", 4 * 97)  # pieces of 97 entries: the last one partial
     rng = np.random.default_rng(0)
     parts = [(rng.standard_normal(1000) * 10.0 ** rng.integers(-3, 4)).astype(np.float32) for _ in range(8)]
     tree = ((parts[0] + parts[1]) + (parts[2] + parts[3])) + ((parts[4] + parts[5]) + (parts[6] + parts[7]))
     sequential = parts[0] + parts[1] + parts[2] + parts[3] + parts[4] + parts[5] + parts[6] + parts[7]
     assert not np.array_equal(tree, sequential)  # control: the order shows in the bits
+    layout, none_packed = FactorLayout([(1000,)]), np.zeros((8, 0), dtype=np.int64)
     copies = [p.copy() for p in parts]
-    out = tree_sum_pieces(copies, np.empty(1000, np.float32), 0, 1000, 97, np.empty((4, 97), np.float32))
-    assert np.array_equal(out, tree)  # pieces of 97 entries: the last one partial
+    out = np.empty(1000, np.float32)
+    MicroShardSum(layout, np.float32).sum(copies, copies, none_packed, 0, 1000, out)
+    assert np.array_equal(out, tree)
     assert all(np.array_equal(c, p) for c, p in zip(copies, parts))  # the parts are left as they were
-    assert np.array_equal(TreeSum(SerialComm()).combine(copies, np.empty(1000, np.float32)), tree)
-    for size in (2, 4):
+    for size in (1, 2, 4):
         k = 8 // size
-        out = SimComm(size).run(lambda comm: TreeSum(comm).combine(
-            [p.copy() for p in parts[comm.rank * k:(comm.rank + 1) * k]], np.empty(1000, np.float32)))
+        out = SimComm(size).run(lambda comm: TreeSum(comm, layout, np.float32).combine(
+            [p.copy() for p in parts[comm.rank * k:(comm.rank + 1) * k]], np.empty(1000, np.float32),
+            none_packed[:k]))
         assert all(np.array_equal(o, tree) for o in out)
 
 
@@ -63,7 +67,7 @@ def test_the_shared_memory_tree_is_the_same_tree(size, monkeypatch):
 
     def reduce(comm):
         node, cross = comm.split_by_node()
-        reducer = SharedTreeReducer(comm, node, cross, 1001, np.float32, 8)
+        reducer = SharedTreeReducer(comm, node, cross, 1001, np.float32, 8, FactorLayout([(1001,)]))
         assert len(reducer.sends) == k and reducer.loss_ranges[0] == ((0, 1001) if comm.rank == 0 else (0, 0))
         for j, send in enumerate(reducer.sends):
             send[...] = parts[comm.rank * k + j]
@@ -75,6 +79,69 @@ def test_the_shared_memory_tree_is_the_same_tree(size, monkeypatch):
     assert all(np.array_equal(out, tree) for out, _ in outs)
     pieces = sorted(piece for _, finished in outs for piece in finished)  # each entry finished once
     assert pieces[0][0] == 0 and pieces[-1][1] == 1001 and all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+
+
+FACTOR_SHAPES = [(7,), (40, 30), (5, 3), (1,), (1,)]  # a bias, a weight whose factors fit, one whose do not, the tail
+
+
+def _factored_sum(comm, batch, path):
+    """The reproducible tree's sum of 8 micro-shards of a float32 batch: the (40, 30) weight's
+    gradient stored as factors (rows of X (batch, 40), G (batch, 30)); the other entries dense."""
+    from dpnet.layers import WeightGradFactors
+    from dpnet.parallel.choice import choose_canonical_reducer
+    rng = np.random.default_rng(3)
+    x, g = rng.standard_normal((batch, 40)).astype(np.float32), rng.standard_normal((batch, 30)).astype(np.float32)
+    dense = [rng.standard_normal(sum(int(np.prod(s)) for s in FACTOR_SHAPES)).astype(np.float32) for _ in range(8)]
+    reducer, _ = choose_canonical_reducer(comm, "tree", 8, FACTOR_SHAPES[:-2], 2, np.float32, 8 // comm.size)
+    assert type(reducer).__name__ == path, type(reducer).__name__
+    k = 8 // comm.size
+    for j, send in enumerate(reducer.sends):
+        m = comm.rank * k + j
+        lo, hi = shard_bounds(batch, 8, m)
+        send[...] = dense[m]
+        slots = reducer.factor_slots(j, batch)
+        assert slots.store(7, WeightGradFactors(x[lo:hi], g[lo:hi]), send)
+        assert not slots.store(7 + 1200, WeightGradFactors(x[lo:hi, :5], g[lo:hi, :3]), send)  # 3 rows of 8 > 15
+    finished = []
+    result = np.array(reducer.reduce(lambda res, lo, hi: finished.append((lo, hi))))
+    reducer.close()
+    return result, finished, x, g, dense
+
+
+@pytest.mark.parametrize("size, path", [(1, "CanonicalReducer"), (2, "SharedTreeReducer"), (4, "SharedTreeReducer"),
+                                        (8, "SharedTreeReducer"), (2, "CanonicalReducer"), (4, "CanonicalReducer")])
+def test_factored_weight_gradients_are_one_product_over_the_global_batch(size, path, monkeypatch):
+    """A weight whose gradient the passes store as factors gets X.T @ G of the whole batch, in
+    tiles (here of 4 rows: slices and tiles cross); its bits are the same at any N, on one node
+    (shared memory) and across nodes (Allgather); the other entries are the tree."""
+    monkeypatch.setattr(canonical, "TILE_BYTES", 4 * 30 * 4)
+    monkeypatch.setattr(canonical, "TREE_PIECE_BYTES", 4 * 13)
+    batch = 19  # micro-shards of 2 and 3 rows
+    nodes = size // 2 if path == "CanonicalReducer" and size > 1 else None  # 2 nodes: the Allgather tree
+    outs = SimComm(size, ranks_per_node=nodes).run(_factored_sum, batch, path)
+    one, _, x, g, dense = _factored_sum(SerialComm(), batch, "CanonicalReducer")
+    assert all(np.array_equal(out, one) for out, _, _, _, _ in outs)
+    weight = one[7:1207].reshape(40, 30)
+    exact = x.astype(np.float64).T @ g.astype(np.float64)
+    assert np.allclose(weight, exact, rtol=1e-5, atol=1e-5), np.abs(weight - exact).max()
+    d = dense
+    tree = ((d[0] + d[1]) + (d[2] + d[3])) + ((d[4] + d[5]) + (d[6] + d[7]))
+    assert np.array_equal(one[:7], tree[:7]) and np.array_equal(one[1207:], tree[1207:])
+    finished = sorted(piece for out in outs for piece in out[1])
+    if path == "SharedTreeReducer":  # each entry finished once, by the rank that owns it
+        assert finished[0][0] == 0 and finished[-1][1] == len(one)
+        assert all(a[1] == b[0] for a, b in zip(finished, finished[1:]))
+
+
+def test_micro_shards_that_disagree_on_factors_are_refused():
+    from dpnet.layers import WeightGradFactors
+    reducer, _ = choose_canonical_reducer(SerialComm(), "tree", 2, [(4, 3)], 2, np.float64, 2)
+    rng = np.random.default_rng(0)
+    reducer.factor_slots(0, 2).store(0, WeightGradFactors(rng.standard_normal((1, 4)), rng.standard_normal((1, 3))),
+                                     reducer.sends[0])
+    reducer.factor_slots(1, 2)  # pass 1 stores its product instead
+    with pytest.raises(RuntimeError, match="micro-shards disagree on which affine weights"):
+        reducer.reduce()
 
 
 def test_the_fixed_point_sum_is_within_its_grid_of_the_exact_sum_at_any_size():

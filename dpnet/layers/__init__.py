@@ -6,7 +6,7 @@ take a communicator argument.
 """
 
 from .activations import relu_backward, relu_forward
-from .affine import affine_backward, affine_forward
+from .affine import WeightGradFactors, affine_backward, affine_forward
 from .batchnorm import (batchnorm_backward, batchnorm_forward, init_bn_state, merge_moments,
                         spatial_batchnorm_backward, spatial_batchnorm_forward)
 from .conv import (conv_backward, conv_backward_naive, conv_forward, conv_forward_naive,
@@ -25,7 +25,7 @@ from .sandwich import (affine_bn_relu_backward, affine_bn_relu_forward, affine_r
                        conv_relu_pool_forward)
 
 __all__ = [
-    "affine_forward", "affine_backward", "relu_forward", "relu_backward",
+    "affine_forward", "affine_backward", "WeightGradFactors", "relu_forward", "relu_backward",
     "conv_forward", "conv_backward", "conv_forward_naive", "conv_backward_naive",
     "conv_output_shape", "max_pool_forward", "max_pool_backward", "max_pool_forward_naive",
     "max_pool_backward_naive", "pool_output_shape", "batchnorm_forward", "batchnorm_backward",

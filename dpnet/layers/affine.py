@@ -29,19 +29,40 @@ def affine_forward(x, w, b):
     return out, (x, w)
 
 
-def affine_backward(dout, cache, compute_dx=True):
+class WeightGradFactors:
+    """An affine layer's weight gradient x2.T @ dout, (D, M), left as its two factors: x2, the
+    flattened input (N, D), and dout (N, M). It costs N * (D + M) numbers instead of D * M, and
+    the product can be made later, e.g. over the factors of several shards stacked (the
+    reproducible mode's sum, dpnet.parallel.canonical). np.asarray() of it is the product."""
+
+    def __init__(self, x2, dout):
+        self.x2, self.dout = x2, dout
+        self.shape = (x2.shape[1], dout.shape[1])
+        self.dtype = np.result_type(x2, dout)
+
+    def into(self, out):
+        """Write the product into out, (D, M)."""
+        return np.matmul(self.x2.T, self.dout, out=out)
+
+    def __array__(self, dtype=None, copy=None):
+        product = self.x2.T @ self.dout
+        return product if dtype is None else product.astype(dtype)
+
+
+def affine_backward(dout, cache, compute_dx=True, dw_factors=False):
     """Backward pass of affine_forward.
 
     Inputs:
     - dout: upstream gradient, (N, M)
     - cache: from affine_forward
     - compute_dx: False skips dx (None is returned), for a layer whose input is data
+    - dw_factors: True returns dw as WeightGradFactors(x2, dout), not yet multiplied
 
     Returns (dx, dw, db) with the shapes of x, w and b.
     """
     x, w = cache
     x2 = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))  # (N, D)
-    dw = x2.T @ dout  # (D, M)
+    dw = WeightGradFactors(x2, dout) if dw_factors else x2.T @ dout  # (D, M)
     db = dout.sum(axis=0)  # (M,)
     dx = (dout @ w.T).reshape(x.shape) if compute_dx else None
     return dx, dw, db

@@ -76,6 +76,10 @@ class Model:
       (statistics of the global batch over the ranks of `comm`)
     - comm: communicator for bn_mode 'sync'; None means a single process
     - seed: seeds the generator for initial weights and dropout masks
+
+    dw_factors (attribute, default False): True has backward store each affine layer's weight
+    gradient as dpnet.layers.WeightGradFactors, its two factors, instead of their product (the
+    reproducible mode's passes set it, dpnet.parallel.passes).
     """
 
     def __init__(self, reg=0.0, dtype=np.float32, bn_mode="local", comm=None, seed=0):
@@ -91,6 +95,7 @@ class Model:
         self.bn_params = []
         self.conv_algorithms = {}  # layer -> 'im2col' or 'winograd', for the layers of conv_layers()
         self.dropout_param = None
+        self.dw_factors = False
 
     def add_param(self, name, value, layer, l2=False):
         """Declare a parameter, in forward order: `layer` numbers its layer (the backward pass

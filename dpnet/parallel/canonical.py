@@ -2,19 +2,25 @@
 the same bits at any number of ranks N (the reproducible mode, dpnet.parallel.microshards).
 Each rank holds k = M / N of them, in micro-shard order.
 
-- TreeSum ('tree'): the pairwise tree over micro-shard index, ((g0 + g1) + (g2 + g3)) + ...:
-  each rank sums its k buffers as the subtree they form, the ranks' sums are gathered, and every
-  rank finishes the tree over them in rank order. Float additions in one fixed tree: the same
-  bits at any N (a sum of two is the same either way round). Collectives per step:
-  Allgather(buffer) (each rank receives N buffers).
+- The tree ('tree'): the pairwise tree over micro-shard index, ((g0 + g1) + (g2 + g3)) + ...:
+  float additions in one fixed tree give the same bits at any N (a sum of two is the same either
+  way round). An affine weight's gradient that the passes stored as its factors (FactorLayout)
+  is instead one product over the whole global batch, tile by tile (MicroShardSum). Where it runs:
+  - SharedTreeReducer, every rank on one node: each rank sums its slice of all M buffers, which
+    live in shared memory. Collectives per step: node fence, node fence.
+  - CanonicalReducer with TreeSum, across nodes (or at one rank): each rank sums its k buffers
+    as the subtree they form and sends it, with its micro-shards' factors, to every rank, which
+    finishes the tree over the N subtrees in rank order and makes the products. Collectives per
+    step: Allgather(which weights are factors), Allgather(subtree sum and factors).
 - FixedPointSum ('fixed-point'): every value becomes an integer on a grid fixed per parameter
   (2^-s, s from the largest magnitude among all M buffers, so a sum of M cannot overflow 62
   bits), and integers add exactly in any order: the int64 sums go through one Allreduce, then
   back to floats. Within about M * 2^-62 of the largest entry of each parameter of the exact
-  sum, closer than a float32 sum. Collectives per step: Allreduce(max) of one value per
-  parameter, Allreduce(int64 buffer).
+  sum, closer than a float32 sum. It takes no factors. Collectives per step: Allreduce(max) of
+  one value per parameter, Allreduce(int64 buffer).
 
-Interface: combine(buffers, out) writes the sum of every rank's buffers into out.
+Interface of TreeSum and FixedPointSum: combine(buffers, out, packed) writes the sum of every
+rank's buffers into out (packed: which weights this rank's passes stored as factors).
 """
 
 import numpy as np
@@ -24,6 +30,7 @@ from .shared_memory import SharedMemoryReducer
 
 GRID_BITS = 62  # a sum of M values each below 2^(62 - log2 M) stays below 2^62
 TREE_PIECE_BYTES = 1 << 16  # the tree sums this much of each part at a time: M parts and M / 2 partial sums stay in cache
+TILE_BYTES = 1 << 18  # output of one GEMM of a factored weight gradient (fixed: the tiles shape the bits)
 
 
 def tree_sum_into(parts, out, scratch):
@@ -43,41 +50,181 @@ def tree_sum_into(parts, out, scratch):
     return out
 
 
-def tree_sum_pieces(parts, out, lo, hi, piece, scratch, finish=None):
-    """tree_sum_into over entries [lo, hi) of parts ((M, count) or M arrays) into out, `piece`
-    entries at a time so that the partial sums stay in cache; finish(out, a, b) after each piece.
-    scratch: (M // 2, >= piece) array."""
-    for a in range(lo, hi, piece):
-        b = min(a + piece, hi)
-        tree_sum_into([part[a:b] for part in parts], out[a:b], [row[:b - a] for row in scratch])
-        if finish is not None:
-            finish(out, a, b)
-    return out
+class FactorLayout:
+    """Where the 2-d parameters (affine weights, (D, C)) lie in the flat buffer; shapes: every
+    piece of the buffer in order. Pass j of a step may store such a weight's gradient as its
+    factors (dpnet.layers.WeightGradFactors: n rows of the layer input, (n, D), then n rows of
+    the output gradient, (n, C)) in the gradient's own place, when they fit there for the
+    step's largest micro-shard; packed[j, p] then holds n, else -1."""
+
+    def __init__(self, shapes):
+        sizes = [int(np.prod(shape)) for shape in shapes]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+        self.weights = [(o, int(shape[0]), int(shape[1])) for o, shape in zip(offsets, shapes) if len(shape) == 2]
+        self.index = {o: p for p, (o, _, _) in enumerate(self.weights)}
+
+    def fits(self, p, rows):
+        _, d, c = self.weights[p]
+        return rows * (d + c) <= d * c
+
+
+class FactorSlots:
+    """What a pass uses to store affine weight gradients as factors in its send buffer."""
+
+    def __init__(self, layout, packed_row, rows_max):
+        self.layout, self.packed_row, self.rows_max = layout, packed_row, rows_max
+        packed_row[...] = -1
+
+    def store(self, offset, factors, send):
+        """Store factors (WeightGradFactors) of the weight at `offset` into send; False (nothing
+        stored) where that weight takes no factors."""
+        p = self.layout.index.get(offset)
+        if p is None or not self.layout.fits(p, self.rows_max):
+            return False
+        n, (d, c) = factors.x2.shape[0], factors.shape
+        send[offset:offset + n * d].reshape(n, d)[...] = factors.x2
+        send[offset + n * d:offset + n * (d + c)].reshape(n, c)[...] = factors.dout
+        self.packed_row[p] = n
+        return True
+
+
+class MicroShardSum:
+    """The canonical sum of M micro-shard buffers, over a range of entries:
+    - the gradient of an affine weight that every micro-shard stored as factors is X.T @ G over
+      the whole global batch, X (B, D) and G (B, C) being the micro-shards' factors stacked in
+      micro-shard order: one GEMM per tile of TILE_BYTES of output rows, tiles fixed by the
+      weight's shape, so every entry comes from the same product at any N;
+    - every other entry is the pairwise tree over micro-shard index (tree_sum_into), piece by
+      piece in cache.
+    Inputs: layout (FactorLayout), dtype."""
+
+    def __init__(self, layout, dtype):
+        self.layout, self.dtype = layout, np.dtype(dtype)
+        self.piece = max(1, TREE_PIECE_BYTES // self.dtype.itemsize)
+        self._scratch = {}
+
+    def _buffer(self, key, shape):
+        if key not in self._scratch or self._scratch[key].shape != shape:
+            self._scratch[key] = np.empty(shape, dtype=self.dtype)
+        return self._scratch[key]
+
+    def factored(self, packed):
+        """The weights (indices into layout.weights) every micro-shard stored as factors."""
+        if not self.layout.weights:
+            return []
+        as_factors = np.asarray(packed) >= 0  # (M, weights)
+        mixed = as_factors.any(axis=0) & ~as_factors.all(axis=0)
+        if mixed.any():
+            raise RuntimeError(f"micro-shards disagree on which affine weights they stored as factors "
+                               f"(weights {np.flatnonzero(mixed).tolist()}): every pass must store the same ones")
+        return np.flatnonzero(as_factors.all(axis=0)).tolist()
+
+    def sum(self, dense_parts, factor_parts, packed, lo, hi, out, finish=None):
+        """out[lo:hi] = the canonical sum; finish(out, a, b) after each finished piece.
+        dense_parts: a power-of-two number of buffers whose entries outside the factored weights
+        are tree-summed (the M micro-shards' buffers, or subtree sums of them); factor_parts: the
+        M micro-shard buffers holding the factors (None: leave the factored weights' entries);
+        packed: (M, weights), as in FactorLayout."""
+        factored = self.factored(packed)
+        spans = sorted((o, o + d * c, p) for p, (o, d, c) in enumerate(self.layout.weights) if p in factored)
+        at = lo
+        for start, stop, p in spans + [(hi, hi, None)]:
+            if stop <= at:
+                continue
+            self._tree(dense_parts, at, min(start, hi), out, finish)
+            if p is None or start >= hi:
+                break
+            if factor_parts is not None:
+                self._product(factor_parts, np.asarray(packed)[:, p], p, max(at, start), min(stop, hi), out, finish)
+            at = min(stop, hi)
+
+    def _tree(self, parts, lo, hi, out, finish):
+        scratch = self._buffer("tree", (max(1, len(parts) // 2), self.piece))
+        for a in range(lo, hi, self.piece):
+            b = min(a + self.piece, hi)
+            tree_sum_into([part[a:b] for part in parts], out[a:b], [row[:b - a] for row in scratch])
+            if finish is not None:
+                finish(out, a, b)
+
+    def _product(self, parts, rows, p, lo, hi, out, finish):
+        """Entries [lo, hi) of weight p's gradient, X.T @ G, tile by tile."""
+        o, d, c = self.layout.weights[p]
+        total = int(rows.sum())
+        grads = self._buffer(("G", p), (total, c))  # G, (B, C): every micro-shard's rows in order
+        starts = np.concatenate([[0], np.cumsum(rows)]).astype(int)
+        for m, part in enumerate(parts):
+            n = int(rows[m])
+            grads[starts[m]:starts[m + 1]] = part[o + n * d:o + n * (d + c)].reshape(n, c)
+        tile = max(1, TILE_BYTES // (c * self.dtype.itemsize))  # rows of the weight per GEMM
+        inputs = self._buffer(("X", p), (total, tile))
+        staged = self._buffer(("out", p), (tile, c))
+        row_end = -(-(hi - o) // c)
+        first, last = (lo - o) // c // tile, -(-row_end // tile)
+        for t in range(first, last):
+            a, b = t * tile, min((t + 1) * tile, d)  # weight rows of this tile
+            x_tile = inputs[:, :b - a]
+            for m, part in enumerate(parts):
+                n = int(rows[m])
+                x_tile[starts[m]:starts[m + 1]] = part[o:o + n * d].reshape(n, d)[:, a:b]
+            u, v = max(lo, o + a * c), min(hi, o + b * c)  # the tile's entries in the range
+            inside = u == o + a * c and v == o + b * c
+            dest = out[u:v].reshape(b - a, c) if inside else staged[:b - a]
+            np.matmul(x_tile.T, grads, out=dest)
+            if not inside:
+                out[u:v] = dest.reshape(-1)[u - (o + a * c):v - (o + a * c)]
+            if finish is not None:
+                finish(out, u, v)
 
 
 class TreeSum:
     name = "tree"
+    takes_factors = True
 
-    def __init__(self, comm):
-        self.comm = comm
-        self._scratch = None
+    def __init__(self, comm, layout, dtype):
+        self.comm, self.layout = comm, layout
+        self.summer = MicroShardSum(layout, dtype)
 
-    def _tree(self, parts, out):
-        piece = max(1, TREE_PIECE_BYTES // out.itemsize)
-        if self._scratch is None or self._scratch.shape[0] < len(parts) // 2:
-            self._scratch = np.empty((max(1, len(parts) // 2), piece), dtype=out.dtype)
-        return tree_sum_pieces(parts, out, 0, len(out), piece, self._scratch)
-
-    def combine(self, buffers, out):
+    def combine(self, buffers, out, packed):
+        """buffers: this rank's k micro-shard buffers; packed: (k, weights)."""
+        count = len(out)
         if self.comm.size == 1:
-            return self._tree(buffers, out)
-        local = self._tree(buffers, np.empty_like(out)) if len(buffers) > 1 else buffers[0]
-        parts = self.comm.allgather(local)  # (N, count), in rank order
-        return self._tree(parts, out)
+            self.summer.sum(buffers, buffers, packed, 0, count, out)
+            return out
+        # each rank sends the subtree sum of its buffers' other entries and its micro-shards' factors
+        weights = len(self.layout.weights)
+        packed_all = (self.comm.allgather(np.ascontiguousarray(packed)).reshape(-1, weights) if weights else
+                      np.zeros((len(buffers) * self.comm.size, 0), dtype=np.int64))
+        factored = self.summer.factored(packed_all)
+        spans = []  # (offset, length) of the factors each micro-shard sends
+        for p in factored:
+            o, d, c = self.layout.weights[p]
+            spans.append((o, int(packed_all[:, p].max()) * (d + c)))
+        width = count + len(buffers) * sum(n for _, n in spans)
+        wire = np.zeros(width, dtype=out.dtype)
+        self.summer.sum(buffers, None, packed, 0, count, wire)  # the subtree; factored entries left
+        at = count
+        for buf in buffers:
+            for o, n in spans:
+                wire[at:at + n] = buf[o:o + n]
+                at += n
+        gathered = self.comm.allgather(wire)  # (N, width), in rank order
+        subtrees = [row[:count] for row in gathered]
+        parts = []
+        for row in gathered:
+            at = count
+            for _ in buffers:
+                part = np.zeros(count, dtype=out.dtype)
+                for o, n in spans:
+                    part[o:o + n] = row[at:at + n]
+                    at += n
+                parts.append(part)
+        self.summer.sum(subtrees, parts, packed_all, 0, count, out)
+        return out
 
 
 class FixedPointSum:
     name = "fixed-point"
+    takes_factors = False
 
     def __init__(self, comm, micro_shards, sizes):
         """sizes: the lengths of the consecutive pieces of the flat buffer that get a grid each
@@ -87,7 +234,7 @@ class FixedPointSum:
         self.sizes = np.array(sizes, dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
 
-    def combine(self, buffers, out):
+    def combine(self, buffers, out, packed=None):
         largest = np.zeros(len(self.starts), dtype=np.float64)
         for buf in buffers:
             np.maximum(largest, np.maximum.reduceat(np.abs(buf), self.starts), out=largest)
@@ -108,32 +255,41 @@ class FixedPointSum:
 CANONICAL_SUMS = ("tree", "fixed-point")
 
 
-def canonical_summer(name, comm, micro_shards, sizes):
-    """The canonical sum called `name` (CANONICAL_SUMS) over comm; sizes: the flat buffer's pieces."""
+def canonical_summer(name, comm, micro_shards, shapes, dtype):
+    """The canonical sum called `name` (CANONICAL_SUMS) over comm; shapes: the flat buffer's pieces."""
     if name == "tree":
-        return TreeSum(comm)
+        return TreeSum(comm, FactorLayout(shapes), dtype)
     if name == "fixed-point":
-        return FixedPointSum(comm, micro_shards, sizes)
+        return FixedPointSum(comm, micro_shards, [int(np.prod(shape)) for shape in shapes])
     raise ValueError(f"canonical sum must be one of {CANONICAL_SUMS}, got {name!r}")
 
 
 class CanonicalReducer(Reducer):
     """The reducer of the reproducible mode: one send buffer per micro-shard pass of this rank
     (sends), summed by a canonical sum (TreeSum or FixedPointSum) into result; every rank holds
-    its own copy and finishes every entry. The L2 loss rides in micro-shard 0's buffer only."""
+    its own copy and finishes every entry. The L2 loss rides in micro-shard 0's buffer only.
+    With the tree, the passes store affine weight gradients as factors (factor_slots)."""
 
-    def __init__(self, comm, count, dtype, passes, summer):
+    def __init__(self, comm, count, dtype, passes, summer, layout):
         sends = [np.zeros(count, dtype=dtype) for _ in range(passes)]
         super().__init__(sends[0], np.zeros(count, dtype=dtype), (0, count), (0, count if comm.rank == 0 else 0))
         self.sends, self.loss_ranges = sends, [self.loss_range] + [(0, 0)] * (passes - 1)
-        self.comm, self.summer = comm, summer
+        self.comm, self.summer, self.layout = comm, summer, layout
+        self.packed = np.full((passes, len(layout.weights)), -1, dtype=np.int64)
+        self.micro_shards = passes * comm.size
         self.name = f"reproducible-{summer.name}"
 
     def describe(self):
         return f"reproducible: {len(self.sends)} micro-shard(s) per rank, summed by {self.summer.name}"
 
+    def factor_slots(self, j, total):
+        """Where pass j stores factors this step (global batch of `total`), or None."""
+        if not self.summer.takes_factors:
+            return None
+        return FactorSlots(self.layout, self.packed[j], -(-total // self.micro_shards))
+
     def reduce(self, finish=None):
-        self.summer.combine(self.sends, self.result)
+        self.summer.combine(self.sends, self.result, self.packed)
         finish_all(self.result, finish, *self.owned)
         return self.result
 
@@ -150,20 +306,30 @@ class SharedTreeReducer(SharedMemoryReducer):
 
     The L2 loss rides in micro-shard 0's buffer only, for all the weights: the same sum at any N."""
 
-    def __init__(self, comm, node, cross, count, dtype, micro_shards):
+    def __init__(self, comm, node, cross, count, dtype, micro_shards, layout):
         if cross.size != 1:
             raise ValueError("SharedTreeReducer sums on one node; across nodes use TreeSum")
         super().__init__(comm, node, cross, count, dtype, segments=micro_shards)
         self.loss_range = (0, count if comm.rank == 0 else 0)
         self.loss_ranges = [self.loss_range] + [(0, 0)] * (len(self.sends) - 1)
-        self._piece = max(1, TREE_PIECE_BYTES // self.dtype.itemsize)
-        self._scratch = np.empty((max(1, micro_shards // 2), self._piece), dtype=self.dtype)
+        self.layout, self.micro_shards = layout, micro_shards
+        self.summer = MicroShardSum(layout, dtype)
+        weights = len(layout.weights)
+        self.packed = node.allocate_shared(max(1, micro_shards * weights), np.int64)[:micro_shards * weights]
+        self.packed = self.packed.reshape(micro_shards, weights)  # row m: micro-shard m's pass
+        self._first = node.rank * len(self.sends)
         self.name = "reproducible-shared-memory-tree"
 
     def describe(self):
         return (f"reproducible: {len(self.sends)} micro-shard(s) per rank, summed by tree "
                 f"in shared memory ({self.node.size} ranks)")
 
-    def _sum_node(self, lo, hi):
-        tree_sum_into([part[lo:hi] for part in self._segments], self._result[lo:hi],
-                      [row[:hi - lo] for row in self._scratch])
+    def factor_slots(self, j, total):
+        return FactorSlots(self.layout, self.packed[self._first + j], -(-total // self.micro_shards))
+
+    def reduce(self, finish=None):
+        self.node.fence()  # every micro-shard's buffer and factors are written
+        parts = list(self._segments)
+        self.summer.sum(parts, parts, self.packed, self.lo, self.hi, self._result, finish)
+        self.node.fence()  # every slice is summed; nobody writes a buffer again before reading it
+        return self.result

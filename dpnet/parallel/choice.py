@@ -48,23 +48,26 @@ def choose_reducer(comm, reduction, bucket_bytes, sizes, extra, dtype):
     return AllreduceReducer(comm, np.zeros(count, dtype)), None
 
 
-def choose_canonical_reducer(comm, canonical_sum, micro_shards, sizes, extra, dtype, passes):
+def choose_canonical_reducer(comm, canonical_sum, micro_shards, shapes, extra, dtype, passes):
     """(reducer, reason) for the reproducible mode: SharedTreeReducer where every rank is on one
     node with room for its shared arrays and the sum is the tree, else CanonicalReducer with
     canonical_sum over comm (reason: why not shared memory). Collective over comm.
-    passes: this rank's micro-shard passes (micro_shards / comm.size)."""
-    from .canonical import CanonicalReducer, SharedTreeReducer, canonical_summer
+    shapes: the parameters' shapes in buffer order; passes: this rank's micro-shard passes
+    (micro_shards / comm.size)."""
+    from .canonical import CanonicalReducer, FactorLayout, SharedTreeReducer, canonical_summer
     dtype = np.dtype(dtype)
-    count = int(sum(sizes)) + extra
+    shapes = [tuple(shape) for shape in shapes] + [(1,)] * extra
+    count = int(sum(int(np.prod(shape)) for shape in shapes))
+    layout = FactorLayout(shapes)
     why_not = "one rank: nothing to share"
     if comm.size > 1:
         why_not = f"the {canonical_sum} sum goes through MPI"
         if canonical_sum == "tree":
             node, cross, why_not = _node_split(comm, count, dtype, micro_shards, auto=False, one_node=True)
             if why_not is None:
-                return SharedTreeReducer(comm, node, cross, count, dtype, micro_shards), None
-    summer = canonical_summer(canonical_sum, comm, micro_shards, list(sizes) + [1] * extra)
-    return CanonicalReducer(comm, count, dtype, passes, summer), why_not
+                return SharedTreeReducer(comm, node, cross, count, dtype, micro_shards, layout), None
+    summer = canonical_summer(canonical_sum, comm, micro_shards, shapes, dtype)
+    return CanonicalReducer(comm, count, dtype, passes, summer, layout), why_not
 
 
 def _shared_memory(comm, count, dtype, auto):

@@ -27,7 +27,8 @@ The collectives of one training step (loss(), then step()), in order:
                     bn_mode 'sync' an Allgather of the rank's micro-shard rows (forward) and
                     another (backward); then tree on one node: node fence, (each rank sums
                     its slice of every micro-shard's shared buffer) node fence; tree across
-                    nodes: Allgather(buffer); fixed-point: Allreduce(max of each parameter),
+                    nodes: Allgather(which weights are factors), Allgather(subtree sum and
+                    factors); fixed-point: Allreduce(max of each parameter),
                     Allreduce(int64 buffer); with bn_mode 'local', an Allgather of the running
                     statistics
 5. guard.leave: a receive of every peer's heartbeat
@@ -137,7 +138,8 @@ class DataParallel:
         if reproducible:
             group = MicroShardGroup(comm, reproducible, workers)
             self.reducer, self.why_not_shared_memory = choose_canonical_reducer(
-                comm, canonical_sum, reproducible, sizes, TAIL, model.dtype, group.k)
+                comm, canonical_sum, reproducible, [np.shape(model.params[name]) for name in order], TAIL,
+                model.dtype, group.k)
         else:
             self.reducer, self.why_not_shared_memory = choose_reducer(comm, reduction, bucket_bytes, sizes,
                                                                       TAIL, model.dtype)

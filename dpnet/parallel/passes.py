@@ -15,20 +15,26 @@ import copy
 
 import numpy as np
 
+from ..layers.affine import WeightGradFactors
 from .microshards import ordered_sum
 from .sharding import rank_bounds, shard_bounds
 
 BN_STATS = ("running_mean", "running_var")
 
 
-def _pack_into(flat, send, on_ready=None):
+def _pack_into(flat, send, on_ready=None, slots=None):
     """(on_grad, stored): a callback that copies each gradient into its place in `send`, and the
-    count of stores per parameter (each must be stored once per pass)."""
+    count of stores per parameter (each must be stored once per pass). An affine weight gradient
+    given as factors (WeightGradFactors) is stored as its factors where `slots` (the reducer's
+    FactorSlots for this pass, or None) takes them, else multiplied out into its place."""
     views = {name: flat.view(send, name) for name in flat.names}
     stored = dict.fromkeys(flat.names, 0)
 
     def on_grad(name, grad):
-        views[name][...] = grad
+        if not isinstance(grad, WeightGradFactors):
+            views[name][...] = grad
+        elif slots is None or not slots.store(flat.offsets[name], grad, send):
+            grad.into(views[name])
         stored[name] += 1
         if on_ready is not None:
             lo = flat.offsets[name]
@@ -67,6 +73,7 @@ class MicroShardPasses:
         view = copy.copy(model)  # shares params, layout and algorithms
         view.bn_params = [{**bn, **{key: bn[key].copy() for key in BN_STATS}} for bn in model.bn_params]
         view.comm = comm if model.bn_mode == "sync" else None
+        view.dw_factors = True  # affine weight gradients as factors: the reducer may take them
         if model.dropout_param is not None:
             view.dropout_param = dict(model.dropout_param)
         return view
@@ -88,7 +95,7 @@ class MicroShardPasses:
             lo, hi = (b - start for b in shard_bounds(total, group.size, micro.rank))
             if view.dropout_param is not None:
                 view.dropout_param["rng"] = np.random.default_rng([self.seed, step, micro.rank])
-            on_grad, stored = _pack_into(self.flat, self.reducer.sends[j])
+            on_grad, stored = _pack_into(self.flat, self.reducer.sends[j], slots=self.reducer.factor_slots(j, total))
             data_loss, _ = view.data_loss(X[lo:hi], y[lo:hi], batch_size=total, on_grad=on_grad)
             _check_stored(stored)
             return data_loss

@@ -39,6 +39,11 @@ class Reducer:
     def reduce(self, finish=None):
         raise NotImplementedError
 
+    def factor_slots(self, j, total):
+        """Where pass j may store affine weight gradients as factors this step (global batch of
+        `total`; dpnet.parallel.canonical.FactorSlots), or None: store the products."""
+        return None
+
     def make_update(self, flat):
         """The update strategy that goes with where this reducer keeps the parameters."""
         from .update import ReplicatedUpdate
