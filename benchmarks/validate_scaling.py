@@ -5,8 +5,8 @@
 
 For ThreeLayerConvNet and ConvNet (as dpnet.train builds them: float32, sync batchnorm,
 dpnet's default reduction, one BLAS thread per rank), global batch 128 (strong) and 128
-per rank (weak), it measures the median step (DataParallel.loss + Adam step, random
-data) at 1 rank, 2 ranks on this host, and 2 hosts x 1 and 2 hosts x 2 ranks of a
+per rank (weak), it measures the median step (DataParallel.loss + the step of the model's
+default optimizer, its recipe's; random data) at 1 rank, 2 ranks on this host, and 2 hosts x 1 and 2 hosts x 2 ranks of a
 network-namespace cluster with 1 Gbit/s links (launch/netns_cluster.py, needs root), and
 prints it beside the fit's prediction for the same layout and reducer, and the same for
 the time in the gradient sum (on the rank that waits least, as benchmarks/bench_parallel.py). Every rank here
@@ -40,12 +40,15 @@ def worker(model_name, global_batch, steps):
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from dpnet.optim import adam
+    from dpnet.optim import get_update_rule
     from dpnet.parallel import DataParallel, get_comm, shard_bounds
-    from dpnet.train import TrainConfig, build_model
+    from dpnet.train import OPTIMIZERS, TrainConfig, build_model
+    from dpnet.train.recipes import with_recipe
 
     comm = get_comm()
-    model = build_model(TrainConfig(model=model_name, dtype="float32"), comm)
+    train_config = with_recipe(TrainConfig(model=model_name, dtype="float32"))
+    model = build_model(train_config, comm)
+    rule = get_update_rule(OPTIMIZERS[train_config.optimizer])
     dp = DataParallel(model, comm)
     lo, hi = shard_bounds(global_batch, comm.size, comm.rank)
     rng = np.random.default_rng(comm.rank)
@@ -59,7 +62,7 @@ def worker(model_name, global_batch, steps):
                 comm_before = dp.comm_seconds
             start = time.perf_counter()
             dp.loss(X, y, global_batch_size=global_batch)
-            dp.step(adam, config)
+            dp.step(rule, config)
             if i >= WARMUP:
                 times.append(time.perf_counter() - start)
     waits = comm.allgather(np.array([(dp.comm_seconds - comm_before) / steps]))[:, 0]

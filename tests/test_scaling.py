@@ -171,6 +171,8 @@ def test_fit_quick_end_to_end(tmp_path):
         m = fit["models"][name]
         assert m["images"] == [8, 32] and all(t > 0 for t in m["compute_s"]) and m["optimizer_s"] > 0
         assert 0 < m["backward_fraction"] < 1
+    # the optimizer step timed is each model's default (its recipe's): momentum, not Adam, for threelayer
+    assert fit["models"]["threelayer"]["optimizer"] == "momentum" and fit["models"]["convnet"]["optimizer"] == "adam"
     assert fit["models"]["threelayer"]["gradient_bytes"] == 4 * (16429248 // 4)
     out = subprocess.run([sys.executable, "-m", "dpnet.scaling", "predict", "--fit", str(path), "--ranks", "1,2",
                           "--link", "shm", "--json"], capture_output=True, text=True, env=env, timeout=60, check=True)

@@ -10,7 +10,8 @@ measure_fit() measures, each time a median of repeats:
   and MPI Allreduce on one host, and Allreduce between two network-namespace hosts at
   each of NETWORK_LINKS (launch/netns_cluster.py; needs root and a dpnet checkout);
 - per model, in this process with one BLAS thread and float32: forward + backward at
-  several images per rank, the Adam step over all parameters, the gradient bytes, and the
+  several images per rank, the step of the model's default optimizer (its recipe,
+  dpnet/train/recipes.py) over all parameters, the gradient bytes, and the
   share of forward + backward after the first gradient is ready (the backward that
   overlapped communication could hide behind).
 """
@@ -96,20 +97,26 @@ def save_fit(fit, path=None):
 
 
 def _build(name):
-    from ..train import TrainConfig, build_model
+    """(model, its recipe's optimizer name): model `name` as dpnet.train builds it by default, float32."""
     from ..parallel import SerialComm
-    return build_model(TrainConfig(model=name, dtype="float32"), SerialComm())
+    from ..train import TrainConfig, build_model
+    from ..train.recipes import with_recipe
+    config = with_recipe(TrainConfig(model=name, dtype="float32"))
+    return build_model(config, SerialComm()), config.optimizer
 
 
 def measure_model(name, images, repeats):
-    """{"images", "compute_s", "optimizer_s", "backward_fraction", "gradient_bytes"} of model
-    `name` as dpnet.train builds it, float32, one BLAS thread."""
+    """{"images", "compute_s", "optimizer", "optimizer_s", "backward_fraction", "gradient_bytes"}
+    of model `name` as dpnet.train builds it by default, float32, one BLAS thread; the optimizer
+    step is its recipe's update rule (dpnet/train/recipes.py)."""
     from threadpoolctl import threadpool_limits
 
-    from ..optim import adam
+    from ..optim import get_update_rule
     from ..parallel import DataParallel, SerialComm
+    from ..train import OPTIMIZERS
 
-    model = _build(name)
+    model, optimizer_name = _build(name)
+    rule = get_update_rule(OPTIMIZERS[optimizer_name])
     dp = DataParallel(model, SerialComm())
     rng = np.random.default_rng(0)
     batches = {n: (rng.standard_normal((n, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, n)) for n in images}
@@ -121,7 +128,7 @@ def measure_model(name, images, repeats):
                 start = time.perf_counter()
                 dp.loss(X, y, global_batch_size=n)
                 middle = time.perf_counter()
-                dp.step(adam, config)
+                dp.step(rule, config)
                 if i:
                     compute[n].append(middle - start)
                     optimizer.append(time.perf_counter() - middle)
@@ -138,7 +145,7 @@ def measure_model(name, images, repeats):
     nbytes = int(dp.flat.buffer.nbytes)
     dp.close()
     return {"images": list(images), "compute_s": [float(np.median(compute[n])) for n in images],
-            "optimizer_s": float(np.median(optimizer)), "backward_fraction": float(np.median(fractions)),
+            "optimizer": optimizer_name, "optimizer_s": float(np.median(optimizer)), "backward_fraction": float(np.median(fractions)),
             "gradient_bytes": nbytes}
 
 
@@ -218,7 +225,7 @@ def measure_fit(quick=False, say=print):
         m = models[name]
         say(f"  {name}: forward + backward " + ", ".join(f"{n}: {1e3 * t:.1f} ms" for n, t in
                                                          zip(m["images"], m["compute_s"]))
-            + f"; optimizer {1e3 * m['optimizer_s']:.1f} ms; backward after its first gradient "
+            + f"; optimizer ({m['optimizer']}) {1e3 * m['optimizer_s']:.1f} ms; backward after its first gradient "
               f"{m['backward_fraction']:.0%}; gradients {m['gradient_bytes'] / 2**20:.1f} MiB")
     return {"machine": info, "quick": quick, "measured": datetime.datetime.now().isoformat(timespec="seconds"),
             "links": links, "models": models}

@@ -6,9 +6,10 @@ A fit (dpnet.scaling.measure) holds, for one machine:
   "mpi-local": MPI Allreduce on one host; "1gbit", "10gbit": MPI Allreduce between two
   hosts over TCP. For an Allreduce, a = 2 alpha (a 2-rank ring sends 2 messages) and
   b = beta (it moves 2 (N-1)/N = 1 x the bytes through each rank's link).
-- models[name] = {"images": [n...], "compute_s": [s...], "optimizer_s": s,
+- models[name] = {"images": [n...], "compute_s": [s...], "optimizer": name, "optimizer_s": s,
   "backward_fraction": f, "gradient_bytes": bytes}: forward + backward time at n images per
-  rank (one BLAS thread), the optimizer step over all parameters, and the share of
+  rank (one BLAS thread), the step of the model's default optimizer (`optimizer`, from its
+  recipe) over all parameters, and the share of
   forward + backward that backward takes after its first gradient is ready.
 
 One step, per rank:  compute(n) + optimizer + exposed communication, where
