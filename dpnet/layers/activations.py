@@ -10,6 +10,7 @@ def relu_forward(x):
 
 
 def relu_backward(dout, cache):
-    """Backward pass of relu_forward: passes dout where the output was positive."""
+    """Backward pass of relu_forward: passes dout where the output was positive (dout times the
+    0/1 mask: numpy's multiply is several times faster than np.where(mask, dout, 0) here)."""
     out = cache
-    return np.where(out > 0, dout, 0)
+    return np.multiply(dout, out > 0)
