@@ -45,7 +45,7 @@ def test_the_tree_sum_is_the_pairwise_tree_over_micro_shard_index(monkeypatch):
     layout, none_packed = FactorLayout([(1000,)]), np.zeros((8, 0), dtype=np.int64)
     copies = [p.copy() for p in parts]
     out = np.empty(1000, np.float32)
-    MicroShardSum(layout, np.float32).sum(copies, copies, none_packed, 0, 1000, out)
+    MicroShardSum(layout, np.float32).sum(copies, None, none_packed, 0, 1000, out)  # no weights: no factors
     assert np.array_equal(out, tree)
     assert all(np.array_equal(c, p) for c, p in zip(copies, parts))  # the parts are left as they were
     for size in (1, 2, 4):

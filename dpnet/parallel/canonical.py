@@ -82,10 +82,27 @@ class FactorSlots:
         if p is None or not self.layout.fits(p, self.rows_max):
             return False
         n, (d, c) = factors.x2.shape[0], factors.shape
+        if (d, c) != self.layout.weights[p][1:]:
+            raise ValueError(f"factors of a ({d}, {c}) weight gradient given for the {self.layout.weights[p][1:]} "
+                             f"weight at offset {offset} of the flat buffer")
         send[offset:offset + n * d].reshape(n, d)[...] = factors.x2
         send[offset + n * d:offset + n * (d + c)].reshape(n, c)[...] = factors.dout
         self.packed_row[p] = n
         return True
+
+
+class InPlace:
+    """The factors of a micro-shard that lie in its own buffer: self[p] starts at weight p's place."""
+
+    def __init__(self, buffer, layout):
+        self.buffer, self.layout = buffer, layout
+
+    def __getitem__(self, p):
+        return self.buffer[self.layout.weights[p][0]:]
+
+
+def in_place(buffers, layout):
+    return [InPlace(buffer, layout) for buffer in buffers]
 
 
 class MicroShardSum:
@@ -115,16 +132,20 @@ class MicroShardSum:
         as_factors = np.asarray(packed) >= 0  # (M, weights)
         mixed = as_factors.any(axis=0) & ~as_factors.all(axis=0)
         if mixed.any():
-            raise RuntimeError(f"micro-shards disagree on which affine weights they stored as factors "
-                               f"(weights {np.flatnonzero(mixed).tolist()}): every pass must store the same ones")
+            offsets = [self.layout.weights[p][0] for p in np.flatnonzero(mixed)]
+            raise RuntimeError(f"micro-shards disagree on which affine weights they stored as factors (the weights "
+                               f"at flat offsets {offsets}): every pass must store the same ones")
         return np.flatnonzero(as_factors.all(axis=0)).tolist()
 
-    def sum(self, dense_parts, factor_parts, packed, lo, hi, out, finish=None):
+    def sum(self, dense_parts, factors, packed, lo, hi, out, finish=None):
         """out[lo:hi] = the canonical sum; finish(out, a, b) after each finished piece.
         dense_parts: a power-of-two number of buffers whose entries outside the factored weights
-        are tree-summed (the M micro-shards' buffers, or subtree sums of them); factor_parts: the
-        M micro-shard buffers holding the factors (None: leave the factored weights' entries);
-        packed: (M, weights), as in FactorLayout."""
+        are tree-summed (the M micro-shards' buffers, or subtree sums of them); factors: for each
+        of the M micro-shards, factors[m][p] is the flat array that starts with its factors of
+        weight p (in_place(buffers) where they lie in the buffers; None: leave the factored
+        weights' entries); packed: (M, weights), as in FactorLayout."""
+        if hi <= lo:
+            return
         factored = self.factored(packed)
         spans = sorted((o, o + d * c, p) for p, (o, d, c) in enumerate(self.layout.weights) if p in factored)
         at = lo
@@ -134,8 +155,8 @@ class MicroShardSum:
             self._tree(dense_parts, at, min(start, hi), out, finish)
             if p is None or start >= hi:
                 break
-            if factor_parts is not None:
-                self._product(factor_parts, np.asarray(packed)[:, p], p, max(at, start), min(stop, hi), out, finish)
+            if factors is not None:
+                self._product(factors, np.asarray(packed)[:, p], p, max(at, start), min(stop, hi), out, finish)
             at = min(stop, hi)
 
     def _tree(self, parts, lo, hi, out, finish):
@@ -146,16 +167,17 @@ class MicroShardSum:
             if finish is not None:
                 finish(out, a, b)
 
-    def _product(self, parts, rows, p, lo, hi, out, finish):
+    def _product(self, factors, rows, p, lo, hi, out, finish):
         """Entries [lo, hi) of weight p's gradient, X.T @ G, tile by tile."""
         o, d, c = self.layout.weights[p]
         total = int(rows.sum())
         grads = self._buffer(("G", p), (total, c))  # G, (B, C): every micro-shard's rows in order
         starts = np.concatenate([[0], np.cumsum(rows)]).astype(int)
+        parts = [shard[p] for shard in factors]  # each: X rows (n, d), then G rows (n, c), flat
         for m, part in enumerate(parts):
             n = int(rows[m])
-            grads[starts[m]:starts[m + 1]] = part[o + n * d:o + n * (d + c)].reshape(n, c)
-        tile = max(1, TILE_BYTES // (c * self.dtype.itemsize))  # rows of the weight per GEMM
+            grads[starts[m]:starts[m + 1]] = part[n * d:n * (d + c)].reshape(n, c)
+        tile = min(d, max(1, TILE_BYTES // (c * self.dtype.itemsize)))  # rows of the weight per GEMM
         inputs = self._buffer(("X", p), (total, tile))
         staged = self._buffer(("out", p), (tile, c))
         row_end = -(-(hi - o) // c)
@@ -165,7 +187,7 @@ class MicroShardSum:
             x_tile = inputs[:, :b - a]
             for m, part in enumerate(parts):
                 n = int(rows[m])
-                x_tile[starts[m]:starts[m + 1]] = part[o:o + n * d].reshape(n, d)[:, a:b]
+                x_tile[starts[m]:starts[m + 1]] = part[:n * d].reshape(n, d)[:, a:b]
             u, v = max(lo, o + a * c), min(hi, o + b * c)  # the tile's entries in the range
             inside = u == o + a * c and v == o + b * c
             dest = out[u:v].reshape(b - a, c) if inside else staged[:b - a]
@@ -183,42 +205,55 @@ class TreeSum:
     def __init__(self, comm, layout, dtype):
         self.comm, self.layout = comm, layout
         self.summer = MicroShardSum(layout, dtype)
+        self._local = self._subtrees = None  # this rank's subtree sum; every rank's, as received
 
     def combine(self, buffers, out, packed):
         """buffers: this rank's k micro-shard buffers; packed: (k, weights)."""
         count = len(out)
         if self.comm.size == 1:
-            self.summer.sum(buffers, buffers, packed, 0, count, out)
+            self.summer.sum(buffers, in_place(buffers, self.layout), packed, 0, count, out)
             return out
-        # each rank sends the subtree sum of its buffers' other entries and its micro-shards' factors
-        weights = len(self.layout.weights)
+        # each rank sends the subtree sum of its buffers' other entries, then its micro-shards' factors
+        weights, k, size = len(self.layout.weights), len(buffers), self.comm.size
         packed_all = (self.comm.allgather(np.ascontiguousarray(packed)).reshape(-1, weights) if weights else
-                      np.zeros((len(buffers) * self.comm.size, 0), dtype=np.int64))
+                      np.zeros((k * size, 0), dtype=np.int64))
         factored = self.summer.factored(packed_all)
-        spans = []  # (offset, length) of the factors each micro-shard sends
-        for p in factored:
-            o, d, c = self.layout.weights[p]
-            spans.append((o, int(packed_all[:, p].max()) * (d + c)))
-        width = count + len(buffers) * sum(n for _, n in spans)
-        wire = np.zeros(width, dtype=out.dtype)
-        self.summer.sum(buffers, None, packed, 0, count, wire)  # the subtree; factored entries left
-        at = count
+        spans = sorted((self.layout.weights[p][0], p, int(packed_all[:, p].max()) * sum(self.layout.weights[p][1:]))
+                       for p in factored)  # (offset, weight, factor values each micro-shard sends)
+        dense, at = [], 0  # the ranges of the buffer outside the factored weights
+        for o, p, _ in spans:
+            _, d, c = self.layout.weights[p]
+            dense.append((at, o))
+            at = o + d * c
+        dense.append((at, count))
+        width = sum(b - a for a, b in dense) + k * sum(n for _, _, n in spans)
+        if self._local is None or len(self._local) != count:
+            self._local = np.empty(count, dtype=out.dtype)
+            self._subtrees = np.empty((size, count), dtype=out.dtype)
+        self.summer.sum(buffers, None, packed, 0, count, self._local)  # the subtree; factored entries left
+        wire = np.empty(width, dtype=out.dtype)
+        at = 0
+        for a, b in dense:
+            wire[at:at + b - a] = self._local[a:b]
+            at += b - a
         for buf in buffers:
-            for o, n in spans:
+            for o, _, n in spans:
                 wire[at:at + n] = buf[o:o + n]
                 at += n
         gathered = self.comm.allgather(wire)  # (N, width), in rank order
-        subtrees = [row[:count] for row in gathered]
-        parts = []
-        for row in gathered:
-            at = count
+        factors = []
+        for row, subtree in zip(gathered, self._subtrees):
+            at = 0
+            for a, b in dense:
+                subtree[a:b] = row[at:at + b - a]
+                at += b - a
             for _ in buffers:
-                part = np.zeros(count, dtype=out.dtype)
-                for o, n in spans:
-                    part[o:o + n] = row[at:at + n]
+                shard = {}
+                for _, p, n in spans:
+                    shard[p] = row[at:at + n]
                     at += n
-                parts.append(part)
-        self.summer.sum(subtrees, parts, packed_all, 0, count, out)
+                factors.append(shard)
+        self.summer.sum(list(self._subtrees), factors, packed_all, 0, count, out)
         return out
 
 
@@ -299,7 +334,8 @@ class SharedTreeReducer(SharedMemoryReducer):
     gradients into a shared segment of its own (M segments, rank r's k passes writing r*k ..
     r*k + k - 1), and each rank sums its slice of all M of them as the pairwise tree over
     micro-shard index, piece by piece in cache, into the shared result: the bits of TreeSum,
-    with each buffer read once, by one rank, and no copies through MPI. Like
+    with no copies through MPI (each buffer entry is read by one rank, except the factors of
+    factored weights, which every rank reads: all of G, the X columns of its tiles). Like
     SharedMemoryReducer, the ranks share one copy of the parameters and each updates its slice
     (DividedUpdate: the update rules are elementwise, so the bits are those of every rank
     updating everything). Collectives per step, over the node: fence, fence.
@@ -330,6 +366,6 @@ class SharedTreeReducer(SharedMemoryReducer):
     def reduce(self, finish=None):
         self.node.fence()  # every micro-shard's buffer and factors are written
         parts = list(self._segments)
-        self.summer.sum(parts, parts, self.packed, self.lo, self.hi, self._result, finish)
+        self.summer.sum(parts, in_place(parts, self.layout), self.packed, self.lo, self.hi, self._result, finish)
         self.node.fence()  # every slice is summed; nobody writes a buffer again before reading it
         return self.result

@@ -3,7 +3,8 @@
 It composes four pieces, each behind a small interface:
 - a reducer (dpnet.parallel.reducer) sums the packed gradients over ranks, chosen by
   dpnet.parallel.choice.choose_reducer: AllreduceReducer, BucketedAllreduce,
-  SharedMemoryReducer or HierarchicalReducer;
+  SharedMemoryReducer or HierarchicalReducer; in the reproducible mode by
+  choose_canonical_reducer: SharedTreeReducer or CanonicalReducer (dpnet.parallel.canonical);
 - an update strategy (dpnet.parallel.update), which the reducer supplies: every rank
   updates its own copy (ReplicatedUpdate), or the ranks of a node share one copy and
   each updates its slice (DividedUpdate);
@@ -109,13 +110,15 @@ class DataParallel:
       are the same bits at any number of ranks; each rank passes its micro-shards
       (rank_bounds) and the reduction and bucket_bytes are not used
     - workers: in the reproducible mode, how many of a rank's micro-shard passes compute at
-      once (give each one BLAS thread)
+      once (give the process one BLAS thread: the passes' GEMMs and the sum's products must
+      not depend on the thread count)
     - canonical_sum: in the reproducible mode, 'tree' or 'fixed-point' (dpnet.parallel.canonical);
-      the tree runs through shared memory where every rank is on one node (and the parameters
-      are then shared as with 'shared-memory'), else through MPI
+      the tree runs through shared memory where every rank is on one node (and, at more than
+      one rank, the parameters are then shared and the gradients read-only, as with
+      'shared-memory'), else through MPI
 
-    Attributes: reducer, reduction (its name), why_not_shared_memory (the reason 'auto'
-    did not use it, or None), flat, steps (steps taken: set it when resuming a run, so
+    Attributes: reducer, reduction (its name), why_not_shared_memory (why the gradients do
+    not go through shared memory, or None), flat, steps (steps taken: set it when resuming a run, so
     messages name the run's step), comm_seconds (time spent waiting in the reductions).
     """
 

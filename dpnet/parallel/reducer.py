@@ -19,7 +19,8 @@ Attributes:
 - loss_range: (lo, hi), the parameters whose L2 loss this rank adds to its contribution
   before the sum; over all ranks, each parameter is counted exactly once
 - sends, loss_ranges: the send buffers and their loss ranges, one per pass of a step: [send]
-  and [loss_range], except for the reproducible mode's CanonicalReducer (a buffer per micro-shard)
+  and [loss_range], except for the reproducible mode's CanonicalReducer and SharedTreeReducer
+  (a buffer per micro-shard pass)
 """
 
 class Reducer:

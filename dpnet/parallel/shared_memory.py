@@ -1,8 +1,9 @@
 """Gradient reducers through node-local shared memory.
 
 The ranks of a node share one array (comm.allocate_shared): a segment per rank, where each
-rank writes its contribution (`send`), and one `result` segment that every rank of the
-node reads. To reduce, node rank r sums slice r of every rank's segment, in rank order,
+rank writes its contribution (`send`; or k segments per rank, one per pass of a step, for the
+reproducible mode's dpnet.parallel.canonical.SharedTreeReducer), and one `result` segment that
+every rank of the node reads. To reduce, node rank r sums slice r of every rank's segment, in rank order,
 into slice r of `result`. Every byte is read once from where it was written: no copies
 through MPI's own buffers, which is what makes this faster than Allreduce within a node.
 
@@ -42,6 +43,8 @@ class SharedMemoryReducer(Reducer):
         lines = -(-count // per_line)  # each segment starts on a cache line
         rank, size = node.rank, node.size
         segments = size if segments is None else segments
+        if segments % size:
+            raise ValueError(f"{segments} send segments cannot be shared equally by {size} ranks")
         k = segments // size
         shared = node.allocate_shared((segments + 1) * lines * per_line, self.dtype).reshape(segments + 1, -1)
         self._segments = shared[:segments, :count]  # (segments, count)
