@@ -18,18 +18,19 @@ from ._validate import require_ndim
 
 
 def _shard_moments(x, axes):
-    """Count, mean and M2 of x over `axes`, per channel, as one float64 row [n, mean.., m2..]."""
+    """(row, centered): the count, mean and M2 of x over `axes`, per channel, as one float64
+    row [n, mean.., m2..], and x minus that mean (None for an empty x)."""
     channels = x.shape[1]
     count = x.size // channels
     row = np.zeros(1 + 2 * channels, dtype=np.float64)
     row[0] = count
+    centered = None
     if count:
         mean = x.mean(axis=axes, keepdims=True)
         row[1:1 + channels] = mean.reshape(-1)
         centered = x - mean
-        centered *= centered
-        row[1 + channels:] = centered.sum(axis=axes)
-    return row
+        row[1 + channels:] = np.square(centered).sum(axis=axes)
+    return row, centered
 
 
 def merge_moments(rows):
@@ -75,10 +76,14 @@ def _forward(x, gamma, beta, bn_param, axes, comm):
     for key, value in init_bn_state(channels, x.dtype).items():
         bn_param.setdefault(key, value)
     running_mean, running_var = bn_param["running_mean"], bn_param["running_var"]
+    centered = None  # x minus the batch mean, where this shard is the whole batch
     if mode == "train":
-        rows = _shard_moments(x, axes)[None]
+        row, centered = _shard_moments(x, axes)
+        rows = row[None]
         if comm is not None:
-            rows = comm.allgather(rows[0])  # (R, 1 + 2C)
+            rows = comm.allgather(row)  # (R, 1 + 2C)
+            if len(rows) > 1:
+                centered = None  # the global mean is another
         count, mean, var = merge_moments(rows)
         if count == 0:  # no examples (on any rank): nothing to normalise, running stats kept
             return x.copy(), (None, gamma, None, 0, axes, comm)
@@ -92,7 +97,8 @@ def _forward(x, gamma, beta, bn_param, axes, comm):
     else:
         raise ValueError(f"bn_param['mode'] must be 'train' or 'test', got {mode!r}")
     inv_std = 1 / np.sqrt(var + x.dtype.type(eps))  # (C,)
-    x_hat = x - mean.reshape(shape)
+    # one shard: its mean, merged alone, is the batch mean to the bit (float64 and back)
+    x_hat = centered if centered is not None else x - mean.reshape(shape)
     x_hat *= inv_std.reshape(shape)
     out = x_hat * gamma.reshape(shape)
     out += beta.reshape(shape)
@@ -110,12 +116,13 @@ def _backward(dout, cache):
     shape = _param_shape(dout)
     sums = np.empty((2, channels), dtype=dout.dtype)  # [sum dy, sum dy * x_hat] over this shard
     dout.sum(axis=axes, out=sums[0])
-    (dout * x_hat).sum(axis=axes, out=sums[1])
+    dx = dout * x_hat  # a scratch first, then dx
+    dx.sum(axis=axes, out=sums[1])
     dbeta, dgamma = sums[0].copy(), sums[1].copy()
     if comm is not None:
         sums = comm.allreduce(sums)  # global sums over every rank's shard
     # dx = gamma / std * (dy - sum(dy) / n - x_hat * sum(dy x_hat) / n), n the global count
-    dx = x_hat * (sums[1] / count).reshape(shape)
+    np.multiply(x_hat, (sums[1] / count).reshape(shape), out=dx)
     np.subtract(dout, dx, out=dx)
     dx -= (sums[0] / count).reshape(shape)
     dx *= (gamma * inv_std).reshape(shape)
