@@ -3,7 +3,7 @@ against the default mode, for ThreeLayerConvNet and ConvNet as `python -m dpnet.
 them by default (sync batchnorm, the model's recipe: optimizer, L2, layout), float32, global
 batch 128.
 
-    python benchmarks/bench_reproducible.py [--models threelayer convnet] [--ranks 1 2] [--repeats 2] [--bind-to-core]
+    python benchmarks/bench_reproducible.py [--models threelayer convnet] [--ranks 1 2] [--repeats 2]
 
 In one run, each configuration in fresh processes under mpirun (1 or 2 ranks), the machine's
 cores shared as the trainer shares them (cores / ranks BLAS threads per rank in the default
@@ -66,10 +66,10 @@ def worker(model_name, options):
     dp.close()
 
 
-def launch(ranks, model, options, bind=False):
+def launch(ranks, model, options):
     mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
-    command = [mpirun if os.path.exists(mpirun) else "mpirun", "-n", str(ranks)] + \
-        (["-bind-to", "core"] if bind else []) + [sys.executable, __file__, "--worker", model, json.dumps(options)]
+    command = [mpirun if os.path.exists(mpirun) else "mpirun", "-n", str(ranks), sys.executable, __file__,
+               "--worker", model, json.dumps(options)]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -89,8 +89,6 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=["threelayer", "convnet"], choices=["threelayer", "convnet"])
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=REPEATS, help="runs of each configuration; the best counts")
-    parser.add_argument("--bind-to-core", action="store_true",
-                        help="where there are as many ranks as cores, bind each rank to one (mpirun -bind-to core)")
     args = parser.parse_args(argv)
     import numpy  # noqa: F401  loads the BLAS that threadpoolctl then names
     from threadpoolctl import threadpool_info
@@ -102,12 +100,11 @@ def main(argv=None):
           f"best of {args.repeats} runs of {STEPS} steps")
     for model in args.models:
         for ranks in args.ranks:
-            bind = args.bind_to_core and ranks == os.cpu_count()
-            print(f"{model}, {ranks} rank(s){', each bound to a core' if bind else ''}:")
+            print(f"{model}, {ranks} rank(s):")
             runs = {label: [] for label, _ in variants(ranks)}
             for _ in range(args.repeats):  # configurations alternate: the machine's speed drifts
                 for label, options in variants(ranks):
-                    runs[label].append(launch(ranks, model, options, bind)["images_per_s"])
+                    runs[label].append(launch(ranks, model, options)["images_per_s"])
             base = max(runs["default"])
             for label, values in runs.items():
                 print(f"  {label:34s} {max(values):7.0f} images/s  {max(values) / base:5.2f} of the default")
