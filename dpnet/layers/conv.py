@@ -141,8 +141,7 @@ def conv_forward(x, w, b, conv_param):
     f, _, hh, ww = w.shape
     k, p = c * hh * ww, h_out * w_out
     w2 = w.reshape(f, k)  # (F, K)
-    xp = _pad(x, pad)  # kept for backward: padding once costs as much as an im2col pass
-    windows = _windows(xp, hh, ww, stride, h_out, w_out)  # (N, C, HH, WW, Ho, Wo)
+    windows = _windows(_pad(x, pad), hh, ww, stride, h_out, w_out)  # (N, C, HH, WW, Ho, Wo)
     out = np.empty((n, f, p), dtype=np.result_type(x, w))  # (N, F, Ho*Wo)
     nb = _block_size(n, k * p * x.itemsize)
     cols = np.empty((nb, k, p), dtype=x.dtype)  # reused per block
@@ -154,7 +153,7 @@ def conv_forward(x, w, b, conv_param):
         _matmul_columns(w2, block, out[start:stop], chunk)  # (B, F, P)
         if b is not None:
             out[start:stop] += b[:, None]
-    return out.reshape(n, f, h_out, w_out), (x, w, conv_param, xp)
+    return out.reshape(n, f, h_out, w_out), (x, w, conv_param)
 
 
 def conv_backward(dout, cache, compute_dx=True):
@@ -170,7 +169,7 @@ def conv_backward(dout, cache, compute_dx=True):
     """
     if isinstance(cache[0], str):  # ("winograd", its cache)
         return winograd_conv_backward(dout, cache[1], compute_dx)
-    x, w, conv_param, xp = cache
+    x, w, conv_param = cache
     stride, pad, h_out, w_out = conv_output_shape(x.shape, w.shape, conv_param)
     n, c, _, wd = x.shape
     f, _, hh, ww = w.shape
@@ -178,7 +177,7 @@ def conv_backward(dout, cache, compute_dx=True):
     if dout.shape != (n, f, h_out, w_out):
         raise ValueError(f"dout must have shape {(n, f, h_out, w_out)}, got {dout.shape}")
     dout3 = dout.reshape(n, f, p)  # (N, F, P)
-    windows = _windows(xp, hh, ww, stride, h_out, w_out)
+    windows = _windows(_pad(x, pad), hh, ww, stride, h_out, w_out)
     db = dout3.sum(axis=(0, 2))
     dw2t = np.zeros((k, f), dtype=w.dtype)  # dw transposed, (K, F)
     nb = _block_size(n, k * p * x.itemsize)
