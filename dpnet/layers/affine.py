@@ -45,6 +45,8 @@ class WeightGradFactors:
         return np.matmul(self.x2.T, self.dout, out=out)
 
     def __array__(self, dtype=None, copy=None):
+        if copy is False:
+            raise ValueError("WeightGradFactors has no array to share: its product is made anew")
         product = self.x2.T @ self.dout
         return product if dtype is None else product.astype(dtype)
 
