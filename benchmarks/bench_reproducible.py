@@ -33,10 +33,9 @@ def worker(model_name, options):
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from dpnet.optim import get_update_rule
     from dpnet.parallel import DataParallel, get_comm, shard_bounds
     from dpnet.parallel.sharding import rank_bounds
-    from dpnet.train import OPTIMIZERS, TrainConfig, build_model
+    from dpnet.train import TrainConfig, build_model, build_update_rule
     from dpnet.train.recipes import with_recipe
 
     comm = get_comm()
@@ -47,7 +46,7 @@ def worker(model_name, options):
     y = rng.integers(0, 10, BATCH)
     train_config = with_recipe(TrainConfig(model=model_name, dtype="float32"))
     model = build_model(train_config, comm)
-    update = get_update_rule(OPTIMIZERS[train_config.optimizer])
+    update = build_update_rule(train_config)
     micro = options.get("reproducible")
     dp = DataParallel(model, comm, workers=threads if micro else 1, **options)
     lo, hi = rank_bounds(BATCH, micro, comm.size, comm.rank) if micro else shard_bounds(BATCH, comm.size, comm.rank)

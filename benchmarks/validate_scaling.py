@@ -40,15 +40,13 @@ def worker(model_name, global_batch, steps):
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from dpnet.optim import get_update_rule
     from dpnet.parallel import DataParallel, get_comm, shard_bounds
-    from dpnet.train import OPTIMIZERS, TrainConfig, build_model
-    from dpnet.train.recipes import with_recipe
+    from dpnet.train import TrainConfig, build_model, build_update_rule
 
     comm = get_comm()
-    train_config = with_recipe(TrainConfig(model=model_name, dtype="float32"))
+    train_config = TrainConfig(model=model_name, dtype="float32")
     model = build_model(train_config, comm)
-    rule = get_update_rule(OPTIMIZERS[train_config.optimizer])
+    rule = build_update_rule(train_config)
     dp = DataParallel(model, comm)
     lo, hi = shard_bounds(global_batch, comm.size, comm.rank)
     rng = np.random.default_rng(comm.rank)

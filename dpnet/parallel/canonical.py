@@ -69,10 +69,11 @@ class FactorLayout:
 
 
 class FactorSlots:
-    """What a pass uses to store affine weight gradients as factors in its send buffer."""
+    """What a pass uses to store affine weight gradients as factors in its send buffer, for a
+    step whose global batch of `total` is cut into `micro_shards` (the largest holds rows_max)."""
 
-    def __init__(self, layout, packed_row, rows_max):
-        self.layout, self.packed_row, self.rows_max = layout, packed_row, rows_max
+    def __init__(self, layout, packed_row, total, micro_shards):
+        self.layout, self.packed_row, self.rows_max = layout, packed_row, -(-total // micro_shards)
         packed_row[...] = -1
 
     def store(self, offset, factors, send):
@@ -321,7 +322,7 @@ class CanonicalReducer(Reducer):
         """Where pass j stores factors this step (global batch of `total`), or None."""
         if not self.summer.takes_factors:
             return None
-        return FactorSlots(self.layout, self.packed[j], -(-total // self.micro_shards))
+        return FactorSlots(self.layout, self.packed[j], total, self.micro_shards)
 
     def reduce(self, finish=None):
         self.summer.combine(self.sends, self.result, self.packed)
@@ -361,7 +362,7 @@ class SharedTreeReducer(SharedMemoryReducer):
                 f"in shared memory ({self.node.size} ranks)")
 
     def factor_slots(self, j, total):
-        return FactorSlots(self.layout, self.packed[self._first + j], -(-total // self.micro_shards))
+        return FactorSlots(self.layout, self.packed[self._first + j], total, self.micro_shards)
 
     def reduce(self, finish=None):
         self.node.fence()  # every micro-shard's buffer and factors are written

@@ -97,12 +97,13 @@ def save_fit(fit, path=None):
 
 
 def _build(name):
-    """(model, its recipe's optimizer name): model `name` as dpnet.train builds it by default, float32."""
+    """(model, update rule, optimizer name): model `name` as dpnet.train builds it by default,
+    float32, and its recipe's optimizer."""
     from ..parallel import SerialComm
-    from ..train import TrainConfig, build_model
+    from ..train import TrainConfig, build_model, build_update_rule
     from ..train.recipes import with_recipe
     config = with_recipe(TrainConfig(model=name, dtype="float32"))
-    return build_model(config, SerialComm()), config.optimizer
+    return build_model(config, SerialComm()), build_update_rule(config), config.optimizer
 
 
 def measure_model(name, images, repeats):
@@ -111,12 +112,9 @@ def measure_model(name, images, repeats):
     step is its recipe's update rule (dpnet/train/recipes.py)."""
     from threadpoolctl import threadpool_limits
 
-    from ..optim import get_update_rule
     from ..parallel import DataParallel, SerialComm
-    from ..train import OPTIMIZERS
 
-    model, optimizer_name = _build(name)
-    rule = get_update_rule(OPTIMIZERS[optimizer_name])
+    model, rule, optimizer_name = _build(name)
     dp = DataParallel(model, SerialComm())
     rng = np.random.default_rng(0)
     batches = {n: (rng.standard_normal((n, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, n)) for n in images}
@@ -145,8 +143,8 @@ def measure_model(name, images, repeats):
     nbytes = int(dp.flat.buffer.nbytes)
     dp.close()
     return {"images": list(images), "compute_s": [float(np.median(compute[n])) for n in images],
-            "optimizer": optimizer_name, "optimizer_s": float(np.median(optimizer)), "backward_fraction": float(np.median(fractions)),
-            "gradient_bytes": nbytes}
+            "optimizer": optimizer_name, "optimizer_s": float(np.median(optimizer)),
+            "backward_fraction": float(np.median(fractions)), "gradient_bytes": nbytes}
 
 
 def _worker_command(sizes, repeats, shm):

@@ -18,12 +18,12 @@ from .cli import install_abort_hook, main, parse_args
 from .config import CHOICES, DATA_ENV, OPTIMIZERS, OPTION_HELP, ConfigError, TrainConfig, validate
 from .faults import FAULT_ENV
 from .inputs import channel_stats, default_data_places, load_data, split_train_val
-from .loop import (NonFiniteLoss, StartupError, Trainer, build_model, evaluate, learning_rate, on_every_rank,
-                   train)
+from .loop import (NonFiniteLoss, StartupError, Trainer, build_model, build_update_rule, evaluate, learning_rate,
+                   on_every_rank, train)
 
 __all__ = [
     "TrainConfig", "OPTION_HELP", "CHOICES", "OPTIMIZERS", "ConfigError", "validate",
     "DATA_ENV", "default_data_places", "load_data", "split_train_val", "channel_stats",
-    "Trainer", "train", "build_model", "evaluate", "learning_rate", "on_every_rank", "StartupError",
-    "NonFiniteLoss", "FAULT_ENV", "parse_args", "main", "install_abort_hook",
+    "Trainer", "train", "build_model", "build_update_rule", "evaluate", "learning_rate", "on_every_rank",
+    "StartupError", "NonFiniteLoss", "FAULT_ENV", "parse_args", "main", "install_abort_hook",
 ]

@@ -145,6 +145,11 @@ def check_outputs(config):
                 os.remove(old)
 
 
+def build_update_rule(config):
+    """The update rule (dpnet.optim) of config's optimizer, its recipe's where unset."""
+    return get_update_rule(OPTIMIZERS[with_recipe(config).optimizer])
+
+
 def build_model(config, comm):
     """The network config describes (its recipe filling unset layout options), on comm's rank."""
     config = with_recipe(config)
@@ -242,7 +247,7 @@ class Trainer:
                                    workers=self.threads)
         except ReducerUnavailable as exc:  # on every rank alike
             raise ConfigError(f"--reduction {config.reduction}: {exc}") from None
-        self.update_rule = get_update_rule(OPTIMIZERS[config.optimizer])
+        self.update_rule = build_update_rule(config)
         self.optim_config = {"learning_rate": config.lr}
         self.augmentation = (StepAugmentation(config.seed, config.micro_shards, comm.size, comm.rank)
                              if config.reproducible else RankAugmentation(config.seed, comm.rank))
