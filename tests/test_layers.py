@@ -385,6 +385,8 @@ def test_affine_weight_gradient_as_factors_is_the_product(backward, rng):
     np.testing.assert_allclose(np.asarray(dw), naive, rtol=1e-12)
     np.testing.assert_array_equal(np.asarray(dw), dense[1])
     np.testing.assert_array_equal(dw.into(np.empty((6, 4))), dense[1])
+    with pytest.raises(ValueError, match="no array to share"):
+        np.array(dw, copy=False)
     for got, expected in zip(factored[:1] + factored[2:], dense[:1] + dense[2:]):
         np.testing.assert_array_equal(got, expected)
 

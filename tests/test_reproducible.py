@@ -12,6 +12,7 @@ from dpnet.parallel.canonical import FactorLayout, FixedPointSum, MicroShardSum,
 from dpnet.parallel.choice import choose_canonical_reducer
 from dpnet.parallel.microshards import check_micro_shards
 from dpnet.parallel.sharding import rank_bounds, shard_bounds
+from dpnet.parallel.shared_memory import SharedMemoryReducer
 from tests import parallel_cases as cases
 
 
@@ -88,7 +89,6 @@ def _factored_sum(comm, batch, path):
     """The reproducible tree's sum of 8 micro-shards of a float32 batch: the (40, 30) weight's
     gradient stored as factors (rows of X (batch, 40), G (batch, 30)); the other entries dense."""
     from dpnet.layers import WeightGradFactors
-    from dpnet.parallel.choice import choose_canonical_reducer
     rng = np.random.default_rng(3)
     x, g = rng.standard_normal((batch, 40)).astype(np.float32), rng.standard_normal((batch, 30)).astype(np.float32)
     dense = [rng.standard_normal(sum(int(np.prod(s)) for s in FACTOR_SHAPES)).astype(np.float32) for _ in range(8)]
@@ -131,6 +131,24 @@ def test_factored_weight_gradients_are_one_product_over_the_global_batch(size, p
     if path == "SharedTreeReducer":  # each entry finished once, by the rank that owns it
         assert finished[0][0] == 0 and finished[-1][1] == len(one)
         assert all(a[1] == b[0] for a, b in zip(finished, finished[1:]))
+
+
+def test_factors_of_another_shape_are_refused():
+    """A factor pair of the wrong weight shape must not spill over the next parameter."""
+    from dpnet.layers import WeightGradFactors
+    reducer, _ = choose_canonical_reducer(SerialComm(), "tree", 2, [(4, 3), (5,)], 2, np.float64, 2)
+    before = reducer.sends[0].copy()
+    with pytest.raises(ValueError, match=r"factors of a \(3, 3\) weight gradient given for the \(4, 3\) weight"):
+        reducer.factor_slots(0, 2).store(0, WeightGradFactors(np.ones((1, 3)), np.ones((1, 3))), reducer.sends[0])
+    np.testing.assert_array_equal(reducer.sends[0], before)
+
+
+def test_send_segments_the_ranks_cannot_share_are_refused():
+    def build(comm):
+        node, cross = comm.split_by_node()
+        with pytest.raises(ValueError, match="3 send segments cannot be shared equally by 2 ranks"):
+            SharedMemoryReducer(comm, node, cross, 10, np.float32, segments=3)
+    SimComm(2).run(build)
 
 
 def test_micro_shards_that_disagree_on_factors_are_refused():
