@@ -1,13 +1,15 @@
-"""Choosing each convolution's algorithm by measuring it on this machine, once (`--conv-algorithm auto`).
+"""Choosing how layers compute by measuring the ways on this machine, once:
+- each convolution's algorithm, im2col or Winograd F(4x4, 3x3) (`--conv-algorithm auto`);
+- each affine layer's input-gradient product, plain or transposed (dpnet.layers.affine.input_grad;
+  `--affine-dx auto`).
 
-Which of im2col and Winograd F(4x4, 3x3) is faster depends on the layer (channels, image size,
-images per rank) and on the machine (its BLAS kernels, AVX2 or AVX-512), so nothing here is a
-constant: for each layer signature (input and filter shapes, stride, pad, dtype, images, BLAS
-threads) both algorithms run forward and backward on random data (the median of REPEATS runs
-after a warm-up), the faster wins, and the choice is saved in a cache file under a key naming
-the CPU, its vector extensions and the BLAS library and kernel, so a machine never uses another's
-choices. The cache is ~/.cache/dpnet/autotune.json, or $DPNET_AUTOTUNE_CACHE. A fixed
-`--conv-algorithm im2col` or `winograd` measures nothing: the reproducible choice.
+Which way is faster depends on the layer's shapes (channels, image size, images per pass) and on
+the machine (its BLAS kernels, AVX2 or AVX-512), so nothing here is a constant: for each
+signature (the shapes, dtype, images, BLAS threads) every way runs on random data (the median
+of several runs after a warm-up), the faster wins, and the choice is saved in a cache file under
+a key naming the CPU, its vector extensions and the BLAS library and kernel, so a machine never
+uses another's choices. The cache is ~/.cache/dpnet/autotune.json, or $DPNET_AUTOTUNE_CACHE.
+A fixed choice (`--conv-algorithm im2col`, `--affine-dx plain`, ...) measures nothing.
 """
 
 import json
@@ -20,6 +22,8 @@ from .atomic import atomic_path
 CACHE_ENV = "DPNET_AUTOTUNE_CACHE"
 REPEATS = 3
 ALGORITHMS = ("im2col", "winograd")
+MIN_SECONDS = 0.02  # a short product is repeated until its runs take about this long (at most MAX_REPEATS)
+MAX_REPEATS = 50
 
 
 def default_path():
@@ -66,12 +70,36 @@ def time_conv(algorithm, x_shape, w_shape, conv_param, dtype, repeats=REPEATS):
     return float(np.median(seconds))
 
 
-class ConvTuner:
-    """choose(x_shape, w_shape, conv_param, dtype, threads) -> the faster algorithm, measured
-    once per signature and machine and remembered in the cache file at `path`."""
+def dx_signature(rows, w_shape, dtype, threads):
+    return f"affine dx rows {rows} w{tuple(w_shape)} {np.dtype(dtype).name} threads {threads}"
 
-    def __init__(self, path=None, measure=time_conv):
-        self.path, self.measure = path or default_path(), measure
+
+def time_dx_form(form, rows, w_shape, dtype):
+    """Median seconds of one input_grad(dout, w, form) for dout (rows, M), w (D, M), on random data."""
+    from .layers.affine import input_grad
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    dout = rng.standard_normal((rows, w_shape[1])).astype(dtype)
+    start = time.perf_counter()
+    input_grad(dout, w, form)  # warm-up, and how many runs fit in MIN_SECONDS
+    repeats = int(min(MAX_REPEATS, max(REPEATS, MIN_SECONDS / max(time.perf_counter() - start, 1e-9))))
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        input_grad(dout, w, form)
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds))
+
+
+class Tuner:
+    """The faster way for each layer signature, measured once per signature and machine and
+    remembered in the cache file at `path`:
+    - choose(x_shape, w_shape, conv_param, dtype, threads): a convolution's algorithm;
+    - choose_dx_form(rows, w_shape, dtype, threads): an affine layer's input-gradient form.
+    measure, measure_dx: the timers (time_conv, time_dx_form; tests give fakes)."""
+
+    def __init__(self, path=None, measure=time_conv, measure_dx=time_dx_form):
+        self.path, self.measure, self.measure_dx = path or default_path(), measure, measure_dx
         self.key = machine_key()
         self.measured = 0  # signatures measured (not found in the cache) by this tuner
 
@@ -87,12 +115,21 @@ class ConvTuner:
         candidates = applicable(w_shape, conv_param)
         if len(candidates) == 1:
             return candidates[0]
-        sig = signature(x_shape, w_shape, conv_param, dtype, threads)
+        return self._choice(signature(x_shape, w_shape, conv_param, dtype, threads), candidates,
+                            lambda a: self.measure(a, x_shape, w_shape, conv_param, dtype))
+
+    def choose_dx_form(self, rows, w_shape, dtype, threads=1):
+        from .layers.affine import DX_FORMS
+        return self._choice(dx_signature(rows, w_shape, dtype, threads), DX_FORMS,
+                            lambda form: self.measure_dx(form, rows, w_shape, dtype))
+
+    def _choice(self, sig, candidates, measure):
+        """The cached choice for sig, else the candidate with the fewest seconds of measure(c)."""
         cache = self._load()
         known = cache.get(self.key, {}).get(sig)
         if known and known.get("choice") in candidates:
             return known["choice"]
-        seconds = {a: self.measure(a, x_shape, w_shape, conv_param, dtype) for a in candidates}
+        seconds = {c: measure(c) for c in candidates}
         choice = min(seconds, key=seconds.get)
         self.measured += 1
         cache = self._load()  # another process may have written meanwhile
@@ -108,6 +145,13 @@ class ConvTuner:
 def tune_model(model, images, tuner=None, threads=1):
     """{layer: algorithm} for the convolutions of `model` (model.conv_layers()) at `images`
     images per forward pass."""
-    tuner = tuner or ConvTuner()
+    tuner = tuner or Tuner()
     return {layer: tuner.choose((images, *in_shape), w_shape, conv_param, model.dtype, threads)
             for layer, in_shape, w_shape, conv_param in model.conv_layers()}
+
+
+def tune_dx_forms(model, images, tuner=None, threads=1):
+    """{weight: form} for the affine layers of `model` (model.affine_weights()) at `images`
+    images per pass."""
+    tuner = tuner or Tuner()
+    return {name: tuner.choose_dx_form(images, shape, model.dtype, threads) for name, shape in model.affine_weights()}

@@ -26,9 +26,11 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, truncated or does not fit the model."""
 
 
-def save_checkpoint(path, model, optim_config, epoch, step, config, world_size, rng_states=(), flat=None):
+def save_checkpoint(path, model, optim_config, epoch, step, config, world_size, rng_states=(), flat=None,
+                    layer_choices=None):
     """Write a checkpoint atomically. flat: the dpnet.flat.FlatParams the optimizer state is
-    laid out in (needed when optim_config holds state arrays)."""
+    laid out in (needed when optim_config holds state arrays); layer_choices: how the model's
+    choosable layers compute (a JSON-able dict, dpnet.train.loop.layer_choices)."""
     import h5py
 
     with atomic_path(path) as tmp:
@@ -56,14 +58,17 @@ def save_checkpoint(path, model, optim_config, epoch, step, config, world_size, 
             f.attrs.update({"epoch": epoch, "step": step, "world_size": world_size,
                             "dpnet_version": __version__, "config": json.dumps(config),
                             "rng_states": json.dumps(list(rng_states))})
+            if layer_choices is not None:
+                f.attrs["layer_choices"] = json.dumps(layer_choices)
             f.flush()
 
 
 def load_checkpoint(path, model, flat=None):
     """Load params and batchnorm statistics into `model` (in place) and return
-    (optim_config, attrs) where attrs has epoch, step, world_size, dpnet_version, config and
-    rng_states. Optimizer state arrays are laid out for `flat` (a dpnet.flat.FlatParams), or
-    given as {parameter name: array} when flat is None."""
+    (optim_config, attrs) where attrs has epoch, step, world_size, dpnet_version, config,
+    rng_states and layer_choices (None where the checkpoint has none). Optimizer state arrays
+    are laid out for `flat` (a dpnet.flat.FlatParams), or given as {parameter name: array}
+    when flat is None."""
     import h5py
 
     if not os.path.isfile(path):
@@ -107,6 +112,7 @@ def load_checkpoint(path, model, flat=None):
             if absent:
                 raise CheckpointError(f"{path}: not a dpnet checkpoint (missing attributes {absent})")
             attrs = {k: f.attrs[k] for k in keys}
+            attrs["layer_choices"] = json.loads(f.attrs["layer_choices"]) if "layer_choices" in f.attrs else None
     except CheckpointError:
         raise
     except Exception as exc:  # h5py raises OSError/KeyError/... for corrupt or truncated files

@@ -1,5 +1,6 @@
-"""dpnet.autotune: each convolution's algorithm measured once per machine and layer shape, then
-read from the cache; and --conv-algorithm auto in a run."""
+"""dpnet.autotune: each convolution's algorithm and each affine layer's input-gradient form
+measured once per machine and layer shape, then read from the cache; and --conv-algorithm auto,
+--affine-dx auto in a run."""
 
 import json
 import os
@@ -7,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from dpnet.autotune import ConvTuner, applicable, machine_key, tune_model
+from dpnet.autotune import Tuner, applicable, machine_key, tune_dx_forms, tune_model
 from dpnet.models import ConvNet, ResNet, ThreeLayerConvNet
 from tests.train_helpers import TINY, cifar_dir, clean_env, run_ok  # noqa: F401
 
@@ -24,14 +25,14 @@ def test_the_faster_algorithm_is_chosen_once_then_read_from_the_cache(tmp_path):
     path = str(tmp_path / "autotune.json")
     model = ConvNet(input_dim=(3, 8, 8), stages=((4, 4), (5,)), hidden_dims=(6,))
     calls = []
-    choices = tune_model(model, 16, ConvTuner(path, fake_timer("winograd", calls)))
+    choices = tune_model(model, 16, Tuner(path, fake_timer("winograd", calls)))
     assert choices == {1: "winograd", 2: "winograd", 3: "winograd"}
     assert len(calls) == 6  # 3 layer shapes x 2 algorithms
     stored = json.load(open(path))
     assert list(stored) == [machine_key()] and len(stored[machine_key()]) == 3
-    again = ConvTuner(path, fake_timer("im2col", calls))  # the cache answers: nothing measured
+    again = Tuner(path, fake_timer("im2col", calls))  # the cache answers: nothing measured
     assert tune_model(model, 16, again) == choices and again.measured == 0 and len(calls) == 6
-    other = ConvTuner(path, fake_timer("im2col", calls))  # another batch size is another shape
+    other = Tuner(path, fake_timer("im2col", calls))  # another batch size is another shape
     assert set(tune_model(model, 32, other).values()) == {"im2col"} and other.measured == 3
 
 
@@ -46,7 +47,7 @@ def test_only_layers_winograd_can_compute_are_choosable():
 
 
 def test_a_real_measurement_gives_a_choice(tmp_path):
-    tuner = ConvTuner(str(tmp_path / "c.json"))
+    tuner = Tuner(str(tmp_path / "c.json"))
     choice = tuner.choose((4, 8, 8, 8), (8, 8, 3, 3), {"stride": 1, "pad": 1}, np.float32)
     assert choice in ("im2col", "winograd") and tuner.measured == 1
     seconds = json.load(open(tmp_path / "c.json"))[machine_key()]
@@ -54,15 +55,64 @@ def test_a_real_measurement_gives_a_choice(tmp_path):
                for v in seconds.values())
 
 
-def test_conv_algorithm_auto_in_a_run(cifar_dir, tmp_path):
+def test_auto_choices_in_a_run(cifar_dir, tmp_path):
     cache = tmp_path / "autotune.json"
     args = ["--data", cifar_dir, *TINY, "--model", "convnet", "--stages", "8/16", "--max-steps", "2",
-            "--conv-algorithm", "auto"]
+            "--conv-algorithm", "auto", "--affine-dx", "auto"]
     env = clean_env(DPNET_AUTOTUNE_CACHE=str(cache))
     first = run_ok(args, tmp_path, 2, env=env)
     said = [line for line in first.lines if line.startswith("convolutions (--conv-algorithm auto): ")]
-    assert len(said) == 1 and said[0].endswith(f"(2 layer shape(s) measured now, the rest from {cache})"), str(first)
+    assert len(said) == 1 and "; affine input gradients (--affine-dx auto): " in said[0], str(first)
+    assert said[0].endswith(f"(4 shape(s) measured now, the rest from {cache})"), str(first)  # 2 convs, 2 affine
     (tmp_path / "again").mkdir()
     second = run_ok(args, tmp_path / "again", 2, env=env)
-    assert f"(0 layer shape(s) measured now, the rest from {cache})" in second.stdout, str(second)
+    assert f"(0 shape(s) measured now, the rest from {cache})" in second.stdout, str(second)
     assert os.path.exists(cache)
+
+
+def test_each_affine_layers_faster_dx_form_is_chosen_once_then_read_from_the_cache(tmp_path):
+    path = str(tmp_path / "autotune.json")
+    model = ThreeLayerConvNet(input_dim=(3, 8, 8), num_filters=4, hidden_dim=6)
+    assert model.affine_weights() == [("W2", (64, 6)), ("W3", (6, 10))]
+    calls = []
+
+    def measure(form, rows, w_shape, dtype):  # transposed wins for the wide layer only
+        calls.append((form, rows, w_shape))
+        return 1.0 if (form == "transposed") == (w_shape[0] > 10) else 2.0
+
+    choices = tune_dx_forms(model, 4, Tuner(path, measure_dx=measure))
+    assert choices == {"W2": "transposed", "W3": "plain"} and len(calls) == 4
+    again = Tuner(path, measure_dx=lambda *a: calls.append(a))  # the cache answers
+    assert tune_dx_forms(model, 4, again) == choices and again.measured == 0 and len(calls) == 4
+    assert tune_dx_forms(model, 8, Tuner(path, measure_dx=measure)) == choices and len(calls) == 8  # new rows
+
+
+def test_a_real_dx_measurement_gives_a_choice(tmp_path):
+    tuner = Tuner(str(tmp_path / "c.json"))
+    assert tuner.choose_dx_form(3, (40, 7), np.float32) in ("plain", "transposed") and tuner.measured == 1
+
+
+def test_a_models_dx_forms_change_rounding_only(rng_seed=0):
+    """Every affine layer's input gradient made the transposed way: the same gradients as the
+    plain way to float64 rounding; unknown weights and forms are refused."""
+    rng = np.random.default_rng(rng_seed)
+    X, y = rng.standard_normal((4, 3, 8, 8)), rng.integers(0, 10, 4)
+    grads = {}
+    for form in ("plain", "transposed"):
+        model = ConvNet(input_dim=(3, 8, 8), stages=((4,), (5,)), hidden_dims=(6,), dtype=np.float64)
+        model.set_dx_forms({name: form for name, _ in model.affine_weights()})
+        grads[form] = model.loss(X, y)[1]
+    for name, grad in grads["plain"].items():
+        np.testing.assert_allclose(grads["transposed"][name], grad, rtol=1e-10, atol=1e-12, err_msg=name)
+    with pytest.raises(ValueError, match=r"no affine weight \['W1'\]"):
+        model.set_dx_forms({"W1": "plain"})
+    with pytest.raises(ValueError, match="dx forms must be one of"):
+        model.set_dx_forms({"W3": "fast"})
+
+
+def test_a_fixed_affine_dx_sets_every_layer():
+    from dpnet.parallel import SerialComm
+    from dpnet.train import TrainConfig, build_model
+    model = build_model(TrainConfig(model="threelayer", affine_dx="transposed"), SerialComm())
+    assert model.dx_forms == {"W2": "transposed", "W3": "transposed"}
+    assert build_model(TrainConfig(model="threelayer", affine_dx="auto"), SerialComm()).dx_forms == {}

@@ -75,7 +75,6 @@ def test_a_4_rank_run_resumed_at_2_ranks_ends_as_the_4_rank_run(cifar_dir, tmp_p
     (["--micro-shards", "8"], 3, "--reproducible --micro-shards 8: 3 ranks cannot share 8 micro-shards equally: "
                                  "the number of ranks must divide it (1, 2, 4, 8)"),
     (["--micro-shards", "12"], 2, "--reproducible --micro-shards 12: the number of micro-shards must be a power of two"),
-    (["--conv-algorithm", "auto"], 1, "--reproducible needs a fixed --conv-algorithm (im2col or winograd)"),
     (["--reduction", "allreduce"], 2, "--reproducible sums gradients in its own fixed order: leave out --reduction"),
     (["--bucket-mb", "1"], 2, "--reproducible sums gradients in its own fixed order: leave out --reduction"),
 ])
@@ -96,3 +95,39 @@ def test_a_bad_rank_count_is_one_line_and_exit_2(cifar_dir, tmp_path):
 
 def test_the_default_config_is_not_reproducible():
     assert TrainConfig().reproducible is False and TrainConfig().micro_shards == 8
+
+
+def _dx_cache(path, form, weights):
+    """An autotune cache that chose `form` for every affine weight of `weights` at 4 rows per
+    pass (32 images, 8 micro-shards), as if measured on this machine."""
+    import json
+
+    from dpnet.autotune import dx_signature, machine_key
+    choices = {dx_signature(4, shape, "float32", 1): {"choice": form, "seconds": {}} for shape in weights}
+    path.write_text(json.dumps({machine_key(): choices}))
+    return str(path)
+
+
+def test_a_resume_keeps_the_checkpoints_measured_choices_whatever_this_machines_cache_says(cifar_dir, tmp_path):
+    """--affine-dx auto in the reproducible mode: the choices are part of the run. The 4-rank
+    run's cache chose 'transposed'; at the resume the cache says 'plain', and the run goes on
+    with the checkpoint's choices, ending as the uninterrupted run."""
+    from tests.train_helpers import clean_env
+    weights = [(32 * 16 * 16, 16), (16, 10)]  # ThreeLayerConvNet with --hidden-dim 16
+    transposed = clean_env(DPNET_AUTOTUNE_CACHE=_dx_cache(tmp_path / "transposed.json", "transposed", weights))
+    plain = clean_env(DPNET_AUTOTUNE_CACHE=_dx_cache(tmp_path / "plain.json", "plain", weights))
+    run_args = args(cifar_dir, "threelayer", "--reproducible", "--affine-dx", "auto")
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "resumed").mkdir()
+    straight = run_ok(run_args, tmp_path / "straight", 4, env=transposed, timeout=240)
+    assert ("affine input gradients (--affine-dx auto): transposed for W2, W3 (0 shape(s) measured now"
+            in straight.stdout), str(straight)
+    run_ok(run_args + ["--max-steps", "10"], tmp_path / "resumed", 4, env=transposed, timeout=240)
+    resumed = run_ok(["--data", cifar_dir, "--no-progress", "--epochs", str(STEPS // STEPS_PER_EPOCH),
+                      "--resume", CKPT], tmp_path / "resumed", 2, env=plain, timeout=240)
+    assert "affine input gradients (--affine-dx auto): plain for W2, W3" in resumed.stdout, str(resumed)
+    assert "; the checkpoint's layer choices (reproducible)" in resumed.stdout, str(resumed)
+    final = read_checkpoint(tmp_path / "resumed" / CKPT)
+    assert final["attrs"]["layer_choices"] == {"conv": {}, "dx": {"W2": "transposed", "W3": "transposed"}}
+    assert_identical(final, read_checkpoint(tmp_path / "straight" / CKPT),
+                     "resumed at 2 ranks with the checkpoint's choices")

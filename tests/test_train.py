@@ -300,8 +300,9 @@ def test_checkpoint_contents_and_round_trip(cifar_dir, tmp_path):
     assert set(ckpt["batchnorm"]) == {"bn0/running_mean", "bn0/running_var", "bn1/running_mean", "bn1/running_var"}
     assert ckpt["batchnorm"]["bn0/running_mean"].shape == (32,) and ckpt["batchnorm"]["bn1/running_var"].shape == (16,)
     attrs = ckpt["attrs"]
-    assert set(attrs) == {"epoch", "step", "world_size", "dpnet_version", "config", "rng_states"}
+    assert set(attrs) == {"epoch", "step", "world_size", "dpnet_version", "config", "rng_states", "layer_choices"}
     assert (attrs["epoch"], attrs["step"], attrs["world_size"]) == (0, 3, 2)
+    assert attrs["layer_choices"] == {"conv": {}, "dx": {"W2": "plain", "W3": "plain"}}
     assert attrs["dpnet_version"] == dpnet.__version__
     config = attrs["config"]
     assert set(config) == set(TrainConfig.__dataclass_fields__)

@@ -270,7 +270,7 @@ def read_checkpoint(path):
             "attrs": dict(f.attrs),
             "groups": sorted(f),
         }
-    for key in ("config", "rng_states"):
+    for key in ("config", "rng_states", "layer_choices"):
         if key in out["attrs"]:
             out["attrs"][key] = json.loads(out["attrs"][key])
     return out

@@ -4,6 +4,8 @@ import numpy as np
 
 from ._validate import require_ndim
 
+DX_FORMS = ("plain", "transposed")
+
 
 def affine_forward(x, w, b):
     """Affine transform of flattened inputs.
@@ -51,7 +53,19 @@ class WeightGradFactors:
         return product if dtype is None else product.astype(dtype)
 
 
-def affine_backward(dout, cache, compute_dx=True, dw_factors=False):
+def input_grad(dout, w, form="plain"):
+    """dout @ w.T, (N, D), for dout (N, M) and w (D, M): made as written ('plain') or as
+    (w @ dout.T).T ('transposed'), the same products summed in another BLAS call. Which call
+    is faster depends on N, D, M and the machine (for few rows and a large w the transposed
+    one can be twice as fast, for many rows slower), so it is measured there: dpnet.autotune."""
+    if form == "plain":
+        return dout @ w.T
+    if form == "transposed":
+        return (w @ dout.T).T
+    raise ValueError(f"dx_form must be one of {DX_FORMS}, got {form!r}")
+
+
+def affine_backward(dout, cache, compute_dx=True, dw_factors=False, dx_form="plain"):
     """Backward pass of affine_forward.
 
     Inputs:
@@ -59,6 +73,7 @@ def affine_backward(dout, cache, compute_dx=True, dw_factors=False):
     - cache: from affine_forward
     - compute_dx: False skips dx (None is returned), for a layer whose input is data
     - dw_factors: True returns dw as WeightGradFactors(x2, dout), not yet multiplied
+    - dx_form: how dx's product is made (input_grad): 'plain' or 'transposed'
 
     Returns (dx, dw, db) with the shapes of x, w and b.
     """
@@ -66,5 +81,5 @@ def affine_backward(dout, cache, compute_dx=True, dw_factors=False):
     x2 = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))  # (N, D)
     dw = WeightGradFactors(x2, dout) if dw_factors else x2.T @ dout  # (D, M)
     db = dout.sum(axis=0)  # (M,)
-    dx = (dout @ w.T).reshape(x.shape) if compute_dx else None
+    dx = input_grad(dout, w, dx_form).reshape(x.shape) if compute_dx else None
     return dx, dw, db

@@ -35,10 +35,10 @@ def affine_relu_forward(x, w, b):
     return out, (fc_cache, relu_cache)
 
 
-def affine_relu_backward(dout, cache, compute_dx=True, dw_factors=False):
-    """Returns (dx, dw, db); dw_factors: as affine_backward's."""
+def affine_relu_backward(dout, cache, compute_dx=True, dw_factors=False, dx_form="plain"):
+    """Returns (dx, dw, db); dw_factors, dx_form: as affine_backward's."""
     fc_cache, relu_cache = cache
-    return affine_backward(relu_backward(dout, relu_cache), fc_cache, compute_dx, dw_factors)
+    return affine_backward(relu_backward(dout, relu_cache), fc_cache, compute_dx, dw_factors, dx_form)
 
 
 def affine_bn_relu_forward(x, w, b, gamma, beta, bn_param, comm=None):
@@ -49,11 +49,11 @@ def affine_bn_relu_forward(x, w, b, gamma, beta, bn_param, comm=None):
     return out, (fc_cache, bn_cache, relu_cache)
 
 
-def affine_bn_relu_backward(dout, cache, compute_dx=True, dw_factors=False):
-    """Returns (dx, dw, db, dgamma, dbeta); dw_factors: as affine_backward's."""
+def affine_bn_relu_backward(dout, cache, compute_dx=True, dw_factors=False, dx_form="plain"):
+    """Returns (dx, dw, db, dgamma, dbeta); dw_factors, dx_form: as affine_backward's."""
     fc_cache, bn_cache, relu_cache = cache
     da, dgamma, dbeta = batchnorm_backward(relu_backward(dout, relu_cache), bn_cache)
-    dx, dw, db = affine_backward(da, fc_cache, compute_dx, dw_factors)
+    dx, dw, db = affine_backward(da, fc_cache, compute_dx, dw_factors, dx_form)
     return dx, dw, np.zeros_like(db), dgamma, dbeta
 
 

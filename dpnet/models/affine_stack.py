@@ -50,7 +50,8 @@ def affine_stack_backward(model, dscores, caches, first, grads, compute_dx_first
     num_hidden = len(caches) - 1
     idx = first + num_hidden
     compute = compute_dx_first or num_hidden > 0
-    dx, grads[f"W{idx}"], grads[f"b{idx}"] = affine_backward(dscores, caches[-1], compute, model.dw_factors)
+    dx, grads[f"W{idx}"], grads[f"b{idx}"] = affine_backward(dscores, caches[-1], compute, model.dw_factors,
+                                                             model.dx_form(f"W{idx}"))
     for i in reversed(range(num_hidden)):
         idx = first + i
         cache, drop_cache = caches[i]
@@ -59,7 +60,8 @@ def affine_stack_backward(model, dscores, caches, first, grads, compute_dx_first
         compute = compute_dx_first or i > 0
         if f"gamma{idx}" in model.params:
             dx, grads[f"W{idx}"], grads[f"b{idx}"], grads[f"gamma{idx}"], grads[f"beta{idx}"] = \
-                affine_bn_relu_backward(dx, cache, compute, model.dw_factors)
+                affine_bn_relu_backward(dx, cache, compute, model.dw_factors, model.dx_form(f"W{idx}"))
         else:
-            dx, grads[f"W{idx}"], grads[f"b{idx}"] = affine_relu_backward(dx, cache, compute, model.dw_factors)
+            dx, grads[f"W{idx}"], grads[f"b{idx}"] = affine_relu_backward(dx, cache, compute, model.dw_factors,
+                                                                          model.dx_form(f"W{idx}"))
     return dx

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from ..layers.affine import DX_FORMS
 from ..layers.batchnorm import init_bn_state
 from ..layers.losses import softmax_loss
 
@@ -94,6 +95,7 @@ class Model:
         self._layer, self._l2 = {}, set()  # what add_param declared: layer numbers, L2 parameters
         self.bn_params = []
         self.conv_algorithms = {}  # layer -> 'im2col' or 'winograd', for the layers of conv_layers()
+        self.dx_forms = {}  # affine weight name -> how its layer's input gradient is made (DX_FORMS)
         self.dropout_param = None
         self.dw_factors = False
 
@@ -117,6 +119,25 @@ class Model:
         if unknown:
             raise ValueError(f"no choosable convolution at layer(s) {unknown}; the model's are {sorted(known)}")
         self.conv_algorithms.update(choices)
+
+    def affine_weights(self):
+        """The affine layers' weights, (name, (D, M)) each: every 2-d parameter."""
+        return [(name, value.shape) for name, value in self.params.items() if value.ndim == 2]
+
+    def set_dx_forms(self, choices):
+        """Make the input gradient of the affine layer of weight `name` as choices[name] (a form of
+        dpnet.layers.affine.input_grad: 'plain' or 'transposed'); dpnet.autotune measures them."""
+        known = {name for name, _ in self.affine_weights()}
+        unknown = sorted(set(choices) - known)
+        if unknown:
+            raise ValueError(f"no affine weight {unknown}; the model's are {sorted(known)}")
+        bad = {name: form for name, form in choices.items() if form not in DX_FORMS}
+        if bad:
+            raise ValueError(f"dx forms must be one of {DX_FORMS}, got {bad}")
+        self.dx_forms.update(choices)
+
+    def dx_form(self, weight):
+        return self.dx_forms.get(weight, "plain")
 
     def add_bn_param(self, channels):
         """Append the state of one batchnorm layer over `channels` channels to bn_params."""

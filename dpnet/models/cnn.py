@@ -76,12 +76,14 @@ class ThreeLayerConvNet(Model):
 
     def _backward(self, dscores, caches, grads):
         c1, c2, c3 = caches
-        dh2, grads["W3"], grads["b3"] = affine_backward(dscores, c3, dw_factors=self.dw_factors)
+        dh2, grads["W3"], grads["b3"] = affine_backward(dscores, c3, dw_factors=self.dw_factors,
+                                                        dx_form=self.dx_form("W3"))
         if self.use_batchnorm:
             dh1, grads["W2"], grads["b2"], grads["gamma2"], grads["beta2"] = affine_bn_relu_backward(
-                dh2, c2, dw_factors=self.dw_factors)
+                dh2, c2, dw_factors=self.dw_factors, dx_form=self.dx_form("W2"))
             _, grads["W1"], grads["b1"], grads["gamma1"], grads["beta1"] = conv_bn_relu_pool_backward(
                 dh1, c1, compute_dx=False)
         else:
-            dh1, grads["W2"], grads["b2"] = affine_relu_backward(dh2, c2, dw_factors=self.dw_factors)
+            dh1, grads["W2"], grads["b2"] = affine_relu_backward(dh2, c2, dw_factors=self.dw_factors,
+                                                                   dx_form=self.dx_form("W2"))
             _, grads["W1"], grads["b1"] = conv_relu_pool_backward(dh1, c1, compute_dx=False)

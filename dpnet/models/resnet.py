@@ -122,7 +122,8 @@ class ResNet(Model):
 
     def _backward(self, dscores, all_caches, grads):
         stem, caches, pool_cache, fc_cache = all_caches
-        dpooled, grads[f"W{self.fc}"], grads[f"b{self.fc}"] = affine_backward(dscores, fc_cache, dw_factors=self.dw_factors)
+        dpooled, grads[f"W{self.fc}"], grads[f"b{self.fc}"] = affine_backward(
+            dscores, fc_cache, dw_factors=self.dw_factors, dx_form=self.dx_form(f"W{self.fc}"))
         dx = global_avg_pool_backward(dpooled, pool_cache)
         for b in range(len(self.blocks) - 1, -1, -1):
             i = 2 * b + 2

@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     conv_algorithm: str = "im2col"
+    affine_dx: str = "plain"
     augment: bool = True
     threads: Optional[int] = None
     checkpoint: str = "dpnet_run/checkpoint.h5"
@@ -92,7 +93,10 @@ OPTION_HELP = {
     "conv_algorithm": "how the 3x3 stride-1 convolutions of convnet and the resnets are computed: im2col, "
                       "winograd (F(4x4, 3x3): fewer multiplies, float32 results differ from im2col's in the "
                       "rounding, about 1e-5), or auto: the faster for each layer, measured once on this machine "
-                      "and cached (not reproducible across machines)",
+                      "and cached (--reproducible: the choices are kept in the checkpoint)",
+    "affine_dx": "how each affine layer's input gradient dout @ w.T is made: plain, transposed ((w @ dout.T).T, "
+                 "the same products in another BLAS call; faster for few rows and a large w on some machines), or "
+                 "auto: the faster for each layer, measured once on this machine and cached",
     "augment": "random crop + horizontal flip of training images",
     "threads": "BLAS threads per rank (default: cores / ranks on this node)",
     "checkpoint": "HDF5 file written atomically after every epoch and at the end ('': none)",
@@ -120,7 +124,8 @@ OPTION_HELP = {
 CHOICES = {"model": ("threelayer", "convnet", "vgg", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"),
            "bn_mode": ("none", "local", "sync"),
            "lr_schedule": ("cosine", "step"), "lr_scaling": ("none", "linear"), "optimizer": tuple(OPTIMIZERS),
-           "dtype": ("float32", "float64"), "conv_algorithm": ("im2col", "winograd", "auto"), "reduction": REDUCTIONS}
+           "dtype": ("float32", "float64"), "conv_algorithm": ("im2col", "winograd", "auto"),
+           "affine_dx": ("plain", "transposed", "auto"), "reduction": REDUCTIONS}
 
 
 class ConfigError(ValueError):
@@ -177,9 +182,6 @@ def validate(config, world_size):
             check_micro_shards(config.micro_shards, world_size)
         except ValueError as exc:
             raise ConfigError(f"--reproducible --micro-shards {config.micro_shards}: {exc}") from None
-        if config.conv_algorithm == "auto":
-            raise ConfigError("--reproducible needs a fixed --conv-algorithm (im2col or winograd): auto measures "
-                              "this machine and may choose differently elsewhere")
         if config.bucket_mb or config.reduction != "auto":
             raise ConfigError("--reproducible sums gradients in its own fixed order: leave out --reduction and "
                               "--bucket-mb")

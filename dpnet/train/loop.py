@@ -151,7 +151,15 @@ def build_update_rule(config):
 
 
 def build_model(config, comm):
-    """The network config describes (its recipe filling unset layout options), on comm's rank."""
+    """The network config describes (its recipe filling unset layout options), on comm's rank,
+    with its fixed layer choices (auto ones are the Trainer's to measure)."""
+    model = _network(config, comm)
+    if config.affine_dx != "auto":
+        model.set_dx_forms({name: config.affine_dx for name, _ in model.affine_weights()})
+    return model
+
+
+def _network(config, comm):
     config = with_recipe(config)
     dtype = np.dtype(config.dtype)
     use_bn = config.bn_mode != "none"
@@ -171,6 +179,16 @@ def build_model(config, comm):
     return ConvNet(stages=parse_stages(config.stages), hidden_dims=(config.hidden_dim,), reg=config.reg, dtype=dtype,
                    use_batchnorm=use_bn, weight_scale=init, bn_mode=bn_mode, comm=comm, seed=config.seed,
                    conv_algorithm=fixed_algorithm)
+
+
+def layer_choices(model):
+    """What the model computes each choosable layer with: {"conv": {layer: algorithm}, "dx": {weight: form}}."""
+    return {"conv": {str(k): v for k, v in model.conv_algorithms.items()}, "dx": dict(model.dx_forms)}
+
+
+def apply_layer_choices(model, choices):
+    model.set_conv_algorithms({int(k): v for k, v in choices.get("conv", {}).items()})
+    model.set_dx_forms(choices.get("dx", {}))
 
 
 def evaluate(model, comm, x, y, to_input):
@@ -238,7 +256,7 @@ class Trainer:
         on_every_rank(comm, lambda: check_outputs(config) if comm.rank == 0 else None)  # rank 0 writes them
         self.model = build_model(config, comm)
         self.threads = blas_threads(config, comm)
-        self.conv_choices = self._tune_convolutions() if config.conv_algorithm == "auto" else None
+        self.tuned = self._tune() if "auto" in (config.conv_algorithm, config.affine_dx) else None
         try:
             self.dp = DataParallel(self.model, comm, seed=config.seed, check_every=config.check_every,
                                    timeout=config.timeout, bucket_bytes=int(config.bucket_mb * 2**20) or None,
@@ -271,13 +289,8 @@ class Trainer:
                  f"{len(self.data['x_test'])} test; "
                  f"{self.epochs} epochs of {self.per_epoch} steps, global batch {config.batch_size}; "
                  f"{config.optimizer} lr {config.lr:g}, L2 {config.reg:g}")
-        if self.conv_choices is not None:
-            choices, measured, path = self.conv_choices
-            by_algorithm = {a: sorted(l for l, c in choices.items() if c == a) for a in sorted(set(choices.values()))}
-            self.say("convolutions (--conv-algorithm auto): "
-                     + ("; ".join(f"{a} for layer(s) {', '.join(map(str, ls))}" for a, ls in by_algorithm.items())
-                        or "none to choose for this model")
-                     + f" ({measured} layer shape(s) measured now, the rest from {path})")
+        if self.tuned is not None:
+            self.say(self.tuned)
         if comm.size > 1:
             why = self.dp.why_not_shared_memory
             fallback = f" (shared memory unavailable: {why})" if why else ""
@@ -287,23 +300,38 @@ class Trainer:
         if comm.rank == 0 and config.metrics:
             self.metrics_file = MetricsLog(config.metrics, append=bool(config.resume))
 
-    def _tune_convolutions(self):
-        """--conv-algorithm auto: rank 0 picks each convolution's algorithm (measured once per
-        machine, then cached: dpnet.autotune) at this run's images per rank; every rank uses its
-        choices. Returns (choices, layers measured now, cache file)."""
+    def _tune(self):
+        """--conv-algorithm auto, --affine-dx auto: rank 0 picks each layer's way (measured once
+        per machine, then cached: dpnet.autotune) at this run's images per pass (the micro-shard's
+        in the reproducible mode) and BLAS threads; every rank uses its choices. Returns what to
+        say of them."""
         from threadpoolctl import threadpool_limits
 
-        from ..autotune import ConvTuner, tune_model
-        comm = self.comm
+        from ..autotune import Tuner, tune_dx_forms, tune_model
+        comm, config = self.comm, self.config
+        threads = 1 if config.reproducible else self.threads
+        images = -(-config.batch_size // (config.micro_shards if config.reproducible else comm.size))
         found = None
         if comm.rank == 0:
-            tuner = ConvTuner()
-            with threadpool_limits(self.threads, user_api="blas"):
-                choices = tune_model(self.model, math.ceil(self.config.batch_size / comm.size), tuner, self.threads)
-            found = (choices, tuner.measured, tuner.path)
-        found = comm.bcast_obj(found)
-        self.model.set_conv_algorithms(found[0])
-        return found
+            tuner = Tuner()
+            with threadpool_limits(threads, user_api="blas"):
+                conv = tune_model(self.model, images, tuner, threads) if config.conv_algorithm == "auto" else None
+                dx = tune_dx_forms(self.model, images, tuner, threads) if config.affine_dx == "auto" else None
+            found = (conv, dx, tuner.measured, tuner.path)
+        conv, dx, measured, path = comm.bcast_obj(found)
+        said = []
+        if conv is not None:
+            self.model.set_conv_algorithms(conv)
+            said.append(("convolutions (--conv-algorithm auto)", "layer(s) ", conv))
+        if dx is not None:
+            self.model.set_dx_forms(dx)
+            said.append(("affine input gradients (--affine-dx auto)", "", dx))
+        parts = []
+        for what, noun, choices in said:
+            by_way = {w: sorted(k for k, c in choices.items() if c == w) for w in sorted(set(choices.values()))}
+            ways = "; ".join(f"{w} for {noun}{', '.join(map(str, ks))}" for w, ks in by_way.items())
+            parts.append(f"{what}: {ways or 'none to choose for this model'}")
+        return "; ".join(parts) + f" ({measured} shape(s) measured now, the rest from {path})"
 
     def _resume(self):
         config, comm = self.config, self.comm
@@ -317,8 +345,14 @@ class Trainer:
         if attrs["world_size"] == comm.size and len(attrs["rng_states"]) == comm.size:
             for name, state in attrs["rng_states"][comm.rank].items():
                 self.rngs[name].bit_generator.state = state
+        kept = ""
+        if config.reproducible and attrs.get("layer_choices") and self.tuned is not None:
+            # measured choices are part of the run: the same bits need the checkpoint's, not this machine's
+            apply_layer_choices(self.model, attrs["layer_choices"])
+            kept = "; the checkpoint's layer choices (reproducible)"
         self.say(f"resumed from {config.resume} at step {self.step} (epoch {self.step // self.per_epoch}), "
-                 f"written by {attrs['world_size']} rank(s)" + (", fresh optimizer" if config.reset_optimizer else ""))
+                 f"written by {attrs['world_size']} rank(s)" + (", fresh optimizer" if config.reset_optimizer else "")
+                 + kept)
 
     def run(self):
         """Train to the last step, or to a stop every rank agreed on (SIGTERM); save a final
@@ -454,7 +488,7 @@ class Trainer:
         if comm.rank == 0 and config.checkpoint:
             save_checkpoint(path or config.checkpoint, self.model, self.optim_config, self.step // self.per_epoch,
                             self.step, dataclasses.asdict(dataclasses.replace(config, epochs=self.epochs)),
-                            comm.size, states, self.dp.flat)
+                            comm.size, states, self.dp.flat, layer_choices(self.model))
 
     def step_checkpoint_due(self):
         every = self.config.checkpoint_every

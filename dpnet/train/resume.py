@@ -15,7 +15,7 @@ from .config import ConfigError
 
 RESTORED = ("data", "model", "bn_mode", "hidden_dim", "stages", "dtype", "batch_size", "val_size", "seed", "augment",
             "optimizer", "lr", "lr_schedule", "lr_decay", "lr_scaling", "warmup_epochs", "reg", "reproducible",
-            "micro_shards", "conv_algorithm")
+            "micro_shards", "conv_algorithm", "affine_dx")
 OPTIMIZER_SETTINGS = ("optimizer", "lr", "lr_schedule", "lr_decay", "lr_scaling", "warmup_epochs")
 
 
