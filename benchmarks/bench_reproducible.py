@@ -4,6 +4,7 @@ them by default (sync batchnorm, the model's recipe: optimizer, L2, layout), flo
 batch 128.
 
     python benchmarks/bench_reproducible.py [--models threelayer convnet] [--ranks 1 2] [--repeats 2]
+                                            [--affine-dx plain|transposed|auto] [--quick]
 
 In one run, each configuration in fresh processes under mpirun (1 or 2 ranks), the machine's
 cores shared as the trainer shares them (cores / ranks BLAS threads per rank in the default
@@ -11,7 +12,10 @@ mode; as many micro-shard passes at a time, one BLAS thread each, in the reprodu
 - the default mode;
 - the reproducible mode with M = 8 micro-shards, summed by the pairwise tree and by the exact
   fixed-point sum;
-- the tree with M = 2 (when the ranks divide it), 4 and 16: what M costs as it grows.
+- the tree with M = 2 (when the ranks divide it), 4 and 16: what M costs as it grows (not with
+  --quick).
+--affine-dx: how every configuration makes the affine layers' input gradients, as the trainer's
+option: auto measures each layer's faster form at the configuration's rows per pass (cached).
 Each figure is the best of REPEATS runs of STEPS steps after WARMUP, printed with its ratio to
 the default mode at the same number of ranks. Name the CPU and BLAS kernels beside any figure
 you quote (printed first).
@@ -26,7 +30,7 @@ import sys
 STEPS, WARMUP, BATCH, REPEATS = 12, 3, 128, 2
 
 
-def worker(model_name, options):
+def worker(model_name, options, affine_dx):
     os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = "1"
     import time
 
@@ -48,6 +52,12 @@ def worker(model_name, options):
     model = build_model(train_config, comm)
     update = build_update_rule(train_config)
     micro = options.get("reproducible")
+    if affine_dx == "auto":
+        from dpnet.autotune import tune_dx_forms
+        with threadpool_limits(1 if micro else threads, user_api="blas"):
+            model.set_dx_forms(tune_dx_forms(model, -(-BATCH // (micro or comm.size)), threads=1 if micro else threads))
+    else:
+        model.set_dx_forms({name: affine_dx for name, _ in model.affine_weights()})
     dp = DataParallel(model, comm, workers=threads if micro else 1, **options)
     lo, hi = rank_bounds(BATCH, micro, comm.size, comm.rank) if micro else shard_bounds(BATCH, comm.size, comm.rank)
     config = {"learning_rate": train_config.lr}
@@ -65,21 +75,22 @@ def worker(model_name, options):
     dp.close()
 
 
-def launch(ranks, model, options):
+def launch(ranks, model, options, affine_dx):
     mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
     command = [mpirun if os.path.exists(mpirun) else "mpirun", "-n", str(ranks), sys.executable, __file__,
-               "--worker", model, json.dumps(options)]
+               "--worker", model, json.dumps(options), affine_dx]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def variants(ranks):
-    """(label, DataParallel options) of every configuration measured at `ranks` ranks."""
+def variants(ranks, quick=False):
+    """(label, DataParallel options) of every configuration measured at `ranks` ranks; quick:
+    the default and the tree at M = 8 only."""
     found = [("default", {})]
     found += [(f"reproducible, M = 8, {name}", {"reproducible": 8, "canonical_sum": name})
-              for name in ("tree", "fixed-point") if 8 % ranks == 0]
+              for name in ("tree", "fixed-point") if 8 % ranks == 0 and not (quick and name != "tree")]
     found += [(f"reproducible, M = {m}, tree", {"reproducible": m, "canonical_sum": "tree"})
-              for m in (2, 4, 16) if m % ranks == 0]
+              for m in (2, 4, 16) if m % ranks == 0 and not quick]
     return found
 
 
@@ -88,6 +99,9 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=["threelayer", "convnet"], choices=["threelayer", "convnet"])
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=REPEATS, help="runs of each configuration; the best counts")
+    parser.add_argument("--affine-dx", default="plain", choices=["plain", "transposed", "auto"],
+                        help="the affine layers' input-gradient form in every configuration (as the trainer's option)")
+    parser.add_argument("--quick", action="store_true", help="the default and the tree at M = 8 only")
     args = parser.parse_args(argv)
     import numpy  # noqa: F401  loads the BLAS that threadpoolctl then names
     from threadpoolctl import threadpool_info
@@ -96,14 +110,14 @@ def main(argv=None):
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "unknown CPU") if os.path.exists("/proc/cpuinfo") else "unknown CPU"
     print(f"{cpu}, {os.cpu_count()} cores; BLAS: {', '.join(blas) or 'unknown'}; global batch {BATCH}, float32, "
-          f"best of {args.repeats} runs of {STEPS} steps")
+          f"best of {args.repeats} runs of {STEPS} steps; --affine-dx {args.affine_dx}")
     for model in args.models:
         for ranks in args.ranks:
             print(f"{model}, {ranks} rank(s):")
-            runs = {label: [] for label, _ in variants(ranks)}
+            runs = {label: [] for label, _ in variants(ranks, args.quick)}
             for _ in range(args.repeats):  # configurations alternate: the machine's speed drifts
-                for label, options in variants(ranks):
-                    runs[label].append(launch(ranks, model, options)["images_per_s"])
+                for label, options in variants(ranks, args.quick):
+                    runs[label].append(launch(ranks, model, options, args.affine_dx)["images_per_s"])
             base = max(runs["default"])
             for label, values in runs.items():
                 print(f"  {label:34s} {max(values):7.0f} images/s  {max(values) / base:5.2f} of the default")
@@ -111,6 +125,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(sys.argv[2], json.loads(sys.argv[3]))
+        worker(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4])
     else:
         main()
