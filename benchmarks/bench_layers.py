@@ -17,7 +17,8 @@ In one run, with BLAS pinned to one thread, it measures:
   images/s, step time, and for dpnet the peak memory of one step (tracemalloc: the arrays NumPy
   allocates during the step, beyond those held between steps);
 - dpnet's 3x3 convolutions both ways: im2col ('dpnet') and Winograd F(4x4, 3x3) ('winograd'),
-  and for the steps also each layer's faster one on this machine ('auto', dpnet.autotune);
+  and for the steps also each layer's fastest way on this machine ('auto', dpnet.autotune: the
+  conv algorithm, with or without small-GEMM chunks, and the affine input-gradient form);
 - the same work in PyTorch (torch.set_num_threads(1)) and the ratio dpnet / torch
   (above 1: dpnet is faster).
 Times are medians of ROUNDS x REPEATS runs, dpnet and torch taking turns round by round
@@ -181,7 +182,7 @@ VGG_STAGES, VGG_HIDDEN = ((32, 32), (64, 64), (128,)), 256  # the models issue's
 def dpnet_model(name, algorithm="im2col"):
     from dpnet.models import ConvNet, ResNet, ThreeLayerConvNet
     if name == "threelayer":
-        if algorithm != "im2col":
+        if algorithm == "winograd":
             raise ValueError("Winograd takes 3x3 filters; this model's conv is 7x7")
         return ThreeLayerConvNet(input_dim=(3, 32, 32), num_filters=32, filter_size=7, hidden_dim=500,
                                  num_classes=10, dtype=np.float32)
@@ -197,12 +198,14 @@ def dpnet_train_step(name, algorithm="im2col"):
 
     X, y = step_data()
     model = dpnet_model(name, "im2col" if algorithm == "auto" else algorithm)
-    if algorithm == "auto":  # each layer's faster algorithm on this machine (measured once, cached)
-        from dpnet.autotune import tune_model
-        choices = tune_model(model, BATCH)
-        if "winograd" not in choices.values():
-            raise ValueError(f"auto chose im2col for every layer ({len(choices)}): the same as dpnet's")
+    if algorithm == "auto":  # each layer's fastest way on this machine (measured once, cached)
+        from dpnet.autotune import tune_dx_forms, tune_model
+        choices, forms = tune_model(model, BATCH), tune_dx_forms(model, BATCH)
+        if set(choices.values()) <= {"im2col"} and set(forms.values()) <= {"plain"}:
+            raise ValueError(f"auto chose dpnet's defaults for every layer ({len(choices) + len(forms)}): "
+                             "the same as dpnet's")
         model.set_conv_algorithms(choices)
+        model.set_dx_forms(forms)
     flat, config = FlatParams(model.params), {"learning_rate": 1e-3}
 
     def step():

@@ -1,5 +1,6 @@
 """Choosing how layers compute by measuring the ways on this machine, once:
-- each convolution's algorithm, im2col or Winograd F(4x4, 3x3) (`--conv-algorithm auto`);
+- each convolution's algorithm: im2col with its GEMMs cut for small-matrix kernels, im2col with
+  whole GEMMs, or Winograd F(4x4, 3x3) (`--conv-algorithm auto`);
 - each affine layer's input-gradient product, plain or transposed (dpnet.layers.affine.input_grad;
   `--affine-dx auto`).
 
@@ -21,7 +22,6 @@ from .atomic import atomic_path
 
 CACHE_ENV = "DPNET_AUTOTUNE_CACHE"
 REPEATS = 3
-ALGORITHMS = ("im2col", "winograd")
 MIN_SECONDS = 0.02  # a short product is repeated until its runs take about this long (at most MAX_REPEATS)
 MAX_REPEATS = 50
 
@@ -42,8 +42,8 @@ def machine_key():
 
 def applicable(w_shape, conv_param):
     """The algorithms that can compute this convolution."""
-    from .layers.winograd import winograd_applies
-    return [a for a in ALGORITHMS if a == "im2col" or winograd_applies(w_shape, conv_param)]
+    from .layers.conv import conv_algorithms
+    return conv_algorithms(w_shape, conv_param)
 
 
 def signature(x_shape, w_shape, conv_param, dtype, threads):

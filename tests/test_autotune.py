@@ -27,31 +27,39 @@ def test_the_faster_algorithm_is_chosen_once_then_read_from_the_cache(tmp_path):
     calls = []
     choices = tune_model(model, 16, Tuner(path, fake_timer("winograd", calls)))
     assert choices == {1: "winograd", 2: "winograd", 3: "winograd"}
-    assert len(calls) == 6  # 3 layer shapes x 2 algorithms
+    assert len(calls) == 9  # 3 layer shapes x 3 algorithms
     stored = json.load(open(path))
     assert list(stored) == [machine_key()] and len(stored[machine_key()]) == 3
     again = Tuner(path, fake_timer("im2col", calls))  # the cache answers: nothing measured
-    assert tune_model(model, 16, again) == choices and again.measured == 0 and len(calls) == 6
+    assert tune_model(model, 16, again) == choices and again.measured == 0 and len(calls) == 9
     other = Tuner(path, fake_timer("im2col", calls))  # another batch size is another shape
     assert set(tune_model(model, 32, other).values()) == {"im2col"} and other.measured == 3
 
 
-def test_only_layers_winograd_can_compute_are_choosable():
-    assert ThreeLayerConvNet().conv_layers() == []  # 7x7
+def test_every_conv_is_choosable_winograd_only_where_it_applies():
+    assert ThreeLayerConvNet().conv_layers() == [(1, (3, 32, 32), (32, 3, 7, 7), {"stride": 1, "pad": 3})]
+    assert applicable((32, 3, 7, 7), {"stride": 1, "pad": 3}) == ["im2col", "im2col-whole"]
     resnet = ResNet(depth=8)
-    layers = [layer for layer, *_ in resnet.conv_layers()]
-    assert layers == [1, 2, 3, 5, 7]  # the stride-2 convs (4, 6) are im2col's
-    assert applicable((4, 3, 3, 3), {"stride": 2, "pad": 1}) == ["im2col"]
-    with pytest.raises(ValueError, match=r"no choosable convolution at layer\(s\) \[4\]"):
+    layers = {layer: (x_shape, param) for layer, x_shape, _, param in resnet.conv_layers()}
+    assert sorted(layers) == [1, 2, 3, 4, 5, 6, 7]
+    assert layers[4] == ((16, 33, 33), {"stride": 2, "pad": 0})  # the zero row and column added first
+    assert layers[6] == ((32, 17, 17), {"stride": 2, "pad": 0}) and layers[7] == ((64, 8, 8), {"stride": 1, "pad": 1})
+    assert applicable((4, 3, 3, 3), {"stride": 2, "pad": 1}) == ["im2col", "im2col-whole"]
+    with pytest.raises(ValueError, match=r"layer 4 \(filters \(32, 16, 3, 3\), stride 2\) cannot be computed by "
+                                         r"'winograd': use one of \['im2col', 'im2col-whole'\]"):
         resnet.set_conv_algorithms({4: "winograd"})
+    with pytest.raises(ValueError, match=r"no convolution at layer\(s\) \[9\]"):
+        resnet.set_conv_algorithms({9: "im2col"})
+    resnet.use_conv_algorithm("winograd")  # where it applies
+    assert resnet.conv_algorithms == {1: "winograd", 2: "winograd", 3: "winograd", 5: "winograd", 7: "winograd"}
 
 
 def test_a_real_measurement_gives_a_choice(tmp_path):
     tuner = Tuner(str(tmp_path / "c.json"))
     choice = tuner.choose((4, 8, 8, 8), (8, 8, 3, 3), {"stride": 1, "pad": 1}, np.float32)
-    assert choice in ("im2col", "winograd") and tuner.measured == 1
+    assert choice in ("im2col", "im2col-whole", "winograd") and tuner.measured == 1
     seconds = json.load(open(tmp_path / "c.json"))[machine_key()]
-    assert all(set(v["seconds"]) == {"im2col", "winograd"} and v["seconds"][v["choice"]] == min(v["seconds"].values())
+    assert all(set(v["seconds"]) == {"im2col", "im2col-whole", "winograd"} and v["seconds"][v["choice"]] == min(v["seconds"].values())
                for v in seconds.values())
 
 

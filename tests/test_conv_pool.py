@@ -119,6 +119,35 @@ def test_conv_blocked_path_matches_naive(rng, monkeypatch):
         assert_close_to(got, ref)
 
 
+@pytest.mark.parametrize("stride, pad", [(1, 1), (2, 0)])
+@pytest.mark.parametrize("algorithm", ["im2col", "im2col-whole"])
+def test_conv_gemms_in_column_chunks_or_whole_match_naive(algorithm, stride, pad, rng, monkeypatch):
+    """'im2col' cuts the forward and dx GEMMs into column chunks (here forced to 32 columns of
+    the 144 or 36 output pixels, a ragged last chunk); 'im2col-whole' makes each in one call.
+    Both equal the naive loops, forward and backward."""
+    shape = (2, 3, 13 if stride == 2 else 12, 13 if stride == 2 else 12, 4, 3, 3, stride, pad)
+    x, w, b, cp = make_conv(shape, rng)
+    monkeypatch.setattr(conv_module, "SMALL_GEMM_MACS", 4 * 27 * 32)  # F * K * 32: 32 columns per call
+    assert conv_module._gemm_chunk(4 * 27, 144) == 32 and conv_module._gemm_chunk(4 * 27, 144, whole=True) == 144
+    calls, matmul_columns = [], conv_module._matmul_columns
+
+    def spy(a, cols, out, chunk):
+        calls.append(chunk < cols.shape[-1])  # cut into chunks?
+        return matmul_columns(a, cols, out, chunk)
+
+    monkeypatch.setattr(conv_module, "_matmul_columns", spy)
+    out, cache = conv_forward(x, w, b, {**cp, "algorithm": algorithm})
+    out_naive, cache_naive = conv_forward_naive(x, w, b, cp)
+    assert_close_to(out, out_naive)
+    dout = rng.standard_normal(out.shape)
+    for got, ref in zip(conv_backward(dout, cache), conv_backward_naive(dout, cache_naive)):
+        assert_close_to(got, ref)
+    assert len(calls) == 2 and set(calls) == {algorithm == "im2col"}  # forward, then dx
+    with pytest.raises(ValueError, match=r"conv_param\['algorithm'\] must be one of \('im2col', 'im2col-whole', "
+                                         r"'winograd'\), got 'fft'"):
+        conv_forward(x, w, b, {**cp, "algorithm": "fft"})
+
+
 NONCONTIGUOUS_VIEWS = {
     "flipped": lambda a: a[:, :, ::-1, ::-1],
     "every_other": lambda a: np.repeat(a, 2, axis=3)[:, :, :, ::2],

@@ -4,8 +4,9 @@ The fast path works on blocks of images whose column matrices (B, K, P) stay in 
 K = C * HH * WW and P = H_out * W_out:
 - im2col: one strided-view copy per block;
 - forward, dx: GEMMs split into column chunks small enough for OpenBLAS's unpacked
-  small-matrix kernels (much faster for these thin products), written straight into
-  the (B, F, P) and (B, K, P) layouts;
+  small-matrix kernels (faster for these thin products where the BLAS build has such kernels;
+  algorithm 'im2col-whole' makes each block's GEMM in one call instead, and dpnet.autotune
+  measures which is faster), written straight into the (B, F, P) and (B, K, P) layouts;
 - dw: one batched GEMM per block, (K, P) @ (P, F) per image;
 - col2im, stride 1: the column gradients are written with the row pitch of the padded
   image, into rows separated by zero gaps, so that the HH * WW shifted slabs of each
@@ -18,13 +19,20 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from ._validate import require_ndim, require_nonnegative_int, require_positive_int
-from .winograd import winograd_conv_backward, winograd_conv_forward
+from .winograd import winograd_applies, winograd_conv_backward, winograd_conv_forward
 
 # Bytes of column matrix per block of images: a few images, about two L2 caches' worth.
 COLUMN_BLOCK_BYTES = 2 << 20
 # OpenBLAS (x86-64 AVX-512 builds) runs GEMMs of at most this many multiply-adds through
-# unpacked small-matrix kernels; for the thin conv GEMMs these ran 1.4-1.7x faster here.
+# unpacked small-matrix kernels; for the thin conv GEMMs these ran 1.4-1.7x faster on one
+# AVX-512 machine. Builds without them gain nothing: 'im2col-whole' skips the chunking.
 SMALL_GEMM_MACS = 1_000_000
+CONV_ALGORITHMS = ("im2col", "im2col-whole", "winograd")
+
+
+def conv_algorithms(w_shape, conv_param):
+    """The algorithms (conv_param['algorithm']) that can compute this convolution."""
+    return [a for a in CONV_ALGORITHMS if a != "winograd" or winograd_applies(w_shape, conv_param)]
 
 
 def conv_output_shape(x_shape, w_shape, conv_param):
@@ -88,8 +96,10 @@ def _block_size(n, col_bytes_per_image):
     return max(1, min(n, COLUMN_BLOCK_BYTES // max(col_bytes_per_image, 1)))
 
 
-def _gemm_chunk(mk, q):
-    """Columns per GEMM call for an (M, K) @ (K, q) product with M * K = mk."""
+def _gemm_chunk(mk, q, whole=False):
+    """Columns per GEMM call for an (M, K) @ (K, q) product with M * K = mk (all q if whole)."""
+    if whole:
+        return q
     chunk = SMALL_GEMM_MACS // max(mk, 1)
     if chunk < 32 or chunk >= q:
         return q
@@ -122,8 +132,9 @@ def conv_forward(x, w, b, conv_param):
     - w: filters, (F, C, HH, WW)
     - b: biases, (F,), or None for a convolution without bias (one that batchnorm follows)
     - conv_param: dict with 'stride' (positive int) and 'pad' (zeros added on every side), and
-      optionally 'algorithm': 'im2col' (the default) or 'winograd' (3x3 filters, stride 1, pad 1
-      only: dpnet.layers.winograd; equal to im2col up to rounding)
+      optionally 'algorithm': 'im2col' (the default), 'im2col-whole' (the same, each block's
+      GEMM in one call: the same products, another BLAS call) or 'winograd' (3x3 filters,
+      stride 1, pad 1 only: dpnet.layers.winograd; equal to im2col up to rounding)
 
     Returns (out, cache): out is (N, F, H_out, W_out) with
       H_out = 1 + (H + 2 * pad - HH) / stride,  W_out = 1 + (W + 2 * pad - WW) / stride.
@@ -132,8 +143,8 @@ def conv_forward(x, w, b, conv_param):
     if algorithm == "winograd":
         out, cache = winograd_conv_forward(x, w, b, conv_param)
         return out, ("winograd", cache)
-    if algorithm != "im2col":
-        raise ValueError(f"conv_param['algorithm'] must be 'im2col' or 'winograd', got {algorithm!r}")
+    if algorithm not in CONV_ALGORITHMS:
+        raise ValueError(f"conv_param['algorithm'] must be one of {CONV_ALGORITHMS}, got {algorithm!r}")
     stride, pad, h_out, w_out = conv_output_shape(x.shape, w.shape, conv_param)
     if b is not None and np.shape(b) != (w.shape[0],):
         raise ValueError(f"b must have shape ({w.shape[0]},) to match w, got {b.shape}")
@@ -145,7 +156,7 @@ def conv_forward(x, w, b, conv_param):
     out = np.empty((n, f, p), dtype=np.result_type(x, w))  # (N, F, Ho*Wo)
     nb = _block_size(n, k * p * x.itemsize)
     cols = np.empty((nb, k, p), dtype=x.dtype)  # reused per block
-    chunk = _gemm_chunk(f * k, p)
+    chunk = _gemm_chunk(f * k, p, algorithm == "im2col-whole")
     for start in range(0, n, nb):
         stop = min(start + nb, n)
         block = cols[: stop - start]
@@ -188,7 +199,8 @@ def conv_backward(dout, cache, compute_dx=True):
         dx = np.empty_like(x)
         # the flat layout computes pitch / W_out times the columns needed: worth it up to 1.5
         flat = stride == 1 and 2 * _flat_pitch(wd, pad, w_out) <= 3 * w_out
-        block_dx = (_FlatDx if flat else _StridedDx)(w, nb, x.shape, stride, pad, h_out, w_out, x.dtype)
+        whole = conv_param.get("algorithm") == "im2col-whole"
+        block_dx = (_FlatDx if flat else _StridedDx)(w, nb, x.shape, stride, pad, h_out, w_out, x.dtype, whole)
     for start in range(0, n, nb):
         stop = min(start + nb, n)
         m = stop - start
@@ -205,13 +217,13 @@ class _StridedDx:
     """dx for blocks of images, any stride: dcols = w2.T @ dout as (B, K, P), then one
     slab add per kernel offset into a zeroed padded image."""
 
-    def __init__(self, w, nb, x_shape, stride, pad, h_out, w_out, dtype):
+    def __init__(self, w, nb, x_shape, stride, pad, h_out, w_out, dtype, whole=False):
         f, c, self.hh, self.ww = w.shape
         _, _, self.h, self.wd = x_shape
         self.stride, self.pad, self.h_out, self.w_out = stride, pad, h_out, w_out
         k, p = c * self.hh * self.ww, h_out * w_out
         self.w2t = w.reshape(f, k).T  # (K, F)
-        self.chunk = _gemm_chunk(k * f, p)
+        self.chunk = _gemm_chunk(k * f, p, whole)
         self.dcols = np.empty((nb, k, p), dtype=dtype)
         self.dxp = np.empty((nb, c, self.h + 2 * pad, self.wd + 2 * pad), dtype=dtype)
 
@@ -248,7 +260,7 @@ class _FlatDx:
     and summing that view over (i, j) is col2im.
     """
 
-    def __init__(self, w, nb, x_shape, stride, pad, h_out, w_out, dtype):
+    def __init__(self, w, nb, x_shape, stride, pad, h_out, w_out, dtype, whole=False):
         f, c, hh, ww = w.shape
         _, _, self.h, self.wd = x_shape
         self.pad, self.w_out = pad, w_out
@@ -259,7 +271,7 @@ class _FlatDx:
         r = q + gap
         size = self.hp * pitch + ww - 1  # flat padded image and the last slab's overhang
         self.w2t = w.reshape(f, k).T  # (K, F)
-        self.chunk = _gemm_chunk(k * f, q)
+        self.chunk = _gemm_chunk(k * f, q, whole)
         self.dout_rows = np.zeros((nb, f, h_out, pitch), dtype=dtype)  # columns >= W_out stay 0
         buf = np.zeros((nb, gap + k * r), dtype=dtype)  # the gaps stay 0
         sb, e = buf.strides[0], buf.itemsize

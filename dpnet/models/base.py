@@ -4,6 +4,7 @@ import numpy as np
 
 from ..layers.affine import DX_FORMS
 from ..layers.batchnorm import init_bn_state
+from ..layers.conv import conv_algorithms
 from ..layers.losses import softmax_loss
 
 BN_MODES = ("local", "sync")
@@ -108,17 +109,31 @@ class Model:
             self._l2.add(name)
 
     def conv_layers(self):
-        """The convolutions whose algorithm can be chosen: (layer, input shape (C, H, W) per
-        image, filter shape, conv_param) each; dpnet.autotune measures them."""
+        """The model's convolutions: (layer, input shape (C, H, W) per image, filter shape,
+        conv_param) each; dpnet.autotune measures their algorithms."""
         return []
 
     def set_conv_algorithms(self, choices):
-        """Use algorithm choices[layer] ('im2col' or 'winograd') for the layers of conv_layers()."""
-        known = {layer for layer, *_ in self.conv_layers()}
-        unknown = sorted(set(choices) - known)
+        """Use algorithm choices[layer] (dpnet.layers.conv.CONV_ALGORITHMS) for the layers of
+        conv_layers(); each must be one that can compute its layer."""
+        layers = {layer: (w_shape, param) for layer, _, w_shape, param in self.conv_layers()}
+        unknown = sorted(set(choices) - set(layers))
         if unknown:
-            raise ValueError(f"no choosable convolution at layer(s) {unknown}; the model's are {sorted(known)}")
+            raise ValueError(f"no convolution at layer(s) {unknown}; the model's are {sorted(layers)}")
+        for layer, algorithm in choices.items():
+            if algorithm not in conv_algorithms(*layers[layer]):
+                raise ValueError(f"layer {layer} (filters {layers[layer][0]}, stride {layers[layer][1]['stride']}) "
+                                 f"cannot be computed by {algorithm!r}: use one of {conv_algorithms(*layers[layer])}")
         self.conv_algorithms.update(choices)
+
+    def use_conv_algorithm(self, algorithm):
+        """`algorithm` for every convolution it can compute, im2col for the others."""
+        self.set_conv_algorithms({layer: algorithm for layer, _, w_shape, param in self.conv_layers()
+                                  if algorithm in conv_algorithms(w_shape, param)})
+
+    def layer_conv_param(self, layer, param):
+        """conv_param `param` (stride, pad) with the algorithm chosen for `layer`."""
+        return {**param, "algorithm": self.conv_algorithms.get(layer, "im2col")}
 
     def affine_weights(self):
         """The affine layers' weights, (name, (D, M)) each: every 2-d parameter."""

@@ -26,11 +26,12 @@ class ThreeLayerConvNet(Model):
     - weight_scale: std of the Gaussian initial weights, 'he' for sqrt(2 / fan_in), or 'uniform'
       (PyTorch's default: weights and biases U(+-1/sqrt(fan_in)))
     - reg, dtype, bn_mode, comm, seed: see dpnet.models.base.Model
+    - conv_algorithm: 'im2col' or 'im2col-whole' for the conv (dpnet.layers.conv_forward)
     """
 
     def __init__(self, input_dim=(3, 32, 32), num_filters=32, filter_size=7, hidden_dim=100,
                  num_classes=10, weight_scale=1e-3, reg=0.0, dtype=np.float32,
-                 use_batchnorm=False, bn_mode="local", comm=None, seed=0):
+                 use_batchnorm=False, bn_mode="local", comm=None, seed=0, conv_algorithm="im2col"):
         super().__init__(reg=reg, dtype=dtype, bn_mode=bn_mode, comm=comm, seed=seed)
         self.num_classes = num_classes
         c, h, w = input_dim
@@ -55,6 +56,11 @@ class ThreeLayerConvNet(Model):
                 self.add_param(f"beta{layer}", np.zeros(width, dtype=dt), layer)
             self.add_bn_param(f)
             self.add_bn_param(hidden_dim)
+        if conv_algorithm != "im2col":
+            self.use_conv_algorithm(conv_algorithm)
+
+    def conv_layers(self):
+        return [(1, self.input_dim, self.params["W1"].shape, self.conv_param)]
 
     def _check_input(self, X):
         if np.ndim(X) != 4 or tuple(np.shape(X)[1:]) != self.input_dim:
@@ -62,14 +68,14 @@ class ThreeLayerConvNet(Model):
         return np.asarray(X).astype(self.dtype, copy=False)
 
     def _forward(self, X):
-        p, comm = self.params, self.bn_comm
+        p, comm, conv_param = self.params, self.bn_comm, self.layer_conv_param(1, self.conv_param)
         if self.use_batchnorm:
             h1, c1 = conv_bn_relu_pool_forward(X, p["W1"], p["b1"], p["gamma1"], p["beta1"],
-                                               self.conv_param, self.bn_params[0], POOL_PARAM, comm)
+                                               conv_param, self.bn_params[0], POOL_PARAM, comm)
             h2, c2 = affine_bn_relu_forward(h1, p["W2"], p["b2"], p["gamma2"], p["beta2"],
                                             self.bn_params[1], comm)
         else:
-            h1, c1 = conv_relu_pool_forward(X, p["W1"], p["b1"], self.conv_param, POOL_PARAM)  # (N, F, H/2, W/2)
+            h1, c1 = conv_relu_pool_forward(X, p["W1"], p["b1"], conv_param, POOL_PARAM)  # (N, F, H/2, W/2)
             h2, c2 = affine_relu_forward(h1, p["W2"], p["b2"])  # (N, hidden)
         scores, c3 = affine_forward(h2, p["W3"], p["b3"])  # (N, classes)
         return scores, (c1, c2, c3)

@@ -28,8 +28,9 @@ class ConvNet(Model):
     - dropout: keep probability of hidden affine units, in (0, 1]; 1 disables dropout
     - weight_scale: 'he' (default), 'uniform' (PyTorch's default) or the std of the Gaussian initial weights
     - reg, dtype, bn_mode, comm, seed: see dpnet.models.base.Model
-    - conv_algorithm: 'im2col' or 'winograd' for every conv (3x3 filters only; see
-      dpnet.layers.conv_forward); set_conv_algorithms chooses layer by layer
+    - conv_algorithm: 'im2col', 'im2col-whole' or 'winograd' for every conv it can compute
+      (winograd: 3x3 filters only; see dpnet.layers.conv_forward); set_conv_algorithms chooses
+      layer by layer
     """
 
     def __init__(self, input_dim=(3, 32, 32), stages=((32, 32), (64, 64)), hidden_dims=(256,),
@@ -67,20 +68,17 @@ class ConvNet(Model):
                 c = f
         self.num_conv = idx
         if conv_algorithm != "im2col":
-            self.set_conv_algorithms({layer: conv_algorithm for layer, *_ in self.conv_layers()})
+            self.use_conv_algorithm(conv_algorithm)
         self.num_hidden = len(hidden_dims)
         init_affine_stack(self, idx + 1, c * h * w, hidden_dims, num_classes, weight_scale, use_batchnorm)
         if dropout < 1:
             self.dropout_param = {"mode": "train", "p": dropout, "rng": self.rng}
 
     def conv_layers(self):
-        from ..layers.winograd import winograd_applies
-        if not winograd_applies(self.conv_shapes[1][1], self.conv_param):  # every conv has the same kernel
-            return []  # only im2col can compute these
         return [(i, x_shape, w_shape, self.conv_param) for i, (x_shape, w_shape) in self.conv_shapes.items()]
 
     def _conv_param(self, i):
-        return {**self.conv_param, "algorithm": self.conv_algorithms.get(i, "im2col")}
+        return self.layer_conv_param(i, self.conv_param)
 
     def _check_input(self, X):
         if np.ndim(X) != 4 or tuple(np.shape(X)[1:]) != self.input_dim:

@@ -32,8 +32,9 @@ class ResNet(Model):
     - input_dim: (C, H, W); widths: the three stages' channels; num_classes
     - weight_scale: 'he' (default) or the std of the Gaussian initial weights
     - reg, dtype, bn_mode, comm, seed: see dpnet.models.base.Model
-    - conv_algorithm: 'im2col' or 'winograd' for every stride-1 convolution (dpnet.layers.conv_forward);
-      set_conv_algorithms chooses layer by layer
+    - conv_algorithm: 'im2col', 'im2col-whole' or 'winograd' for every convolution it can compute
+      (winograd: the stride-1 ones; dpnet.layers.conv_forward); set_conv_algorithms chooses layer
+      by layer
     """
 
     def __init__(self, depth=20, input_dim=(3, 32, 32), widths=(16, 32, 64), num_classes=10, weight_scale="he",
@@ -53,13 +54,17 @@ class ResNet(Model):
                 stride = 2 if stage > 0 and k == 0 else 1
                 self.blocks.append((stride, c, f))
                 c = f
-        self.conv_shapes = {1: (tuple(input_dim), (widths[0], input_dim[0], 3, 3))}  # the stride-1 convs
+        # layer -> (input (C, H, W), filter shape, stride and pad); a stride-2 conv's input has
+        # its zero row and column added before (_conv_bn_relu), and no further padding
+        self.conv_shapes = {1: (tuple(input_dim), (widths[0], input_dim[0], 3, 3), STRIDE_1)}
         h, w = input_dim[1:]
         for b, (stride, c_in, f) in enumerate(self.blocks):
-            h, w = -(-h // stride), -(-w // stride)
             if stride == 1:
-                self.conv_shapes[2 * b + 2] = ((c_in, h, w), (f, c_in, 3, 3))
-            self.conv_shapes[2 * b + 3] = ((f, h, w), (f, f, 3, 3))
+                self.conv_shapes[2 * b + 2] = ((c_in, h, w), (f, c_in, 3, 3), STRIDE_1)
+            else:
+                self.conv_shapes[2 * b + 2] = ((c_in, h + 1, w + 1), (f, c_in, 3, 3), {"stride": stride, "pad": 0})
+            h, w = -(-h // stride), -(-w // stride)
+            self.conv_shapes[2 * b + 3] = ((f, h, w), (f, f, 3, 3), STRIDE_1)
         self._add_conv(1, input_dim[0], widths[0], weight_scale)
         for b, (_, c_in, f) in enumerate(self.blocks):
             self._add_conv(2 * b + 2, c_in, f, weight_scale)
@@ -69,10 +74,10 @@ class ResNet(Model):
                        l2=True)
         self.add_param(f"b{depth}", np.zeros(num_classes, dtype=self.dtype), depth)
         if conv_algorithm != "im2col":
-            self.set_conv_algorithms({layer: conv_algorithm for layer, *_ in self.conv_layers()})
+            self.use_conv_algorithm(conv_algorithm)
 
     def conv_layers(self):
-        return [(i, x_shape, w_shape, STRIDE_1) for i, (x_shape, w_shape) in sorted(self.conv_shapes.items())]
+        return [(i, *shapes) for i, shapes in sorted(self.conv_shapes.items())]
 
     def _add_conv(self, i, c_in, f, weight_scale):
         self.add_param(f"W{i}", init_weight(self.rng, (f, c_in, 3, 3), c_in * 9, weight_scale, self.dtype), i, l2=True)
@@ -89,9 +94,9 @@ class ResNet(Model):
         """conv3x3 (pad 1, `stride`) - BN - ReLU. With stride 2 on an even size the padded
         rows and columns do not tile: as in PyTorch, the last padded row and column are never
         read, so the input gets its zero row and column before (top, left) only."""
-        p, conv_param = self.params, {**STRIDE_1, "algorithm": self.conv_algorithms.get(i, "im2col")}
+        p, conv_param = self.params, self.layer_conv_param(i, self.conv_shapes[i][2])
         if stride > 1:
-            x, conv_param = np.pad(x, ((0, 0), (0, 0), (1, 0), (1, 0))), {"stride": stride, "pad": 0}
+            x = np.pad(x, ((0, 0), (0, 0), (1, 0), (1, 0)))
         out, cache = conv_bn_relu_forward(x, p[f"W{i}"], None, p[f"gamma{i}"], p[f"beta{i}"],
                                           conv_param, self.bn_params[i - 1], self.bn_comm)
         return out, (cache, stride > 1)
@@ -110,8 +115,7 @@ class ResNet(Model):
         for b, (stride, c_in, f) in enumerate(self.blocks):
             i = 2 * b + 2
             a, a_cache = self._conv_bn_relu(x, i, stride)
-            z, conv_cache = conv_forward(a, p[f"W{i + 1}"], None,
-                                         {**STRIDE_1, "algorithm": self.conv_algorithms.get(i + 1, "im2col")})
+            z, conv_cache = conv_forward(a, p[f"W{i + 1}"], None, self.layer_conv_param(i + 1, STRIDE_1))
             z, bn_cache = spatial_batchnorm_forward(z, p[f"gamma{i + 1}"], p[f"beta{i + 1}"], self.bn_params[i], comm)
             shortcut, sc_cache = (shortcut_forward(x, f, stride) if stride != 1 or c_in != f else (x, None))
             x, add_cache = residual_relu_forward(z, shortcut)

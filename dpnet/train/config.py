@@ -90,9 +90,11 @@ OPTION_HELP = {
               "/, each stage ending in a 2x2 max pool (e.g. 32,32/64,64/128; default: recipe)",
     "seed": "seeds initialisation, shuffling, and (with the rank) augmentation and dropout",
     "dtype": "dtype of parameters and activations",
-    "conv_algorithm": "how the 3x3 stride-1 convolutions of convnet and the resnets are computed: im2col, "
-                      "winograd (F(4x4, 3x3): fewer multiplies, float32 results differ from im2col's in the "
-                      "rounding, about 1e-5), or auto: the faster for each layer, measured once on this machine "
+    "conv_algorithm": "how the convolutions are computed: im2col, im2col-whole (each GEMM in one BLAS call, "
+                      "not cut for small-matrix kernels), winograd (3x3 stride-1 convolutions of convnet and the "
+                      "resnets, the others im2col: F(4x4, 3x3), fewer multiplies, float32 results differ from "
+                      "im2col's in the rounding, about 1e-5), or auto: the fastest for each layer, measured once "
+                      "on this machine "
                       "and cached (--reproducible: the choices are kept in the checkpoint)",
     "affine_dx": "how each affine layer's input gradient dout @ w.T is made: plain, transposed ((w @ dout.T).T, "
                  "the same products in another BLAS call; faster for few rows and a large w on some machines), or "
@@ -124,7 +126,7 @@ OPTION_HELP = {
 CHOICES = {"model": ("threelayer", "convnet", "vgg", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"),
            "bn_mode": ("none", "local", "sync"),
            "lr_schedule": ("cosine", "step"), "lr_scaling": ("none", "linear"), "optimizer": tuple(OPTIMIZERS),
-           "dtype": ("float32", "float64"), "conv_algorithm": ("im2col", "winograd", "auto"),
+           "dtype": ("float32", "float64"), "conv_algorithm": ("im2col", "im2col-whole", "winograd", "auto"),
            "affine_dx": ("plain", "transposed", "auto"), "reduction": REDUCTIONS}
 
 

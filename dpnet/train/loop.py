@@ -172,7 +172,7 @@ def _network(config, comm):
     if config.model == "threelayer":
         return ThreeLayerConvNet(hidden_dim=config.hidden_dim, weight_scale=init, reg=config.reg,
                                  dtype=dtype, use_batchnorm=use_bn, bn_mode=bn_mode, comm=comm,
-                                 seed=config.seed)
+                                 seed=config.seed, conv_algorithm=fixed_algorithm)
     if config.model.startswith("resnet"):
         return ResNet(depth=RESNET_DEPTHS[config.model], reg=config.reg, dtype=dtype, bn_mode=bn_mode, comm=comm,
                       seed=config.seed, conv_algorithm=fixed_algorithm)
