@@ -52,10 +52,13 @@ def worker(model_name, options, affine_dx):
     model = build_model(train_config, comm)
     update = build_update_rule(train_config)
     micro = options.get("reproducible")
-    if affine_dx == "auto":
+    if affine_dx == "auto":  # as the trainer: rank 0 measures (or reads its cache), every rank uses its choices
         from dpnet.autotune import tune_dx_forms
-        with threadpool_limits(1 if micro else threads, user_api="blas"):
-            model.set_dx_forms(tune_dx_forms(model, -(-BATCH // (micro or comm.size)), threads=1 if micro else threads))
+        forms = None
+        if comm.rank == 0:
+            with threadpool_limits(1 if micro else threads, user_api="blas"):
+                forms = tune_dx_forms(model, -(-BATCH // (micro or comm.size)), threads=1 if micro else threads)
+        model.set_dx_forms(comm.bcast_obj(forms))
     else:
         model.set_dx_forms({name: affine_dx for name, _ in model.affine_weights()})
     dp = DataParallel(model, comm, workers=threads if micro else 1, **options)

@@ -40,10 +40,14 @@ def machine_key():
     return f"{cpu_and_blas()} | {vector}"
 
 
-def applicable(w_shape, conv_param):
-    """The algorithms that can compute this convolution."""
-    from .layers.conv import conv_algorithms
-    return conv_algorithms(w_shape, conv_param)
+def applicable(w_shape, conv_param, x_shape=None):
+    """The algorithms that can compute this convolution, less 'im2col-whole' where im2col cuts
+    no GEMM of this shape (x_shape (N, C, H, W) given): the same calls, nothing to measure."""
+    from .layers.conv import conv_algorithms, gemms_are_cut
+    found = conv_algorithms(w_shape, conv_param)
+    if x_shape is not None and not gemms_are_cut(x_shape, w_shape, conv_param):
+        found.remove("im2col-whole")
+    return found
 
 
 def signature(x_shape, w_shape, conv_param, dtype, threads):
@@ -112,7 +116,7 @@ class Tuner:
             return {}
 
     def choose(self, x_shape, w_shape, conv_param, dtype, threads=1):
-        candidates = applicable(w_shape, conv_param)
+        candidates = applicable(w_shape, conv_param, x_shape)
         if len(candidates) == 1:
             return candidates[0]
         return self._choice(signature(x_shape, w_shape, conv_param, dtype, threads), candidates,
@@ -124,10 +128,13 @@ class Tuner:
                             lambda form: self.measure_dx(form, rows, w_shape, dtype))
 
     def _choice(self, sig, candidates, measure):
-        """The cached choice for sig, else the candidate with the fewest seconds of measure(c)."""
+        """The cached choice for sig, else the candidate with the fewest seconds of measure(c). A
+        cached choice counts only if every candidate was measured for it (one made before a new
+        candidate existed is measured again)."""
         cache = self._load()
         known = cache.get(self.key, {}).get(sig)
-        if known and known.get("choice") in candidates:
+        if (isinstance(known, dict) and known.get("choice") in candidates
+                and set(candidates) <= set(known.get("seconds") or ())):
             return known["choice"]
         seconds = {c: measure(c) for c in candidates}
         choice = min(seconds, key=seconds.get)

@@ -30,7 +30,7 @@ def save_checkpoint(path, model, optim_config, epoch, step, config, world_size, 
                     layer_choices=None):
     """Write a checkpoint atomically. flat: the dpnet.flat.FlatParams the optimizer state is
     laid out in (needed when optim_config holds state arrays); layer_choices: how the model's
-    choosable layers compute (a JSON-able dict, dpnet.train.loop.layer_choices)."""
+    choosable layers compute (model.layer_choices())."""
     import h5py
 
     with atomic_path(path) as tmp:

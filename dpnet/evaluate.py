@@ -38,6 +38,8 @@ def evaluate_checkpoint(path, comm, data=None):
             config = dataclasses.replace(config, data=data)
         model = build_model(config, comm)
         _, attrs = load_checkpoint(path, model)
+        if attrs["layer_choices"]:  # the run's measured choices: its very logits
+            model.set_layer_choices(attrs["layer_choices"])
         dataset, _, synthetic = load_data(config)
         (x_train, _), _ = split_train_val(dataset, config.val_size, config.seed)
         return config, model, attrs, dataset, synthetic, x_train

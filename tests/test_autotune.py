@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from dpnet.autotune import Tuner, applicable, machine_key, tune_dx_forms, tune_model
+from dpnet.autotune import Tuner, applicable, machine_key, signature, tune_dx_forms, tune_model
 from dpnet.models import ConvNet, ResNet, ThreeLayerConvNet
 from tests.train_helpers import TINY, cifar_dir, clean_env, run_ok  # noqa: F401
 
@@ -27,11 +27,11 @@ def test_the_faster_algorithm_is_chosen_once_then_read_from_the_cache(tmp_path):
     calls = []
     choices = tune_model(model, 16, Tuner(path, fake_timer("winograd", calls)))
     assert choices == {1: "winograd", 2: "winograd", 3: "winograd"}
-    assert len(calls) == 9  # 3 layer shapes x 3 algorithms
+    assert len(calls) == 6  # 3 layer shapes x 2 algorithms: at 8x8 and 4x4, im2col cuts no GEMM
     stored = json.load(open(path))
     assert list(stored) == [machine_key()] and len(stored[machine_key()]) == 3
     again = Tuner(path, fake_timer("im2col", calls))  # the cache answers: nothing measured
-    assert tune_model(model, 16, again) == choices and again.measured == 0 and len(calls) == 9
+    assert tune_model(model, 16, again) == choices and again.measured == 0 and len(calls) == 6
     other = Tuner(path, fake_timer("im2col", calls))  # another batch size is another shape
     assert set(tune_model(model, 32, other).values()) == {"im2col"} and other.measured == 3
 
@@ -54,9 +54,24 @@ def test_every_conv_is_choosable_winograd_only_where_it_applies():
     assert resnet.conv_algorithms == {1: "winograd", 2: "winograd", 3: "winograd", 5: "winograd", 7: "winograd"}
 
 
+def test_whole_gemms_are_a_candidate_where_im2col_cuts_them_and_old_choices_are_measured_again(tmp_path):
+    """A 32 -> 32 3x3 conv on 32x32 images: im2col cuts its GEMMs into chunks, so im2col-whole is a
+    candidate; a cached choice measured before that candidate existed is measured again."""
+    x_shape, w_shape, param = (16, 32, 32, 32), (32, 32, 3, 3), {"stride": 1, "pad": 1}
+    assert applicable(w_shape, param, x_shape) == ["im2col", "im2col-whole", "winograd"]
+    assert applicable(w_shape, param, (16, 32, 8, 8)) == ["im2col", "winograd"]
+    path = tmp_path / "autotune.json"
+    sig = signature(x_shape, w_shape, param, np.float32, 1)
+    path.write_text(json.dumps({machine_key(): {sig: {"choice": "im2col", "seconds": {"im2col": 1, "winograd": 2}}}}))
+    calls = []
+    tuner = Tuner(str(path), fake_timer("im2col-whole", calls))
+    assert tuner.choose(x_shape, w_shape, param, np.float32) == "im2col-whole" and tuner.measured == 1
+    assert [a for a, _ in calls] == ["im2col", "im2col-whole", "winograd"]
+
+
 def test_a_real_measurement_gives_a_choice(tmp_path):
     tuner = Tuner(str(tmp_path / "c.json"))
-    choice = tuner.choose((4, 8, 8, 8), (8, 8, 3, 3), {"stride": 1, "pad": 1}, np.float32)
+    choice = tuner.choose((4, 32, 32, 32), (32, 32, 3, 3), {"stride": 1, "pad": 1}, np.float32)
     assert choice in ("im2col", "im2col-whole", "winograd") and tuner.measured == 1
     seconds = json.load(open(tmp_path / "c.json"))[machine_key()]
     assert all(set(v["seconds"]) == {"im2col", "im2col-whole", "winograd"} and v["seconds"][v["choice"]] == min(v["seconds"].values())

@@ -95,3 +95,29 @@ def test_the_counts_do_not_depend_on_the_number_of_ranks_even_where_batches_matt
         split = sum(confusion_matrix(model, SerialComm(), xs, ys, lambda a: a, 10, chunk=len(xs))
                     for xs, ys in zip(np.array_split(x, ranks), np.array_split(y, ranks)))
         assert split.sum() == 1100 and not np.array_equal(split, one), ranks
+
+
+def test_the_checkpoints_layer_choices_compute_the_logits(trained, tmp_path, monkeypatch):
+    """A run's measured choices (here written into a copy of the checkpoint as an auto run
+    would) are the ones evaluation computes with: its very logits."""
+    import shutil
+
+    import h5py
+
+    import dpnet.layers.sandwich as sandwich
+    from dpnet.evaluate import evaluate_checkpoint
+    from dpnet.parallel import SerialComm
+    root, _ = trained
+    path = str(tmp_path / "auto.h5")
+    shutil.copy(root / CKPT, path)
+    with h5py.File(path, "a") as f:
+        f.attrs["layer_choices"] = json.dumps({"conv": {"1": "im2col-whole"}, "dx": {}})
+    algorithms, conv_forward = [], sandwich.conv_forward
+
+    def spy(x, w, b, conv_param):
+        algorithms.append(conv_param.get("algorithm"))
+        return conv_forward(x, w, b, conv_param)
+
+    monkeypatch.setattr(sandwich, "conv_forward", spy)
+    evaluate_checkpoint(path, SerialComm())
+    assert algorithms and set(algorithms) == {"im2col-whole"}

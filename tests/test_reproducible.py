@@ -205,6 +205,35 @@ def test_passes_that_compute_two_at_a_time_give_the_same_bits():
         cases.assert_same_run(a, b, "workers=2")
 
 
+def test_the_passes_compute_with_the_models_layer_choices(monkeypatch):
+    """Choices set after DataParallel is built (as a resume sets them) reach every micro-shard
+    pass: each affine input gradient is made in the chosen form, each conv by the chosen
+    algorithm (seen by spies, whatever bits the forms give on this machine's BLAS)."""
+    import dpnet.layers.affine as affine
+    import dpnet.layers.sandwich as sandwich
+    forms, algorithms = [], []
+    input_grad, conv_forward = affine.input_grad, sandwich.conv_forward
+
+    def grad_spy(dout, w, form="plain"):
+        forms.append(form)
+        return input_grad(dout, w, form)
+
+    def conv_spy(x, w, b, conv_param):
+        algorithms.append(conv_param.get("algorithm"))
+        return conv_forward(x, w, b, conv_param)
+
+    monkeypatch.setattr(affine, "input_grad", grad_spy)
+    monkeypatch.setattr(sandwich, "conv_forward", conv_spy)
+    model = cases.make_model("threelayer")
+    dp = DataParallel(model, SerialComm(), reproducible=4)
+    model.set_layer_choices({"conv": {"1": "im2col-whole"}, "dx": {"W2": "transposed", "W3": "transposed"}})
+    X, y = cases.make_batch(8)
+    dp.loss(X, y, global_batch_size=8)
+    assert forms == ["transposed"] * 8  # 2 affine layers x 4 passes
+    assert algorithms == ["im2col-whole"] * 4
+    assert model.layer_choices() == {"conv": {"1": "im2col-whole"}, "dx": {"W2": "transposed", "W3": "transposed"}}
+
+
 def test_a_rank_must_pass_its_micro_shards():
     dp = DataParallel(cases.make_model("threelayer"), SerialComm(), reproducible=8)
     X, y = cases.make_batch(10)

@@ -106,6 +106,15 @@ def _gemm_chunk(mk, q, whole=False):
     return 1 << (chunk.bit_length() - 1)
 
 
+def gemms_are_cut(x_shape, w_shape, conv_param):
+    """Whether 'im2col' cuts any forward or dx GEMM of this convolution into column chunks
+    (else 'im2col-whole' makes the very same calls)."""
+    _, pad, h_out, w_out = conv_output_shape(x_shape, w_shape, conv_param)
+    f, c, hh, ww = w_shape
+    columns = h_out * max(w_out, _flat_pitch(x_shape[3], pad, w_out))  # the most of any of its GEMMs
+    return _gemm_chunk(f * c * hh * ww, columns) < columns
+
+
 def _column_chunks(v, chunk):
     """View (B, R, Q) as (B, Q // chunk, R, chunk); Q must be a multiple of chunk."""
     b, r, q = v.shape

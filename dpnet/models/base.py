@@ -95,7 +95,7 @@ class Model:
         self.params = {}
         self._layer, self._l2 = {}, set()  # what add_param declared: layer numbers, L2 parameters
         self.bn_params = []
-        self.conv_algorithms = {}  # layer -> 'im2col' or 'winograd', for the layers of conv_layers()
+        self.conv_algorithms = {}  # layer -> its algorithm (CONV_ALGORITHMS), for the layers of conv_layers()
         self.dx_forms = {}  # affine weight name -> how its layer's input gradient is made (DX_FORMS)
         self.dropout_param = None
         self.dw_factors = False
@@ -153,6 +153,16 @@ class Model:
 
     def dx_form(self, weight):
         return self.dx_forms.get(weight, "plain")
+
+    def layer_choices(self):
+        """How the choosable layers compute, as JSON keeps it (checkpoints):
+        {"conv": {"layer": algorithm}, "dx": {weight: form}}."""
+        return {"conv": {str(k): v for k, v in self.conv_algorithms.items()}, "dx": dict(self.dx_forms)}
+
+    def set_layer_choices(self, choices):
+        """The inverse of layer_choices()."""
+        self.set_conv_algorithms({int(k): v for k, v in choices.get("conv", {}).items()})
+        self.set_dx_forms(choices.get("dx", {}))
 
     def add_bn_param(self, channels):
         """Append the state of one batchnorm layer over `channels` channels to bn_params."""

@@ -91,11 +91,11 @@ OPTION_HELP = {
     "seed": "seeds initialisation, shuffling, and (with the rank) augmentation and dropout",
     "dtype": "dtype of parameters and activations",
     "conv_algorithm": "how the convolutions are computed: im2col, im2col-whole (each GEMM in one BLAS call, "
-                      "not cut for small-matrix kernels), winograd (3x3 stride-1 convolutions of convnet and the "
-                      "resnets, the others im2col: F(4x4, 3x3), fewer multiplies, float32 results differ from "
-                      "im2col's in the rounding, about 1e-5), or auto: the fastest for each layer, measured once "
-                      "on this machine "
-                      "and cached (--reproducible: the choices are kept in the checkpoint)",
+                      "not cut for small-matrix kernels), winograd (Winograd F(4x4, 3x3): fewer multiplies, float32 "
+                      "results differ from im2col's in the rounding, about 1e-5; for the 3x3 stride-1 convolutions "
+                      "of convnet and the resnets, im2col for the others), or auto: the fastest for each layer, "
+                      "measured once on this machine and cached (--reproducible: a resume keeps the checkpoint's "
+                      "choices)",
     "affine_dx": "how each affine layer's input gradient dout @ w.T is made: plain, transposed ((w @ dout.T).T, "
                  "the same products in another BLAS call; faster for few rows and a large w on some machines), or "
                  "auto: the faster for each layer, measured once on this machine and cached",

@@ -29,7 +29,7 @@ from .inputs import RankAugmentation, StepAugmentation, load_data, normaliser, s
 from .progress import progress
 from .ranks import write_rank_map
 from .recipes import default_epochs, with_recipe
-from .resume import restore_settings, stored_config
+from .resume import restore_settings, stored_config, stored_layer_choices
 from .scoring import accuracy, confusion_matrix
 
 class StopRequest:
@@ -181,16 +181,6 @@ def _network(config, comm):
                    conv_algorithm=fixed_algorithm)
 
 
-def layer_choices(model):
-    """What the model computes each choosable layer with: {"conv": {layer: algorithm}, "dx": {weight: form}}."""
-    return {"conv": {str(k): v for k, v in model.conv_algorithms.items()}, "dx": dict(model.dx_forms)}
-
-
-def apply_layer_choices(model, choices):
-    model.set_conv_algorithms({int(k): v for k, v in choices.get("conv", {}).items()})
-    model.set_dx_forms(choices.get("dx", {}))
-
-
 def evaluate(model, comm, x, y, to_input):
     """Accuracy on (x, y), each image scored once over the ranks (None for an empty set)."""
     return accuracy(confusion_matrix(model, comm, x, y, to_input, model.num_classes))
@@ -303,22 +293,31 @@ class Trainer:
     def _tune(self):
         """--conv-algorithm auto, --affine-dx auto: rank 0 picks each layer's way (measured once
         per machine, then cached: dpnet.autotune) at this run's images per pass (the micro-shard's
-        in the reproducible mode) and BLAS threads; every rank uses its choices. Returns what to
-        say of them."""
+        in the reproducible mode) and BLAS threads; every rank uses its choices. A reproducible
+        run resumed from a checkpoint that names its choices takes those (the same bits need
+        them) and measures nothing. Returns what to say of them."""
         from threadpoolctl import threadpool_limits
 
         from ..autotune import Tuner, tune_dx_forms, tune_model
         comm, config = self.comm, self.config
-        threads = 1 if config.reproducible else self.threads
-        images = -(-config.batch_size // (config.micro_shards if config.reproducible else comm.size))
-        found = None
-        if comm.rank == 0:
-            tuner = Tuner()
-            with threadpool_limits(threads, user_api="blas"):
-                conv = tune_model(self.model, images, tuner, threads) if config.conv_algorithm == "auto" else None
-                dx = tune_dx_forms(self.model, images, tuner, threads) if config.affine_dx == "auto" else None
-            found = (conv, dx, tuner.measured, tuner.path)
-        conv, dx, measured, path = comm.bcast_obj(found)
+        kept = None
+        if config.reproducible and config.resume:
+            kept = on_every_rank(comm, lambda: stored_layer_choices(config.resume))
+        if kept is not None:
+            conv = {int(k): v for k, v in kept["conv"].items()} if config.conv_algorithm == "auto" else None
+            dx = dict(kept["dx"]) if config.affine_dx == "auto" else None
+            source = f"the checkpoint's choices, kept in the reproducible mode: {config.resume}"
+        else:
+            threads = 1 if config.reproducible else self.threads
+            images = -(-config.batch_size // (config.micro_shards if config.reproducible else comm.size))
+            found = None
+            if comm.rank == 0:
+                tuner = Tuner()
+                with threadpool_limits(threads, user_api="blas"):
+                    conv = tune_model(self.model, images, tuner, threads) if config.conv_algorithm == "auto" else None
+                    dx = tune_dx_forms(self.model, images, tuner, threads) if config.affine_dx == "auto" else None
+                found = (conv, dx, f"{tuner.measured} shape(s) measured now, the rest from {tuner.path}")
+            conv, dx, source = comm.bcast_obj(found)
         said = []
         if conv is not None:
             self.model.set_conv_algorithms(conv)
@@ -331,7 +330,7 @@ class Trainer:
             by_way = {w: sorted(k for k, c in choices.items() if c == w) for w in sorted(set(choices.values()))}
             ways = "; ".join(f"{w} for {noun}{', '.join(map(str, ks))}" for w, ks in by_way.items())
             parts.append(f"{what}: {ways or 'none to choose for this model'}")
-        return "; ".join(parts) + f" ({measured} shape(s) measured now, the rest from {path})"
+        return "; ".join(parts) + f" ({source})"
 
     def _resume(self):
         config, comm = self.config, self.comm
@@ -345,14 +344,8 @@ class Trainer:
         if attrs["world_size"] == comm.size and len(attrs["rng_states"]) == comm.size:
             for name, state in attrs["rng_states"][comm.rank].items():
                 self.rngs[name].bit_generator.state = state
-        kept = ""
-        if config.reproducible and attrs.get("layer_choices") and self.tuned is not None:
-            # measured choices are part of the run: the same bits need the checkpoint's, not this machine's
-            apply_layer_choices(self.model, attrs["layer_choices"])
-            kept = "; the checkpoint's layer choices (reproducible)"
         self.say(f"resumed from {config.resume} at step {self.step} (epoch {self.step // self.per_epoch}), "
-                 f"written by {attrs['world_size']} rank(s)" + (", fresh optimizer" if config.reset_optimizer else "")
-                 + kept)
+                 f"written by {attrs['world_size']} rank(s)" + (", fresh optimizer" if config.reset_optimizer else ""))
 
     def run(self):
         """Train to the last step, or to a stop every rank agreed on (SIGTERM); save a final
@@ -488,7 +481,7 @@ class Trainer:
         if comm.rank == 0 and config.checkpoint:
             save_checkpoint(path or config.checkpoint, self.model, self.optim_config, self.step // self.per_epoch,
                             self.step, dataclasses.asdict(dataclasses.replace(config, epochs=self.epochs)),
-                            comm.size, states, self.dp.flat, layer_choices(self.model))
+                            comm.size, states, self.dp.flat, self.model.layer_choices())
 
     def step_checkpoint_due(self):
         every = self.config.checkpoint_every

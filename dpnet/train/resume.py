@@ -31,6 +31,15 @@ def stored_config(path):
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
+def stored_layer_choices(path):
+    """How the checkpoint's run computed its choosable layers (Model.layer_choices()), or None
+    for a checkpoint that does not say."""
+    import h5py
+    stored_config(path)  # the same errors for a missing or foreign file
+    with h5py.File(path, "r") as f:
+        return json.loads(f.attrs["layer_choices"]) if "layer_choices" in f.attrs else None
+
+
 def stored_train_config(path):
     """The TrainConfig a checkpoint was written with (its options; unknown keys ignored)."""
     from .config import TrainConfig, option_fields
