@@ -50,13 +50,14 @@ def applicable(w_shape, conv_param, x_shape=None):
     return found
 
 
-def signature(x_shape, w_shape, conv_param, dtype, threads):
+def signature(x_shape, w_shape, conv_param, dtype, threads, compute_dx=True):
     return (f"x{tuple(x_shape)} w{tuple(w_shape)} stride {conv_param['stride']} pad {conv_param['pad']} "
-            f"{np.dtype(dtype).name} threads {threads}")
+            f"{np.dtype(dtype).name} threads {threads}" + ("" if compute_dx else " no dx"))
 
 
-def time_conv(algorithm, x_shape, w_shape, conv_param, dtype, repeats=REPEATS):
-    """Median seconds of one forward + backward (dx, dw, db) of `algorithm` on random data."""
+def time_conv(algorithm, x_shape, w_shape, conv_param, dtype, repeats=REPEATS, compute_dx=True):
+    """Median seconds of one forward + backward (dx unless compute_dx is False, dw, db) of
+    `algorithm` on random data."""
     from .layers import conv_backward, conv_forward
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(dtype)
@@ -64,12 +65,12 @@ def time_conv(algorithm, x_shape, w_shape, conv_param, dtype, repeats=REPEATS):
     param = {**conv_param, "algorithm": algorithm}
     out, cache = conv_forward(x, w, None, param)
     dout = rng.standard_normal(out.shape).astype(dtype)
-    conv_backward(dout, cache)  # warm-up
+    conv_backward(dout, cache, compute_dx)  # warm-up
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         _, cache = conv_forward(x, w, None, param)
-        conv_backward(dout, cache)
+        conv_backward(dout, cache, compute_dx)
         seconds.append(time.perf_counter() - start)
     return float(np.median(seconds))
 
@@ -98,7 +99,8 @@ def time_dx_form(form, rows, w_shape, dtype):
 class Tuner:
     """The faster way for each layer signature, measured once per signature and machine and
     remembered in the cache file at `path`:
-    - choose(x_shape, w_shape, conv_param, dtype, threads): a convolution's algorithm;
+    - choose(x_shape, w_shape, conv_param, dtype, threads, compute_dx): a convolution's algorithm
+      (compute_dx False: one whose backward makes no input gradient);
     - choose_dx_form(rows, w_shape, dtype, threads): an affine layer's input-gradient form.
     measure, measure_dx: the timers (time_conv, time_dx_form; tests give fakes)."""
 
@@ -115,12 +117,12 @@ class Tuner:
         except (OSError, ValueError):
             return {}
 
-    def choose(self, x_shape, w_shape, conv_param, dtype, threads=1):
+    def choose(self, x_shape, w_shape, conv_param, dtype, threads=1, compute_dx=True):
         candidates = applicable(w_shape, conv_param, x_shape)
         if len(candidates) == 1:
             return candidates[0]
-        return self._choice(signature(x_shape, w_shape, conv_param, dtype, threads), candidates,
-                            lambda a: self.measure(a, x_shape, w_shape, conv_param, dtype))
+        return self._choice(signature(x_shape, w_shape, conv_param, dtype, threads, compute_dx), candidates,
+                            lambda a: self.measure(a, x_shape, w_shape, conv_param, dtype, compute_dx=compute_dx))
 
     def choose_dx_form(self, rows, w_shape, dtype, threads=1):
         from .layers.affine import DX_FORMS
@@ -151,10 +153,13 @@ class Tuner:
 
 def tune_model(model, images, tuner=None, threads=1):
     """{layer: algorithm} for the convolutions of `model` (model.conv_layers()) at `images`
-    images per forward pass."""
+    images per forward pass. Every model's first convolution takes the data and makes no input
+    gradient: it is timed without one."""
     tuner = tuner or Tuner()
-    return {layer: tuner.choose((images, *in_shape), w_shape, conv_param, model.dtype, threads)
-            for layer, in_shape, w_shape, conv_param in model.conv_layers()}
+    layers = model.conv_layers()
+    first = min((layer for layer, *_ in layers), default=None)
+    return {layer: tuner.choose((images, *in_shape), w_shape, conv_param, model.dtype, threads, layer != first)
+            for layer, in_shape, w_shape, conv_param in layers}
 
 
 def tune_dx_forms(model, images, tuner=None, threads=1):

@@ -15,8 +15,8 @@ from tests.train_helpers import TINY, cifar_dir, clean_env, run_ok  # noqa: F401
 
 def fake_timer(winner, calls):
     """A measurement in which `winner` is faster, counting its calls."""
-    def measure(algorithm, x_shape, w_shape, conv_param, dtype):
-        calls.append((algorithm, x_shape))
+    def measure(algorithm, x_shape, w_shape, conv_param, dtype, compute_dx=True):
+        calls.append((algorithm, x_shape, compute_dx))
         return 1.0 if algorithm == winner else 2.0
     return measure
 
@@ -28,6 +28,7 @@ def test_the_faster_algorithm_is_chosen_once_then_read_from_the_cache(tmp_path):
     choices = tune_model(model, 16, Tuner(path, fake_timer("winograd", calls)))
     assert choices == {1: "winograd", 2: "winograd", 3: "winograd"}
     assert len(calls) == 6  # 3 layer shapes x 2 algorithms: at 8x8 and 4x4, im2col cuts no GEMM
+    assert [dx for *_, dx in calls] == [False, False, True, True, True, True]  # the first conv takes the data
     stored = json.load(open(path))
     assert list(stored) == [machine_key()] and len(stored[machine_key()]) == 3
     again = Tuner(path, fake_timer("im2col", calls))  # the cache answers: nothing measured
@@ -66,7 +67,7 @@ def test_whole_gemms_are_a_candidate_where_im2col_cuts_them_and_old_choices_are_
     calls = []
     tuner = Tuner(str(path), fake_timer("im2col-whole", calls))
     assert tuner.choose(x_shape, w_shape, param, np.float32) == "im2col-whole" and tuner.measured == 1
-    assert [a for a, _ in calls] == ["im2col", "im2col-whole", "winograd"]
+    assert [a for a, *_ in calls] == ["im2col", "im2col-whole", "winograd"]
 
 
 def test_a_real_measurement_gives_a_choice(tmp_path):
