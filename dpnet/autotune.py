@@ -66,11 +66,15 @@ def time_conv(algorithm, x_shape, w_shape, conv_param, dtype, repeats=REPEATS, c
     out, cache = conv_forward(x, w, None, param)
     dout = rng.standard_normal(out.shape).astype(dtype)
     conv_backward(dout, cache, compute_dx)  # warm-up
+    return _median_seconds(lambda: conv_backward(dout, conv_forward(x, w, None, param)[1], compute_dx), repeats)
+
+
+def _median_seconds(run, repeats):
+    """Median wall seconds of `repeats` calls of run()."""
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        _, cache = conv_forward(x, w, None, param)
-        conv_backward(dout, cache, compute_dx)
+        run()
         seconds.append(time.perf_counter() - start)
     return float(np.median(seconds))
 
@@ -88,12 +92,7 @@ def time_dx_form(form, rows, w_shape, dtype):
     start = time.perf_counter()
     input_grad(dout, w, form)  # warm-up, and how many runs fit in MIN_SECONDS
     repeats = int(min(MAX_REPEATS, max(REPEATS, MIN_SECONDS / max(time.perf_counter() - start, 1e-9))))
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        input_grad(dout, w, form)
-        seconds.append(time.perf_counter() - start)
-    return float(np.median(seconds))
+    return _median_seconds(lambda: input_grad(dout, w, form), repeats)
 
 
 class Tuner:

@@ -111,7 +111,7 @@ def gemms_are_cut(x_shape, w_shape, conv_param):
     (else 'im2col-whole' makes the very same calls)."""
     _, pad, h_out, w_out = conv_output_shape(x_shape, w_shape, conv_param)
     f, c, hh, ww = w_shape
-    columns = h_out * max(w_out, _flat_pitch(x_shape[3], pad, w_out))  # the most of any of its GEMMs
+    columns = h_out * _flat_pitch(x_shape[3], pad, w_out)  # the most of any of its GEMMs (pitch >= W_out)
     return _gemm_chunk(f * c * hh * ww, columns) < columns
 
 
