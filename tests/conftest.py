@@ -11,6 +11,24 @@ def pytest_report_header(config):
     return "cluster tests (network-namespace hosts): " + ("run" if ok else f"skipped, {why}")
 
 
+# ---------------------------------------------------------------- the layer-choice cache
+
+def pytest_configure(config):
+    """Training runs measure their layer choices (dpnet.autotune) at first use: the tests keep
+    those in a cache of their own, never the user's, which their subprocesses share
+    (train_helpers.clean_env passes it on)."""
+    import tempfile
+
+    from dpnet.autotune import CACHE_ENV
+    config._autotune_dir = tempfile.mkdtemp(prefix="dpnet-tests-autotune-")
+    os.environ[CACHE_ENV] = os.path.join(config._autotune_dir, "autotune.json")
+
+
+def pytest_unconfigure(config):
+    import shutil
+    shutil.rmtree(getattr(config, "_autotune_dir", ""), ignore_errors=True)
+
+
 # ---------------------------------------------------------------- /dev/shm hygiene
 
 def pytest_sessionstart(session):

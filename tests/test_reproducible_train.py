@@ -123,7 +123,7 @@ def test_a_resume_keeps_the_checkpoints_measured_choices_whatever_this_machines_
     (tmp_path / "straight").mkdir()
     (tmp_path / "resumed").mkdir()
     straight = run_ok(run_args, tmp_path / "straight", 4, env=transposed, timeout=240)
-    assert ("affine input gradients (--affine-dx auto): transposed for W2, W3 (0 shape(s) measured now"
+    assert ("affine input gradients (--affine-dx auto): transposed for W2, W3 (all from "
             in straight.stdout), str(straight)
     run_ok(run_args + ["--max-steps", "10"], tmp_path / "resumed", 4, env=transposed, timeout=240)
     resumed = run_ok(["--data", cifar_dir, "--no-progress", "--epochs", str(STEPS // STEPS_PER_EPOCH),

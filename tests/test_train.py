@@ -118,6 +118,10 @@ def test_main_command(cached, cifar_dir, ranks):
     # only rank 0 prints: the header, one line per epoch and the result, each exactly once
     assert_unique_lines(run)
     lines = run.lines
+    # the layer choices, measured (the first run) or read from the tests' cache
+    assert re.fullmatch(r"convolutions \(--conv-algorithm auto\): im2col(-whole)? for layer\(s\) 1; affine input "
+                        r"gradients \(--affine-dx auto\): .* \((all|\d shape\(s\) measured now in [\d.]+ s, the rest) "
+                        r"from .*\)", lines.pop(1)), str(run)
     if world > 1:  # under mpirun, how gradients are summed: shared memory, all ranks on this node
         assert lines.pop(1) == f"gradients: {(sum(p.nbytes for p in ckpt['params'].values()) + 8) / 2**20:.1f} MiB per step; 1 node x {world} ranks: shared memory"
     assert len(lines) == 4, str(run)
@@ -174,7 +178,7 @@ def test_simulate_ranks_matches_mpirun(cifar_dir, tmp_path, ranks, extra):
     for run in (real, sim):  # both sum through shared memory, the default
         assert_unique_lines(run)
         assert f" {ranks} rank(s) x " in run.lines[0], str(run)
-        assert run.lines[1].endswith(f"; 1 node x {ranks} ranks: shared memory"), str(run)
+        assert run.lines[2].endswith(f"; 1 node x {ranks} ranks: shared memory"), str(run)  # after the choices
     a, b = read_checkpoint(real.path(CKPT)), read_checkpoint(sim.path(CKPT))
     assert a["attrs"]["world_size"] == b["attrs"]["world_size"] == ranks
     assert a["attrs"]["step"] == b["attrs"]["step"] == 10
@@ -302,7 +306,10 @@ def test_checkpoint_contents_and_round_trip(cifar_dir, tmp_path):
     attrs = ckpt["attrs"]
     assert set(attrs) == {"epoch", "step", "world_size", "dpnet_version", "config", "rng_states", "layer_choices"}
     assert (attrs["epoch"], attrs["step"], attrs["world_size"]) == (0, 3, 2)
-    assert attrs["layer_choices"] == {"conv": {}, "dx": {"W2": "plain", "W3": "plain"}}
+    # measured on this machine (auto, the default): which ways won is its own business
+    assert set(attrs["layer_choices"]["conv"]) <= {"1"} and set(attrs["layer_choices"]["dx"]) == {"W2", "W3"}
+    assert set(attrs["layer_choices"]["conv"].values()) <= {"im2col", "im2col-whole"}
+    assert set(attrs["layer_choices"]["dx"].values()) <= {"plain", "transposed"}
     assert attrs["dpnet_version"] == dpnet.__version__
     config = attrs["config"]
     assert set(config) == set(TrainConfig.__dataclass_fields__)
@@ -1176,3 +1183,52 @@ def test_a_rank_that_calls_sys_exit_ends_the_job_named(cifar_dir, tmp_path):
     assert run.returncode == 3, str(run)
     assert "[rank 1] exited with status 3 (sys.exit), aborting all 2 ranks" in run.stderr, str(run)
     assert run.seconds < 20, str(run)
+
+
+# ================================================================ layer choices by default
+
+def test_layer_choices_default_to_measured_ones_and_to_fixed_ones_when_reproducible():
+    """Unset --conv-algorithm and --affine-dx: auto (measured at first use, as cuDNN's benchmark
+    mode); with --reproducible the fixed im2col and plain, whose bits hang on no timing. Given
+    ones win in both modes."""
+    from dpnet.train.config import with_defaults
+    picked = with_defaults(TrainConfig())
+    assert (picked.conv_algorithm, picked.affine_dx) == ("auto", "auto")
+    picked = with_defaults(TrainConfig(reproducible=True))
+    assert (picked.conv_algorithm, picked.affine_dx) == ("im2col", "plain")
+    for reproducible in (False, True):
+        picked = with_defaults(TrainConfig(reproducible=reproducible, conv_algorithm="winograd", affine_dx="auto"))
+        assert (picked.conv_algorithm, picked.affine_dx) == ("winograd", "auto")
+    # a resume keeps the choice the run made, also one older versions stored as their default
+    stored = dataclasses.asdict(with_defaults(TrainConfig()))
+    assert (stored["conv_algorithm"], stored["affine_dx"]) == ("auto", "auto")
+
+
+def test_a_default_run_measures_its_layer_choices_once_then_reads_them(cifar_dir, tmp_path):
+    """The first run on a machine times each layer's ways (dpnet.autotune) and saves the winners
+    under this machine's key; the next run reads them, measures nothing, computes the same way,
+    and the checkpoint names the ways used."""
+    from dpnet.autotune import dx_signature, machine_key
+    cache = tmp_path / "autotune.json"
+    env = clean_env(DPNET_AUTOTUNE_CACHE=str(cache))
+    runs = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        runs.append(run_ok(base_args(cifar_dir, "--max-steps", "2"), tmp_path / name, env=env))
+    said = [re.search(r"convolutions \(--conv-algorithm auto\): (.*) \((.*)\)$", run.stdout, re.M) for run in runs]
+    assert all(said), "\n".join(map(str, runs))
+    assert re.fullmatch(rf"3 shape\(s\) measured now in [\d.]+ s, the rest from {re.escape(str(cache))}",
+                        said[0].group(2)), said[0].group(0)
+    assert said[1].group(2) == f"all from {cache}" and said[1].group(1) == said[0].group(1)
+    entries = json.loads(cache.read_text())[machine_key()]
+    assert len(entries) == 3  # the 7x7 conv (no dx: it takes the data) and both affine weights, at 32 images
+    threads = int(re.search(r"x (\d+) BLAS thread", runs[0].stdout).group(1))
+    dx = {name: entries[dx_signature(32, shape, "float32", threads)]["choice"]
+          for name, shape in (("W2", (32 * 16 * 16, 16)), ("W3", (16, 10)))}
+    assert read_checkpoint(tmp_path / "second" / CKPT)["attrs"]["layer_choices"]["dx"] == dx
+    # a reproducible run keeps to its fixed ways and reads no cache
+    (tmp_path / "reproducible").mkdir()
+    fixed = run_ok(base_args(cifar_dir, "--max-steps", "2", "--reproducible"), tmp_path / "reproducible", env=env)
+    assert "auto" not in fixed.stdout.split("\n", 2)[1] and "shape(s) measured" not in fixed.stdout, str(fixed)
+    assert read_checkpoint(tmp_path / "reproducible" / CKPT)["attrs"]["layer_choices"] == {
+        "conv": {}, "dx": {"W2": "plain", "W3": "plain"}}

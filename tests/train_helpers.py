@@ -82,10 +82,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def clean_env(**extra):
     """The environment for a training subprocess: no launcher variables leaking from an outer
-    mpirun, no DPNET_* switches, one BLAS/OpenMP thread per rank (2 cores), and this
-    checkout's dpnet first on the path (the jobs run in a temporary directory, where an
-    installed copy would otherwise be the one imported)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+    mpirun, no DPNET_* switches but the tests' layer-choice cache (conftest.py), one BLAS/OpenMP
+    thread per rank (2 cores), and this checkout's dpnet first on the path (the jobs run in a
+    temporary directory, where an installed copy would otherwise be the one imported)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(_LAUNCHER_PREFIXES) or k == "DPNET_AUTOTUNE_CACHE"}
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"

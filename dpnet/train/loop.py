@@ -23,7 +23,7 @@ from ..parallel import DataParallel, ReducerUnavailable, shard_indices, steps_pe
 from ..parallel.shm_leftovers import remove_stale
 from ..parallel.watchdog import make_guard
 from ..scaling import run_prediction
-from .config import DATA_ENV, OPTIMIZERS, REFERENCE_BATCH, ConfigError, parse_stages, validate
+from .config import DATA_ENV, OPTIMIZERS, REFERENCE_BATCH, ConfigError, parse_stages, validate, with_defaults
 from .faults import fault_spec, inject_fault, inject_part_fault, inject_start_fault
 from .inputs import RankAugmentation, StepAugmentation, load_data, normaliser, split_train_val, training_batch
 from .progress import progress
@@ -153,6 +153,7 @@ def build_update_rule(config):
 def build_model(config, comm):
     """The network config describes (its recipe filling unset layout options), on comm's rank,
     with its fixed layer choices (auto ones are the Trainer's to measure)."""
+    config = with_defaults(config)
     model = _network(config, comm)
     if config.affine_dx != "auto":
         model.set_dx_forms({name: config.affine_dx for name, _ in model.affine_weights()})
@@ -160,7 +161,6 @@ def build_model(config, comm):
 
 
 def _network(config, comm):
-    config = with_recipe(config)
     dtype = np.dtype(config.dtype)
     use_bn = config.bn_mode != "none"
     bn_mode = config.bn_mode if use_bn else "local"
@@ -228,7 +228,7 @@ class Trainer:
         if config.resume:  # the run's own settings, unless an option given again disagrees
             config = on_every_rank(comm, lambda: restore_settings(config, stored_config(config.resume)))
             on_every_rank(comm, lambda: validate(config, comm.size))
-        config = with_recipe(config)  # what is still unset: the model's default recipe
+        config = with_defaults(config)  # what is still unset: the recipe's and the mode's defaults
         if comm.size > 1:
             remove_stale()  # segments that killed MPI jobs left in /dev/shm
         self.config, self.comm = config, comm
@@ -312,11 +312,13 @@ class Trainer:
             images = -(-config.batch_size // (config.micro_shards if config.reproducible else comm.size))
             found = None
             if comm.rank == 0:
-                tuner = Tuner()
+                tuner, start = Tuner(), time.perf_counter()
                 with threadpool_limits(threads, user_api="blas"):
                     conv = tune_model(self.model, images, tuner, threads) if config.conv_algorithm == "auto" else None
                     dx = tune_dx_forms(self.model, images, tuner, threads) if config.affine_dx == "auto" else None
-                found = (conv, dx, f"{tuner.measured} shape(s) measured now, the rest from {tuner.path}")
+                measured = (f"{tuner.measured} shape(s) measured now in {time.perf_counter() - start:.1f} s, the rest"
+                            if tuner.measured else "all")
+                found = (conv, dx, f"{measured} from {tuner.path}")
             conv, dx, source = comm.bcast_obj(found)
         said = []
         if conv is not None:
