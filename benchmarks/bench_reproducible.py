@@ -4,7 +4,7 @@ them by default (sync batchnorm, the model's recipe: optimizer, L2, layout), flo
 batch 128.
 
     python benchmarks/bench_reproducible.py [--models threelayer convnet] [--ranks 1 2] [--repeats 2]
-                                            [--affine-dx plain|transposed|auto] [--quick]
+                                            [--affine-dx defaults|plain|transposed|auto] [--quick]
 
 In one run, each configuration in fresh processes under mpirun (1 or 2 ranks), the machine's
 cores shared as the trainer shares them (cores / ranks BLAS threads per rank in the default
@@ -14,8 +14,9 @@ mode; as many micro-shard passes at a time, one BLAS thread each, in the reprodu
   fixed-point sum;
 - the tree with M = 2 (when the ranks divide it), 4 and 16: what M costs as it grows (not with
   --quick).
---affine-dx: how every configuration makes the affine layers' input gradients, as the trainer's
-option: auto measures each layer's faster form at the configuration's rows per pass (cached).
+Layer choices: each mode's as the trainer makes them (the default mode measures each conv's
+algorithm and affine dx form at its images per rank, cached; the reproducible mode keeps the fixed
+im2col and plain); --affine-dx plain|transposed|auto sets the dx form in every configuration.
 Each figure is the best of REPEATS runs of STEPS steps after WARMUP, printed with its ratio to
 the default mode at the same number of ranks. Name the CPU and BLAS kernels beside any figure
 you quote (printed first).
@@ -40,7 +41,7 @@ def worker(model_name, options, affine_dx):
     from dpnet.parallel import DataParallel, get_comm, shard_bounds
     from dpnet.parallel.sharding import rank_bounds
     from dpnet.train import TrainConfig, build_model, build_update_rule
-    from dpnet.train.recipes import with_recipe
+    from dpnet.train.config import with_defaults
 
     comm = get_comm()
     cores = os.cpu_count() or 1
@@ -48,19 +49,23 @@ def worker(model_name, options, affine_dx):
     rng = np.random.default_rng(0)
     X = rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, BATCH)
-    train_config = with_recipe(TrainConfig(model=model_name, dtype="float32"))
-    model = build_model(train_config, comm)
-    update = build_update_rule(train_config)
     micro = options.get("reproducible")
-    if affine_dx == "auto":  # as the trainer: rank 0 measures (or reads its cache), every rank uses its choices
-        from dpnet.autotune import tune_dx_forms
-        forms = None
+    train_config = with_defaults(TrainConfig(model=model_name, dtype="float32", reproducible=bool(micro),
+                                             affine_dx=None if affine_dx == "defaults" else affine_dx))
+    model = build_model(train_config, comm)  # with its fixed layer choices
+    update = build_update_rule(train_config)
+    if "auto" in (train_config.conv_algorithm, train_config.affine_dx):
+        # as the trainer: rank 0 measures (or reads its cache), every rank uses its choices
+        from dpnet.autotune import Tuner, tune_dx_forms, tune_model
+        choices, tuner = None, Tuner()
+        passes, images = (1, -(-BATCH // micro)) if micro else (threads, -(-BATCH // comm.size))
         if comm.rank == 0:
-            with threadpool_limits(1 if micro else threads, user_api="blas"):
-                forms = tune_dx_forms(model, -(-BATCH // (micro or comm.size)), threads=1 if micro else threads)
-        model.set_dx_forms(comm.bcast_obj(forms))
-    else:
-        model.set_dx_forms({name: affine_dx for name, _ in model.affine_weights()})
+            with threadpool_limits(passes, user_api="blas"):
+                choices = (tune_model(model, images, tuner, passes) if train_config.conv_algorithm == "auto" else {},
+                           tune_dx_forms(model, images, tuner, passes) if train_config.affine_dx == "auto" else {})
+        conv, dx = comm.bcast_obj(choices)
+        model.set_conv_algorithms(conv)
+        model.set_dx_forms(dx)
     dp = DataParallel(model, comm, workers=threads if micro else 1, **options)
     lo, hi = rank_bounds(BATCH, micro, comm.size, comm.rank) if micro else shard_bounds(BATCH, comm.size, comm.rank)
     config = {"learning_rate": train_config.lr}
@@ -102,8 +107,10 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=["threelayer", "convnet"], choices=["threelayer", "convnet"])
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=REPEATS, help="runs of each configuration; the best counts")
-    parser.add_argument("--affine-dx", default="plain", choices=["plain", "transposed", "auto"],
-                        help="the affine layers' input-gradient form in every configuration (as the trainer's option)")
+    parser.add_argument("--affine-dx", default="defaults", choices=["defaults", "plain", "transposed", "auto"],
+                        help="the affine layers' input-gradient form in every configuration (as the trainer's "
+                             "option); defaults: each mode's, as the trainer's (auto in the default mode, "
+                             "plain in the reproducible one)")
     parser.add_argument("--quick", action="store_true", help="the default and the tree at M = 8 only")
     args = parser.parse_args(argv)
     import numpy  # noqa: F401  loads the BLAS that threadpoolctl then names

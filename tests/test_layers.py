@@ -363,36 +363,38 @@ def test_affine_backward_without_dx(rng):
 
 @pytest.mark.parametrize("backward", ["affine", "affine_relu", "affine_bn_relu"])
 def test_the_transposed_input_gradient_is_the_naive_sum(backward, rng):
-    """dx_form='transposed' makes dx as (w @ dout.T).T: each entry the naive sum over the
-    layer's outputs, as the plain form's (float64), through every affine backward; dw and db
-    are the plain form's bits."""
+    """AffineProducts('transposed') makes dx as (w @ dout.T).T: each entry the naive sum over
+    the layer's outputs, as the plain form's (float64), through every affine backward; the
+    outputs, dw and db are the plain form's bits."""
     from dpnet.layers import affine_bn_relu_backward, affine_bn_relu_forward, affine_relu_backward, \
         affine_relu_forward
+    from dpnet.layers.affine import AffineProducts
     x, w, b = rng.standard_normal((5, 2, 3)), rng.standard_normal((6, 4)), rng.standard_normal(4)
-    if backward == "affine":
-        out, cache = affine_forward(x, w, b)
-        run = lambda dout, form: affine_backward(dout, cache, dx_form=form)  # noqa: E731
-        upstream = lambda dout: dout  # noqa: E731  the gradient reaching the affine product
-    elif backward == "affine_relu":
-        out, cache = affine_relu_forward(x, w, b)
-        run = lambda dout, form: affine_relu_backward(dout, cache, dx_form=form)  # noqa: E731
-        upstream = lambda dout: dout * (out > 0)  # noqa: E731
-    else:
-        out, cache = affine_bn_relu_forward(x, w, b, np.ones(4), np.zeros(4), {"mode": "train"})
-        run = lambda dout, form: affine_bn_relu_backward(dout, cache, dx_form=form)  # noqa: E731
-        upstream = None
-    dout = rng.standard_normal(out.shape)
-    plain, transposed = run(dout, "plain"), run(dout, "transposed")
+
+    def run(dout, form):
+        products = AffineProducts(form)
+        if backward == "affine":
+            out, cache = affine_forward(x, w, b, products)
+            return out, affine_backward(dout, cache)
+        if backward == "affine_relu":
+            out, cache = affine_relu_forward(x, w, b, products)
+            return out, affine_relu_backward(dout, cache)
+        out, cache = affine_bn_relu_forward(x, w, b, np.ones(4), np.zeros(4), {"mode": "train"}, products=products)
+        return out, affine_bn_relu_backward(dout, cache)
+
+    dout = rng.standard_normal((5, 4))
+    (out, plain), (out_t, transposed) = run(dout, "plain"), run(dout, "transposed")
+    np.testing.assert_array_equal(out_t, out)
     assert transposed[0].shape == x.shape
     np.testing.assert_allclose(transposed[0], plain[0], rtol=1e-12, atol=1e-14)
-    if upstream is not None:
-        g = upstream(dout)
+    if backward != "affine_bn_relu":
+        g = dout * (out > 0) if backward == "affine_relu" else dout  # the gradient reaching the product
         naive = np.array([[sum(g[i, m] * w[d, m] for m in range(4)) for d in range(6)] for i in range(5)])
         np.testing.assert_allclose(transposed[0].reshape(5, 6), naive, rtol=1e-12, atol=1e-14)
     for got, expected in zip(transposed[1:], plain[1:]):
         np.testing.assert_array_equal(got, expected)
     with pytest.raises(ValueError, match=r"dx_form must be one of \('plain', 'transposed'\), got 'T'"):
-        run(dout, "T")
+        AffineProducts("T")
 
 
 @pytest.mark.parametrize("backward", ["affine", "affine_relu", "affine_bn_relu"])

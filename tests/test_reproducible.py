@@ -229,9 +229,66 @@ def test_the_passes_compute_with_the_models_layer_choices(monkeypatch):
     model.set_layer_choices({"conv": {"1": "im2col-whole"}, "dx": {"W2": "transposed", "W3": "transposed"}})
     X, y = cases.make_batch(8)
     dp.loss(X, y, global_batch_size=8)
-    assert forms == ["transposed"] * 8  # 2 affine layers x 4 passes
+    assert set(forms) == {"transposed"} and len(forms) >= 2  # 2 affine layers, passes stacked or not
     assert algorithms == ["im2col-whole"] * 4
     assert model.layer_choices() == {"conv": {"1": "im2col-whole"}, "dx": {"W2": "transposed", "W3": "transposed"}}
+
+
+class _RowsProduct:
+    """A stand-in affine product for MicroShardGroup.stacked: records the rows of every call;
+    with `by_count`, each row's result depends on how many rows the call has (as a BLAS whose
+    kernel changes with the row count)."""
+
+    def __init__(self, by_count=False):
+        self.by_count, self.calls = by_count, []
+        self.signature = ("test", by_count)
+
+    def __call__(self, rows):
+        self.calls.append(len(rows))
+        return rows * 2.0 + (len(rows) if self.by_count else 0)
+
+
+@pytest.mark.parametrize("by_count", [False, True], ids=["same-bits", "bits-change-with-rows"])
+def test_the_passes_of_a_rank_stack_their_products_only_where_that_keeps_every_rows_bits(by_count):
+    """k = 4 passes of 3, 2, 2 and 2 rows: where the product gives every row the same bits in
+    any stacking, one call over the 9 rows serves them all (after a one-time check on random
+    rows); where it does not, each pass gets its product alone. Either way each pass gets
+    exactly the rows it would alone."""
+    from dpnet.parallel.microshards import MicroShardGroup
+    group = MicroShardGroup(SerialComm(), 4)
+    product = _RowsProduct(by_count)
+    rows = [np.arange(n * 5, dtype=np.float64).reshape(n, 5) + 100 * j for j, n in enumerate((3, 2, 2, 2))]
+    for _ in range(2):  # the second step: the check is not made again
+        got = group.run(lambda j: group.stacked(j, rows[j], product))
+        for j, part in enumerate(rows):  # what the pass's own call gives
+            np.testing.assert_array_equal(got[j], part * 2.0 + (len(part) if by_count else 0))
+    if by_count:  # the check (9 stacked, then the first pass's 3 differ) said no: pass by pass, both steps
+        assert product.calls == [9, 3] + [3, 2, 2, 2] * 2
+    else:
+        assert product.calls == [9, 3, 2, 2, 2] + [9] * 2
+
+
+def test_stacked_affine_products_give_every_pass_its_own_bits(monkeypatch):
+    """ThreeLayerConvNet in the reproducible mode: at one rank (8 passes) each affine product
+    is made over the passes' stacked rows where this machine's BLAS keeps the bits (else pass
+    by pass), and the run is bit-identical to 8 ranks of one micro-shard each, which stack
+    nothing."""
+    import dpnet.parallel.microshards as microshards
+    rows = []
+    product_call = microshards._Product.__call__
+
+    def spy(self, stacked):
+        rows.append(len(stacked))
+        return product_call(self, stacked)
+
+    monkeypatch.setattr(microshards._Product, "__call__", spy)
+    one = cases.reproducible_run(SerialComm(), "threelayer", "sync", "tree")
+    assert max(rows) == 19  # the check's stacked call, or the product itself: all 8 passes' rows
+    rows.clear()
+    alone = SimComm(8).run(cases.reproducible_run, "threelayer", "sync", "tree")
+    assert rows == []
+    for result in alone:
+        cases.assert_same_run(result, one, "8 ranks")
 
 
 def test_a_rank_must_pass_its_micro_shards():

@@ -7,13 +7,35 @@ from ._validate import require_ndim
 DX_FORMS = ("plain", "transposed")
 
 
-def affine_forward(x, w, b):
+class AffineProducts:
+    """How an affine layer multiplies by its weight w (D, M): forward(x2, w) = x2 @ w, and
+    input_grad(dout, w) = dout @ w.T made in `dx_form` (input_grad). The one interface for
+    other ways of making the same products (the reproducible mode stacks its passes' rows into
+    one GEMM: dpnet.parallel.microshards.StackedProducts)."""
+
+    def __init__(self, dx_form="plain"):
+        if dx_form not in DX_FORMS:
+            raise ValueError(f"dx_form must be one of {DX_FORMS}, got {dx_form!r}")
+        self.dx_form = dx_form
+
+    def forward(self, x2, w):
+        return x2 @ w
+
+    def input_grad(self, dout, w):
+        return input_grad(dout, w, self.dx_form)
+
+
+PLAIN = AffineProducts()
+
+
+def affine_forward(x, w, b, products=PLAIN):
     """Affine transform of flattened inputs.
 
     Inputs:
     - x: (N, d_1, ..., d_k); each example is flattened to D = d_1 * ... * d_k
     - w: weights, (D, M)
     - b: biases, (M,)
+    - products: how the products with w are made, here and in affine_backward (AffineProducts)
 
     Returns (out, cache): out is (N, M).
     """
@@ -26,9 +48,9 @@ def affine_forward(x, w, b):
         )
     if b.shape != (w.shape[1],):
         raise ValueError(f"b must have shape ({w.shape[1]},) to match w, got {b.shape}")
-    out = x2 @ w  # (N, M)
+    out = products.forward(x2, w)  # (N, M)
     out += b
-    return out, (x, w)
+    return out, (x, w, products)
 
 
 class WeightGradFactors:
@@ -65,21 +87,20 @@ def input_grad(dout, w, form="plain"):
     raise ValueError(f"dx_form must be one of {DX_FORMS}, got {form!r}")
 
 
-def affine_backward(dout, cache, compute_dx=True, dw_factors=False, dx_form="plain"):
+def affine_backward(dout, cache, compute_dx=True, dw_factors=False):
     """Backward pass of affine_forward.
 
     Inputs:
     - dout: upstream gradient, (N, M)
-    - cache: from affine_forward
+    - cache: from affine_forward (dx is made by its products' input_grad)
     - compute_dx: False skips dx (None is returned), for a layer whose input is data
     - dw_factors: True returns dw as WeightGradFactors(x2, dout), not yet multiplied
-    - dx_form: how dx's product is made (input_grad): 'plain' or 'transposed'
 
     Returns (dx, dw, db) with the shapes of x, w and b.
     """
-    x, w = cache
+    x, w, products = cache
     x2 = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))  # (N, D)
     dw = WeightGradFactors(x2, dout) if dw_factors else x2.T @ dout  # (D, M)
     db = dout.sum(axis=0)  # (M,)
-    dx = input_grad(dout, w, dx_form).reshape(x.shape) if compute_dx else None
+    dx = products.input_grad(dout, w).reshape(x.shape) if compute_dx else None
     return dx, dw, db

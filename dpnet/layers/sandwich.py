@@ -14,7 +14,7 @@ tied, where the pooled gradient goes to the first maximal element either way.
 import numpy as np
 
 from .activations import relu_backward, relu_forward
-from .affine import affine_backward, affine_forward
+from .affine import PLAIN, affine_backward, affine_forward
 from .batchnorm import (batchnorm_backward, batchnorm_forward, spatial_batchnorm_backward,
                         spatial_batchnorm_forward)
 from .conv import conv_backward, conv_forward
@@ -28,32 +28,34 @@ def _relu_in_place(a):
     return a, a
 
 
-def affine_relu_forward(x, w, b):
-    """affine -> ReLU. x: (N, D), w: (D, M), b: (M,). Returns (out (N, M), cache)."""
-    a, fc_cache = affine_forward(x, w, b)
+def affine_relu_forward(x, w, b, products=PLAIN):
+    """affine -> ReLU. x: (N, D), w: (D, M), b: (M,); products: as affine_forward's.
+    Returns (out (N, M), cache)."""
+    a, fc_cache = affine_forward(x, w, b, products)
     out, relu_cache = _relu_in_place(a)
     return out, (fc_cache, relu_cache)
 
 
-def affine_relu_backward(dout, cache, compute_dx=True, dw_factors=False, dx_form="plain"):
-    """Returns (dx, dw, db); dw_factors, dx_form: as affine_backward's."""
+def affine_relu_backward(dout, cache, compute_dx=True, dw_factors=False):
+    """Returns (dx, dw, db); dw_factors: as affine_backward's."""
     fc_cache, relu_cache = cache
-    return affine_backward(relu_backward(dout, relu_cache), fc_cache, compute_dx, dw_factors, dx_form)
+    return affine_backward(relu_backward(dout, relu_cache), fc_cache, compute_dx, dw_factors)
 
 
-def affine_bn_relu_forward(x, w, b, gamma, beta, bn_param, comm=None):
-    """affine -> batchnorm -> ReLU. gamma, beta: (M,). Returns (out (N, M), cache)."""
-    a, fc_cache = affine_forward(x, w, b)
+def affine_bn_relu_forward(x, w, b, gamma, beta, bn_param, comm=None, products=PLAIN):
+    """affine -> batchnorm -> ReLU. gamma, beta: (M,); products: as affine_forward's.
+    Returns (out (N, M), cache)."""
+    a, fc_cache = affine_forward(x, w, b, products)
     a, bn_cache = batchnorm_forward(a, gamma, beta, bn_param, comm)
     out, relu_cache = _relu_in_place(a)
     return out, (fc_cache, bn_cache, relu_cache)
 
 
-def affine_bn_relu_backward(dout, cache, compute_dx=True, dw_factors=False, dx_form="plain"):
-    """Returns (dx, dw, db, dgamma, dbeta); dw_factors, dx_form: as affine_backward's."""
+def affine_bn_relu_backward(dout, cache, compute_dx=True, dw_factors=False):
+    """Returns (dx, dw, db, dgamma, dbeta); dw_factors: as affine_backward's."""
     fc_cache, bn_cache, relu_cache = cache
     da, dgamma, dbeta = batchnorm_backward(relu_backward(dout, relu_cache), bn_cache)
-    dx, dw, db = affine_backward(da, fc_cache, compute_dx, dw_factors, dx_form)
+    dx, dw, db = affine_backward(da, fc_cache, compute_dx, dw_factors)
     return dx, dw, np.zeros_like(db), dgamma, dbeta
 
 

@@ -31,15 +31,16 @@ def affine_stack_forward(model, x, first, num_hidden, bn_offset):
         idx = first + i
         if f"gamma{idx}" in p:
             x, cache = affine_bn_relu_forward(x, p[f"W{idx}"], p[f"b{idx}"], p[f"gamma{idx}"],
-                                              p[f"beta{idx}"], model.bn_params[bn_offset + i], model.bn_comm)
+                                              p[f"beta{idx}"], model.bn_params[bn_offset + i], model.bn_comm,
+                                              model.affine_products(f"W{idx}"))
         else:
-            x, cache = affine_relu_forward(x, p[f"W{idx}"], p[f"b{idx}"])
+            x, cache = affine_relu_forward(x, p[f"W{idx}"], p[f"b{idx}"], model.affine_products(f"W{idx}"))
         drop_cache = None
         if model.dropout_param is not None:
             x, drop_cache = dropout_forward(x, model.dropout_param)
         caches.append((cache, drop_cache))
     idx = first + num_hidden
-    scores, cache = affine_forward(x, p[f"W{idx}"], p[f"b{idx}"])
+    scores, cache = affine_forward(x, p[f"W{idx}"], p[f"b{idx}"], model.affine_products(f"W{idx}"))
     caches.append(cache)
     return scores, caches
 
@@ -50,8 +51,7 @@ def affine_stack_backward(model, dscores, caches, first, grads, compute_dx_first
     num_hidden = len(caches) - 1
     idx = first + num_hidden
     compute = compute_dx_first or num_hidden > 0
-    dx, grads[f"W{idx}"], grads[f"b{idx}"] = affine_backward(dscores, caches[-1], compute, model.dw_factors,
-                                                             model.dx_form(f"W{idx}"))
+    dx, grads[f"W{idx}"], grads[f"b{idx}"] = affine_backward(dscores, caches[-1], compute, model.dw_factors)
     for i in reversed(range(num_hidden)):
         idx = first + i
         cache, drop_cache = caches[i]
@@ -60,8 +60,7 @@ def affine_stack_backward(model, dscores, caches, first, grads, compute_dx_first
         compute = compute_dx_first or i > 0
         if f"gamma{idx}" in model.params:
             dx, grads[f"W{idx}"], grads[f"b{idx}"], grads[f"gamma{idx}"], grads[f"beta{idx}"] = \
-                affine_bn_relu_backward(dx, cache, compute, model.dw_factors, model.dx_form(f"W{idx}"))
+                affine_bn_relu_backward(dx, cache, compute, model.dw_factors)
         else:
-            dx, grads[f"W{idx}"], grads[f"b{idx}"] = affine_relu_backward(dx, cache, compute, model.dw_factors,
-                                                                          model.dx_form(f"W{idx}"))
+            dx, grads[f"W{idx}"], grads[f"b{idx}"] = affine_relu_backward(dx, cache, compute, model.dw_factors)
     return dx

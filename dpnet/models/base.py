@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ..layers.affine import DX_FORMS
+from ..layers.affine import DX_FORMS, AffineProducts
 from ..layers.batchnorm import init_bn_state
 from ..layers.conv import conv_algorithms
 from ..layers.losses import softmax_loss
@@ -97,6 +97,7 @@ class Model:
         self.bn_params = []
         self.conv_algorithms = {}  # layer -> its algorithm (CONV_ALGORITHMS), for the layers of conv_layers()
         self.dx_forms = {}  # affine weight name -> how its layer's input gradient is made (DX_FORMS)
+        self.products = AffineProducts  # dx form -> how an affine layer makes its products (the strategy)
         self.dropout_param = None
         self.dw_factors = False
 
@@ -151,8 +152,10 @@ class Model:
             raise ValueError(f"dx forms must be one of {DX_FORMS}, got {bad}")
         self.dx_forms.update(choices)
 
-    def dx_form(self, weight):
-        return self.dx_forms.get(weight, "plain")
+    def affine_products(self, weight):
+        """How the affine layer of `weight` makes its products (dpnet.layers.affine.AffineProducts,
+        or what self.products makes instead), its input gradient in the layer's dx form."""
+        return self.products(self.dx_forms.get(weight, "plain"))
 
     def layer_choices(self):
         """How the choosable layers compute, as JSON keeps it (checkpoints):

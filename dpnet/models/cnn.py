@@ -73,23 +73,21 @@ class ThreeLayerConvNet(Model):
             h1, c1 = conv_bn_relu_pool_forward(X, p["W1"], p["b1"], p["gamma1"], p["beta1"],
                                                conv_param, self.bn_params[0], POOL_PARAM, comm)
             h2, c2 = affine_bn_relu_forward(h1, p["W2"], p["b2"], p["gamma2"], p["beta2"],
-                                            self.bn_params[1], comm)
+                                            self.bn_params[1], comm, self.affine_products("W2"))
         else:
             h1, c1 = conv_relu_pool_forward(X, p["W1"], p["b1"], conv_param, POOL_PARAM)  # (N, F, H/2, W/2)
-            h2, c2 = affine_relu_forward(h1, p["W2"], p["b2"])  # (N, hidden)
-        scores, c3 = affine_forward(h2, p["W3"], p["b3"])  # (N, classes)
+            h2, c2 = affine_relu_forward(h1, p["W2"], p["b2"], self.affine_products("W2"))  # (N, hidden)
+        scores, c3 = affine_forward(h2, p["W3"], p["b3"], self.affine_products("W3"))  # (N, classes)
         return scores, (c1, c2, c3)
 
     def _backward(self, dscores, caches, grads):
         c1, c2, c3 = caches
-        dh2, grads["W3"], grads["b3"] = affine_backward(dscores, c3, dw_factors=self.dw_factors,
-                                                        dx_form=self.dx_form("W3"))
+        dh2, grads["W3"], grads["b3"] = affine_backward(dscores, c3, dw_factors=self.dw_factors)
         if self.use_batchnorm:
             dh1, grads["W2"], grads["b2"], grads["gamma2"], grads["beta2"] = affine_bn_relu_backward(
-                dh2, c2, dw_factors=self.dw_factors, dx_form=self.dx_form("W2"))
+                dh2, c2, dw_factors=self.dw_factors)
             _, grads["W1"], grads["b1"], grads["gamma1"], grads["beta1"] = conv_bn_relu_pool_backward(
                 dh1, c1, compute_dx=False)
         else:
-            dh1, grads["W2"], grads["b2"] = affine_relu_backward(dh2, c2, dw_factors=self.dw_factors,
-                                                                   dx_form=self.dx_form("W2"))
+            dh1, grads["W2"], grads["b2"] = affine_relu_backward(dh2, c2, dw_factors=self.dw_factors)
             _, grads["W1"], grads["b1"] = conv_relu_pool_backward(dh1, c1, compute_dx=False)

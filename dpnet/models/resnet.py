@@ -121,13 +121,13 @@ class ResNet(Model):
             x, add_cache = residual_relu_forward(z, shortcut)
             caches.append((a_cache, conv_cache, bn_cache, sc_cache, add_cache))
         pooled, pool_cache = global_avg_pool_forward(x)
-        scores, fc_cache = affine_forward(pooled, p[f"W{self.fc}"], p[f"b{self.fc}"])
+        scores, fc_cache = affine_forward(pooled, p[f"W{self.fc}"], p[f"b{self.fc}"], self.affine_products(f"W{self.fc}"))
         return scores, (stem, caches, pool_cache, fc_cache)
 
     def _backward(self, dscores, all_caches, grads):
         stem, caches, pool_cache, fc_cache = all_caches
         dpooled, grads[f"W{self.fc}"], grads[f"b{self.fc}"] = affine_backward(
-            dscores, fc_cache, dw_factors=self.dw_factors, dx_form=self.dx_form(f"W{self.fc}"))
+            dscores, fc_cache, dw_factors=self.dw_factors)
         dx = global_avg_pool_backward(dpooled, pool_cache)
         for b in range(len(self.blocks) - 1, -1, -1):
             i = 2 * b + 2

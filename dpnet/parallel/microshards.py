@@ -20,6 +20,7 @@ import threading
 
 import numpy as np
 
+from ..layers.affine import AffineProducts
 from .threads import run_threads
 
 DEFAULT_MICRO_SHARDS = 8
@@ -72,6 +73,7 @@ class MicroShardGroup:
         self.arrived, self.generation, self.result = 0, 0, None
         self.failure = None
         self.comms = [MicroShardComm(self, j) for j in range(self.k)]
+        self._stackable = {}  # (product, shapes, dtype) -> whether stacking keeps every row's bits
 
     def reset(self):
         """Before a new set of passes: forget an earlier failure."""
@@ -85,36 +87,80 @@ class MicroShardGroup:
                 self.failure = exc
             self.cond.notify_all()
 
+    def _meet(self, j, item):
+        """Rendezvous of the k passes: pass j leaves `item`. The last to arrive gets (True, every
+        pass's item in pass order) and must _publish() a result; the others wait for it and get
+        (False, that result)."""
+        with self.cond:
+            if self.failure is not None:
+                raise MicroShardFailure(f"another micro-shard pass failed: {self.failure}")
+            generation = self.generation
+            self.pending[j] = item
+            self.arrived += 1
+            if self.arrived < self.k:
+                self.cond.wait_for(lambda: self.generation != generation or self.failure is not None)
+                if self.generation == generation:
+                    raise MicroShardFailure(f"another micro-shard pass failed: {self.failure}")
+                return False, self.result
+            items = self.pending
+            self.pending, self.arrived = [None] * self.k, 0
+            return True, items
+
+    def _publish(self, result):
+        with self.cond:
+            self.result = result
+            self.generation += 1
+            self.cond.notify_all()
+        return result
+
     def gather(self, j, array):
         """Collective of the k passes: (M,) + array.shape, every micro-shard's array in
         micro-shard order. The last pass to arrive makes the rank's collective."""
         self.turns.release()  # waiting: another pass may compute
         try:
-            with self.cond:
-                if self.failure is not None:
-                    raise MicroShardFailure(f"another micro-shard pass failed: {self.failure}")
-                generation = self.generation
-                self.pending[j] = np.array(array, copy=True)
-                self.arrived += 1
-                if self.arrived < self.k:
-                    self.cond.wait_for(lambda: self.generation != generation or self.failure is not None)
-                    if self.generation == generation:
-                        raise MicroShardFailure(f"another micro-shard pass failed: {self.failure}")
-                    return self.result
-                local = np.stack(self.pending)
-                self.pending, self.arrived = [None] * self.k, 0
+            last, got = self._meet(j, np.array(array, copy=True))
+            if not last:
+                return got
+            local = np.stack(got)
             try:
                 gathered = self.comm.allgather(local)  # (N, k, ...): rank order, then pass order
             except BaseException as exc:
                 self.fail(exc)
                 raise
-            with self.cond:
-                self.result = gathered.reshape((self.size,) + local.shape[1:])
-                self.generation += 1
-                self.cond.notify_all()
-                return self.result
+            return self._publish(gathered.reshape((self.size,) + local.shape[1:]))
         finally:
             self.turns.acquire()
+
+    def stacked(self, j, rows, product):
+        """Collective of the k passes, within this rank: product(every pass's `rows` stacked in
+        pass order), each pass getting its own rows of the result. The last pass to arrive makes
+        the product (with a turn to compute), on the stacked rows where stacking gives every row
+        the bits it gets alone (same_bits_stacked, checked once per shape), else pass by pass."""
+        self.turns.release()  # waiting: another pass may compute
+        try:
+            last, got = self._meet(j, rows)
+            if not last:
+                return got[j]
+            try:
+                with self.turns:
+                    if self._may_stack(got, product):
+                        whole = product(np.concatenate(got))
+                        ends = np.cumsum([len(part) for part in got])
+                        results = [whole[end - len(part):end] for part, end in zip(got, ends)]
+                    else:
+                        results = [product(part) for part in got]
+            except BaseException as exc:
+                self.fail(exc)
+                raise
+            return self._publish(results)[j]
+        finally:
+            self.turns.acquire()
+
+    def _may_stack(self, parts, product):
+        key = (product.signature, tuple(part.shape for part in parts), parts[0].dtype.str)
+        if key not in self._stackable:
+            self._stackable[key] = same_bits_stacked(product, [part.shape for part in parts], parts[0].dtype)
+        return self._stackable[key]
 
     def run(self, fn):
         """Run fn(j) for the k passes, each on a thread of its own (inline when k is 1), at most
@@ -133,6 +179,52 @@ class MicroShardGroup:
         if own or any(errors):
             raise own[0] if own else next(e for e in errors if e is not None)
         return results
+
+
+def same_bits_stacked(product, shapes, dtype, seed=0):
+    """Whether product(rows) gives every row the same bits when the rows of several passes
+    (their shapes: `shapes`) are stacked into one call as when each pass calls it alone, on
+    random data. BLAS libraries may sum in an order that depends on the number of rows (a
+    kernel for few rows, another for many); where they do, a stacked product would make the
+    bits depend on how many passes a rank holds, i.e. on the number of ranks."""
+    rng = np.random.default_rng(seed)
+    parts = [rng.standard_normal(shape).astype(dtype) for shape in shapes]
+    whole = product(np.concatenate(parts))
+    start = 0
+    for part in parts:
+        if not np.array_equal(whole[start:start + len(part)], product(part)):
+            return False
+        start += len(part)
+    return True
+
+
+class StackedProducts:
+    """The products of an affine layer (dpnet.layers.affine.AffineProducts' interface) made for
+    the k passes of a rank at once: x2 @ w and dout @ w.T over the passes' rows stacked, which
+    reads the weight once instead of k times (a large weight is read from memory, not cache, so
+    k small products cost up to k times one). Where stacking would change a bit it is not used
+    (MicroShardGroup.stacked). group: the passes' MicroShardGroup; j: this pass; dx_form: as
+    AffineProducts'."""
+
+    def __init__(self, group, j, dx_form="plain"):
+        self.group, self.j, self.alone = group, j, AffineProducts(dx_form)
+
+    def forward(self, x2, w):
+        return self.group.stacked(self.j, x2, _Product(self.alone.forward, w, "forward"))
+
+    def input_grad(self, dout, w):
+        return self.group.stacked(self.j, dout, _Product(self.alone.input_grad, w, self.alone.dx_form))
+
+
+class _Product:
+    """rows -> fn(rows, w); `signature` names what it computes, for the stacking check."""
+
+    def __init__(self, fn, w, kind):
+        self.fn, self.w = fn, w
+        self.signature = (kind, w.shape, w.dtype.str, w.flags.c_contiguous)
+
+    def __call__(self, rows):
+        return self.fn(rows, self.w)
 
 
 class MicroShardComm:

@@ -6,17 +6,20 @@
 - MicroShardPasses (the reproducible mode): one pass per micro-shard of the rank
   (dpnet.parallel.microshards), each on a view of the model that shares its parameters but has
   batchnorm statistics of its own and reduces them over the micro-shards, each packing its
-  gradients into a send buffer of its own (the reducer sums them in a canonical order).
+  gradients into a send buffer of its own (the reducer sums them in a canonical order). The
+  passes make each affine layer's products with the weight as one GEMM over their stacked rows
+  (StackedProducts), where that gives every row the bits it has alone.
 
 Interface: run(X, y, total, step) -> one data loss per send buffer of the reducer, in order.
 """
 
 import copy
+import functools
 
 import numpy as np
 
 from ..layers.affine import WeightGradFactors
-from .microshards import ordered_sum
+from .microshards import StackedProducts, ordered_sum
 from .sharding import rank_bounds, shard_bounds
 
 BN_STATS = ("running_mean", "running_var")
@@ -66,14 +69,16 @@ class MicroShardPasses:
 
     def __init__(self, model, flat, reducer, group, seed=0):
         self.model, self.flat, self.reducer, self.group, self.seed = model, flat, reducer, group, seed
-        self.views = [self._view(comm) for comm in group.comms]
+        self.views = [self._view(j) for j in range(group.k)]
 
-    def _view(self, comm):
-        model = self.model
+    def _view(self, j):
+        model, comm = self.model, self.group.comms[j]
         view = copy.copy(model)  # shares params, layout and algorithms
         view.bn_params = [{**bn, **{key: bn[key].copy() for key in BN_STATS}} for bn in model.bn_params]
         view.comm = comm if model.bn_mode == "sync" else None
         view.dw_factors = True  # affine weight gradients as factors: the reducer may take them
+        if self.group.k > 1:  # the rank's passes make each affine product as one
+            view.products = functools.partial(StackedProducts, self.group, j)
         if model.dropout_param is not None:
             view.dropout_param = dict(model.dropout_param)
         return view
