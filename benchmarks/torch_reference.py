@@ -102,8 +102,9 @@ What does not match:
   of order lr_t/lr_(t-10) - 1, which is below 1% except in the last steps.
 - With several dpnet ranks each rank augments its own shard from its own stream
   (default_rng([seed, rank, 1])); this process draws all crops from rank 0's.
-- The other dpnet optimizers (sgd, nesterov, rmsprop), the step schedule, --lr-scaling and
-  --warmup-epochs are not implemented.
+- --warmup-epochs ramps the rate linearly from 0 over that many epochs, as dpnet.train's.
+- The other dpnet optimizers (sgd, nesterov, rmsprop), the step schedule and --lr-scaling are
+  not implemented.
 """
 
 import argparse
@@ -277,9 +278,10 @@ def init_like_dpnet(model, seed, scheme="he"):
 # ---------------------------------------------------------------- training
 
 
-def learning_rate(lr, step, total_steps):
-    """dpnet.train.learning_rate with lr_schedule='cosine'."""
-    return 0.5 * lr * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+def learning_rate(lr, step, total_steps, warmup_steps=0.0):
+    """dpnet.train.learning_rate with lr_schedule='cosine' and --warmup-epochs' ramp."""
+    rate = 0.5 * lr * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    return rate * min(1.0, (step + 1) / warmup_steps) if warmup_steps else rate
 
 
 def evaluate(model, x, y, to_input, chunk=500):
@@ -312,6 +314,8 @@ def main(argv=None):
     parser.add_argument("--reg", type=float, help="default: dpnet's recipe")
     parser.add_argument("--optimizer", choices=("adam", "momentum"),
                         help="adam or SGD with momentum 0.9 (dpnet's --optimizer momentum); default: dpnet's recipe")
+    parser.add_argument("--warmup-epochs", type=float, default=0.0,
+                        help="raise the rate linearly from 0 over this many epochs, as dpnet.train's")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random crop + flip, dpnet's own function and rank-0 stream (dpnet's default)")
@@ -377,7 +381,7 @@ def main(argv=None):
             if args.augment:
                 xb = torch.from_numpy(np.ascontiguousarray(random_crop_flip(xb.numpy(), augment_rng)))
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(args.lr, step, total_steps)
+                group["lr"] = learning_rate(args.lr, step, total_steps, args.warmup_epochs * per_epoch)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(xb), yb)
             if args.reg:
@@ -400,7 +404,7 @@ def main(argv=None):
     print(json.dumps({
         "model": args.model, "stages": args.stages if args.model in ("convnet", "vgg") else None,
         "hidden_dim": args.hidden_dim if args.model not in RESNETS else None, "bn_mode": args.bn_mode, "optimizer": args.optimizer, "lr": args.lr,
-        "reg": args.reg, "augment": args.augment, "seed": args.seed, "epochs": args.epochs, "steps": step,
+        "reg": args.reg, "warmup_epochs": args.warmup_epochs, "augment": args.augment, "seed": args.seed, "epochs": args.epochs, "steps": step,
         "train_images": n, "test_acc": test_acc, "val_acc": val_acc,
         "final_train_loss": loss_mean, "seconds": round(train_seconds, 3),
         "seconds_per_epoch": round(train_seconds / args.epochs, 3) if args.epochs else None,
