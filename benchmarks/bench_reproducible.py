@@ -4,7 +4,7 @@ them by default (sync batchnorm, the model's recipe: optimizer, L2, layout), flo
 batch 128.
 
     python benchmarks/bench_reproducible.py [--models threelayer convnet] [--ranks 1 2] [--repeats 2]
-                                            [--affine-dx defaults|plain|transposed|auto] [--quick]
+                                            [--affine-dx auto|plain|transposed] [--quick]
 
 In one run, each configuration in fresh processes under mpirun (1 or 2 ranks), the machine's
 cores shared as the trainer shares them (cores / ranks BLAS threads per rank in the default
@@ -14,9 +14,10 @@ mode; as many micro-shard passes at a time, one BLAS thread each, in the reprodu
   fixed-point sum;
 - the tree with M = 2 (when the ranks divide it), 4 and 16: what M costs as it grows (not with
   --quick).
-Layer choices: each mode's as the trainer makes them (the default mode measures each conv's
-algorithm and affine dx form at its images per rank, cached; the reproducible mode keeps the fixed
-im2col and plain); --affine-dx plain|transposed|auto sets the dx form in every configuration.
+Layer choices: as the trainer makes them by default (auto: each conv's algorithm and affine dx
+form measured at the configuration's images per pass, cached; in the reproducible mode only among
+the ways with im2col's and plain's bits); --affine-dx plain|transposed sets the dx form in every
+configuration.
 Each figure is the best of REPEATS runs of STEPS steps after WARMUP, printed with its ratio to
 the default mode at the same number of ranks. Name the CPU and BLAS kernels beside any figure
 you quote (printed first).
@@ -41,7 +42,8 @@ def worker(model_name, options, affine_dx):
     from dpnet.parallel import DataParallel, get_comm, shard_bounds
     from dpnet.parallel.sharding import rank_bounds
     from dpnet.train import TrainConfig, build_model, build_update_rule
-    from dpnet.train.config import with_defaults
+    from dpnet.train.config import REPRODUCIBLE_BITS_OF
+    from dpnet.train.recipes import with_recipe
 
     comm = get_comm()
     cores = os.cpu_count() or 1
@@ -50,8 +52,8 @@ def worker(model_name, options, affine_dx):
     X = rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, BATCH)
     micro = options.get("reproducible")
-    train_config = with_defaults(TrainConfig(model=model_name, dtype="float32", reproducible=bool(micro),
-                                             affine_dx=None if affine_dx == "defaults" else affine_dx))
+    train_config = with_recipe(TrainConfig(model=model_name, dtype="float32", reproducible=bool(micro),
+                                           affine_dx=affine_dx))
     model = build_model(train_config, comm)  # with its fixed layer choices
     update = build_update_rule(train_config)
     if "auto" in (train_config.conv_algorithm, train_config.affine_dx):
@@ -59,10 +61,13 @@ def worker(model_name, options, affine_dx):
         from dpnet.autotune import Tuner, tune_dx_forms, tune_model
         choices, tuner = None, Tuner()
         passes, images = (1, -(-BATCH // micro)) if micro else (threads, -(-BATCH // comm.size))
+        bits = REPRODUCIBLE_BITS_OF if micro else {}  # reproducible: only ways with the fixed ways' bits
         if comm.rank == 0:
             with threadpool_limits(passes, user_api="blas"):
-                choices = (tune_model(model, images, tuner, passes) if train_config.conv_algorithm == "auto" else {},
-                           tune_dx_forms(model, images, tuner, passes) if train_config.affine_dx == "auto" else {})
+                choices = (tune_model(model, images, tuner, passes, bits.get("conv_algorithm"))
+                           if train_config.conv_algorithm == "auto" else {},
+                           tune_dx_forms(model, images, tuner, passes, bits.get("affine_dx"))
+                           if train_config.affine_dx == "auto" else {})
         conv, dx = comm.bcast_obj(choices)
         model.set_conv_algorithms(conv)
         model.set_dx_forms(dx)
@@ -107,10 +112,9 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=["threelayer", "convnet"], choices=["threelayer", "convnet"])
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=REPEATS, help="runs of each configuration; the best counts")
-    parser.add_argument("--affine-dx", default="defaults", choices=["defaults", "plain", "transposed", "auto"],
+    parser.add_argument("--affine-dx", default="auto", choices=["auto", "plain", "transposed"],
                         help="the affine layers' input-gradient form in every configuration (as the trainer's "
-                             "option); defaults: each mode's, as the trainer's (auto in the default mode, "
-                             "plain in the reproducible one)")
+                             "option and default)")
     parser.add_argument("--quick", action="store_true", help="the default and the tree at M = 8 only")
     args = parser.parse_args(argv)
     import numpy  # noqa: F401  loads the BLAS that threadpoolctl then names

@@ -11,6 +11,11 @@ of several runs after a warm-up), the faster wins, and the choice is saved in a 
 a key naming the CPU, its vector extensions and the BLAS library and kernel, so a machine never
 uses another's choices. The cache is ~/.cache/dpnet/autotune.json, or $DPNET_AUTOTUNE_CACHE.
 A fixed choice (`--conv-algorithm im2col`, `--affine-dx plain`, ...) measures nothing.
+
+With `bits_of` (the reproducible mode), a way is a candidate only if it gives every output and
+gradient the very bits of that reference way (im2col, plain) on random data of the layer's
+shapes, checked once per signature and cached like the timings: the choice then changes the
+speed, never a bit, whatever the timings say on another day or host.
 """
 
 import json
@@ -55,18 +60,38 @@ def signature(x_shape, w_shape, conv_param, dtype, threads, compute_dx=True):
             f"{np.dtype(dtype).name} threads {threads}" + ("" if compute_dx else " no dx"))
 
 
-def time_conv(algorithm, x_shape, w_shape, conv_param, dtype, repeats=REPEATS, compute_dx=True):
-    """Median seconds of one forward + backward (dx unless compute_dx is False, dw, db) of
-    `algorithm` on random data."""
-    from .layers import conv_backward, conv_forward
+def _conv_data(x_shape, w_shape, conv_param, dtype):
+    """Random x, w and dout for a convolution, the same for every algorithm."""
+    from .layers.conv import conv_output_shape
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(dtype)
     w = (rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))).astype(dtype)
-    param = {**conv_param, "algorithm": algorithm}
-    out, cache = conv_forward(x, w, None, param)
-    dout = rng.standard_normal(out.shape).astype(dtype)
-    conv_backward(dout, cache, compute_dx)  # warm-up
-    return _median_seconds(lambda: conv_backward(dout, conv_forward(x, w, None, param)[1], compute_dx), repeats)
+    _, _, h_out, w_out = conv_output_shape(x_shape, w_shape, conv_param)
+    dout = rng.standard_normal((x_shape[0], w_shape[0], h_out, w_out)).astype(dtype)
+    return x, w, dout
+
+
+def _conv_pass(algorithm, x, w, dout, conv_param, compute_dx):
+    """(out, dx, dw, db) of one forward + backward of `algorithm`."""
+    from .layers import conv_backward, conv_forward
+    out, cache = conv_forward(x, w, None, {**conv_param, "algorithm": algorithm})
+    return (out,) + conv_backward(dout, cache, compute_dx)
+
+
+def time_conv(algorithm, x_shape, w_shape, conv_param, dtype, repeats=REPEATS, compute_dx=True):
+    """Median seconds of one forward + backward (dx unless compute_dx is False, dw, db) of
+    `algorithm` on random data."""
+    x, w, dout = _conv_data(x_shape, w_shape, conv_param, dtype)
+    _conv_pass(algorithm, x, w, dout, conv_param, compute_dx)  # warm-up
+    return _median_seconds(lambda: _conv_pass(algorithm, x, w, dout, conv_param, compute_dx), repeats)
+
+
+def same_conv_bits(algorithm, reference, x_shape, w_shape, conv_param, dtype, compute_dx=True):
+    """Whether `algorithm` gives the output and every gradient of a convolution the bits of
+    `reference`, on random data."""
+    x, w, dout = _conv_data(x_shape, w_shape, conv_param, dtype)
+    ours, theirs = (_conv_pass(a, x, w, dout, conv_param, compute_dx) for a in (algorithm, reference))
+    return all((a is None and b is None) or np.array_equal(a, b) for a, b in zip(ours, theirs))
 
 
 def _median_seconds(run, repeats):
@@ -81,6 +106,15 @@ def _median_seconds(run, repeats):
 
 def dx_signature(rows, w_shape, dtype, threads):
     return f"affine dx rows {rows} w{tuple(w_shape)} {np.dtype(dtype).name} threads {threads}"
+
+
+def same_dx_bits(form, reference, rows, w_shape, dtype):
+    """Whether input_grad(dout, w, form) has the bits of `reference`'s, on random data."""
+    from .layers.affine import input_grad
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    dout = rng.standard_normal((rows, w_shape[1])).astype(dtype)
+    return np.array_equal(input_grad(dout, w, form), input_grad(dout, w, reference))
 
 
 def time_dx_form(form, rows, w_shape, dtype):
@@ -98,13 +132,17 @@ def time_dx_form(form, rows, w_shape, dtype):
 class Tuner:
     """The faster way for each layer signature, measured once per signature and machine and
     remembered in the cache file at `path`:
-    - choose(x_shape, w_shape, conv_param, dtype, threads, compute_dx): a convolution's algorithm
-      (compute_dx False: one whose backward makes no input gradient);
-    - choose_dx_form(rows, w_shape, dtype, threads): an affine layer's input-gradient form.
-    measure, measure_dx: the timers (time_conv, time_dx_form; tests give fakes)."""
+    - choose(x_shape, w_shape, conv_param, dtype, threads, compute_dx, bits_of): a convolution's
+      algorithm (compute_dx False: one whose backward makes no input gradient);
+    - choose_dx_form(rows, w_shape, dtype, threads, bits_of): an affine layer's input-gradient form.
+    bits_of: only ways that give this way's bits are candidates (the module's docstring).
+    measure, measure_dx: the timers (time_conv, time_dx_form); same_bits, same_dx: the bit
+    checks (same_conv_bits, same_dx_bits). Tests give fakes."""
 
-    def __init__(self, path=None, measure=time_conv, measure_dx=time_dx_form):
+    def __init__(self, path=None, measure=time_conv, measure_dx=time_dx_form, same_bits=same_conv_bits,
+                 same_dx=same_dx_bits):
         self.path, self.measure, self.measure_dx = path or default_path(), measure, measure_dx
+        self.same_bits, self.same_dx = same_bits, same_dx
         self.key = machine_key()
         self.measured = 0  # signatures measured (not found in the cache) by this tuner
 
@@ -116,53 +154,77 @@ class Tuner:
         except (OSError, ValueError):
             return {}
 
-    def choose(self, x_shape, w_shape, conv_param, dtype, threads=1, compute_dx=True):
+    def choose(self, x_shape, w_shape, conv_param, dtype, threads=1, compute_dx=True, bits_of=None):
+        sig = signature(x_shape, w_shape, conv_param, dtype, threads, compute_dx)
         candidates = applicable(w_shape, conv_param, x_shape)
+        if bits_of is not None:
+            candidates = self._same_bits(sig, bits_of, candidates, lambda a: self.same_bits(
+                a, bits_of, x_shape, w_shape, conv_param, dtype, compute_dx=compute_dx))
         if len(candidates) == 1:
             return candidates[0]
-        return self._choice(signature(x_shape, w_shape, conv_param, dtype, threads, compute_dx), candidates,
+        return self._choice(sig, candidates,
                             lambda a: self.measure(a, x_shape, w_shape, conv_param, dtype, compute_dx=compute_dx))
 
-    def choose_dx_form(self, rows, w_shape, dtype, threads=1):
+    def choose_dx_form(self, rows, w_shape, dtype, threads=1, bits_of=None):
         from .layers.affine import DX_FORMS
-        return self._choice(dx_signature(rows, w_shape, dtype, threads), DX_FORMS,
-                            lambda form: self.measure_dx(form, rows, w_shape, dtype))
+        sig = dx_signature(rows, w_shape, dtype, threads)
+        candidates = list(DX_FORMS)
+        if bits_of is not None:
+            candidates = self._same_bits(sig, bits_of, candidates,
+                                         lambda form: self.same_dx(form, bits_of, rows, w_shape, dtype))
+        if len(candidates) == 1:
+            return candidates[0]
+        return self._choice(sig, candidates, lambda form: self.measure_dx(form, rows, w_shape, dtype))
+
+    def _same_bits(self, sig, reference, candidates, check):
+        """The candidates that give `reference`'s bits for sig (reference always), by check(c),
+        made once per signature and machine and cached."""
+        key = f"{sig} | bits of {reference}"
+        known = self._load().get(self.key, {}).get(key)
+        same = dict(known) if isinstance(known, dict) else {}
+        missing = [c for c in candidates if c != reference and c not in same]
+        if missing:
+            same.update({c: bool(check(c)) for c in missing})
+            self._save(key, same)
+        return [c for c in candidates if c == reference or same[c]]
 
     def _choice(self, sig, candidates, measure):
-        """The cached choice for sig, else the candidate with the fewest seconds of measure(c). A
-        cached choice counts only if every candidate was measured for it (one made before a new
-        candidate existed is measured again)."""
-        cache = self._load()
-        known = cache.get(self.key, {}).get(sig)
-        if (isinstance(known, dict) and known.get("choice") in candidates
-                and set(candidates) <= set(known.get("seconds") or ())):
-            return known["choice"]
-        seconds = {c: measure(c) for c in candidates}
-        choice = min(seconds, key=seconds.get)
-        self.measured += 1
+        """The candidate with the fewest seconds of measure(c) for sig: from the cache where every
+        candidate has been measured (a cached choice made before a new candidate existed is
+        measured again), else measured now and cached."""
+        known = self._load().get(self.key, {}).get(sig)
+        seconds = dict(known.get("seconds") or {}) if isinstance(known, dict) else {}
+        if not set(candidates) <= set(seconds):
+            seconds.update({c: measure(c) for c in candidates})
+            self.measured += 1
+            self._save(sig, {"choice": min(candidates, key=seconds.get), "seconds": seconds})
+        return min(candidates, key=seconds.get)
+
+    def _save(self, key, entry):
         cache = self._load()  # another process may have written meanwhile
-        cache.setdefault(self.key, {})[sig] = {"choice": choice, "seconds": seconds}
+        cache.setdefault(self.key, {})[key] = entry
         try:
             with atomic_path(self.path) as tmp, open(tmp, "w") as fh:
                 json.dump(cache, fh, indent=1, sort_keys=True)
         except OSError:
             pass  # an unwritable cache costs a measurement next time, nothing else
-        return choice
 
 
-def tune_model(model, images, tuner=None, threads=1):
+def tune_model(model, images, tuner=None, threads=1, bits_of=None):
     """{layer: algorithm} for the convolutions of `model` (model.conv_layers()) at `images`
-    images per forward pass. Every model's first convolution takes the data and makes no input
-    gradient: it is timed without one."""
+    images per forward pass (bits_of: as Tuner's). Every model's first convolution takes the
+    data and makes no input gradient: it is timed without one."""
     tuner = tuner or Tuner()
     layers = model.conv_layers()
     first = min((layer for layer, *_ in layers), default=None)
-    return {layer: tuner.choose((images, *in_shape), w_shape, conv_param, model.dtype, threads, layer != first)
+    return {layer: tuner.choose((images, *in_shape), w_shape, conv_param, model.dtype, threads, layer != first,
+                                bits_of)
             for layer, in_shape, w_shape, conv_param in layers}
 
 
-def tune_dx_forms(model, images, tuner=None, threads=1):
+def tune_dx_forms(model, images, tuner=None, threads=1, bits_of=None):
     """{weight: form} for the affine layers of `model` (model.affine_weights()) at `images`
-    images per pass."""
+    images per pass (bits_of: as Tuner's)."""
     tuner = tuner or Tuner()
-    return {name: tuner.choose_dx_form(images, shape, model.dtype, threads) for name, shape in model.affine_weights()}
+    return {name: tuner.choose_dx_form(images, shape, model.dtype, threads, bits_of)
+            for name, shape in model.affine_weights()}

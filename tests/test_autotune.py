@@ -142,3 +142,52 @@ def test_a_fixed_affine_dx_sets_every_layer():
     model = build_model(TrainConfig(model="threelayer", affine_dx="transposed"), SerialComm())
     assert model.dx_forms == {"W2": "transposed", "W3": "transposed"}
     assert build_model(TrainConfig(model="threelayer", affine_dx="auto"), SerialComm()).dx_forms == {}
+
+
+def test_with_bits_of_only_ways_that_give_the_references_bits_are_candidates(tmp_path):
+    """The reproducible mode's auto: a way is timed and chosen only if the bit check says it
+    gives the reference's bits; the checks are cached like the timings, and a cache entry timed
+    for all ways serves the narrower choice without timing again."""
+    path = str(tmp_path / "c.json")
+    checked, timed = [], []
+    seconds = {"im2col": 3.0, "im2col-whole": 2.0, "winograd": 1.0}
+
+    def same_bits(algorithm, reference, x_shape, w_shape, conv_param, dtype, compute_dx=True):
+        assert reference == "im2col"
+        checked.append(algorithm)
+        return algorithm == "im2col-whole"
+
+    def measure(algorithm, x_shape, w_shape, conv_param, dtype, compute_dx=True):
+        timed.append(algorithm)
+        return seconds[algorithm]
+
+    def tuner():
+        return Tuner(path, measure=measure, same_bits=same_bits,
+                     same_dx=lambda form, reference, rows, w_shape, dtype: checked.append(form) or False)
+
+    shapes = ((4, 32, 32, 32), (32, 32, 3, 3), {"stride": 1, "pad": 1}, np.float32)
+    assert tuner().choose(*shapes, bits_of="im2col") == "im2col-whole"
+    assert sorted(checked) == ["im2col-whole", "winograd"] and sorted(timed) == ["im2col", "im2col-whole"]
+    checked.clear(), timed.clear()
+    assert tuner().choose(*shapes, bits_of="im2col") == "im2col-whole" and checked == timed == []
+    assert tuner().choose(*shapes) == "winograd" and sorted(timed) == ["im2col", "im2col-whole", "winograd"]
+    timed.clear()
+    assert tuner().choose(*shapes, bits_of="im2col") == "im2col-whole" and checked == timed == []
+    # a dx form whose bits differ from plain's is never timed: plain is the only candidate
+    assert tuner().choose_dx_form(16, (64, 8), np.float32, bits_of="plain") == "plain"
+    assert checked == ["transposed"] and timed == []
+    entries = json.load(open(path))[machine_key()]
+    assert {k: v for k, v in entries.items() if " | bits of " in k} == {
+        signature(*shapes[:3], np.float32, 1) + " | bits of im2col": {"im2col-whole": True, "winograd": False},
+        "affine dx rows 16 w(64, 8) float32 threads 1 | bits of plain": {"transposed": False}}
+
+
+def test_the_bit_checks_compare_real_results(rng_seed=0):
+    """same_conv_bits and same_dx_bits on this machine: a way against itself is the same bits;
+    Winograd, whose arithmetic differs, is not im2col's bits."""
+    from dpnet.autotune import same_conv_bits, same_dx_bits
+    param = {"stride": 1, "pad": 1}
+    assert same_conv_bits("im2col", "im2col", (2, 4, 8, 8), (4, 4, 3, 3), param, np.float32)
+    assert not same_conv_bits("winograd", "im2col", (2, 4, 8, 8), (4, 4, 3, 3), param, np.float32)
+    assert same_conv_bits("im2col", "im2col", (2, 3, 8, 8), (4, 3, 3, 3), param, np.float32, compute_dx=False)
+    assert same_dx_bits("transposed", "transposed", 5, (12, 7), np.float32)

@@ -99,13 +99,18 @@ def test_the_default_config_is_not_reproducible():
 
 def _dx_cache(path, form, weights):
     """An autotune cache that chose `form` for every affine weight of `weights` at 4 rows per
-    pass (32 images, 8 micro-shards), as if measured on this machine."""
+    pass (32 images, 8 micro-shards), and found both forms to give the same bits, as if measured
+    on this machine (whatever its BLAS really does)."""
     import json
 
     from dpnet.autotune import dx_signature, machine_key
     seconds = {"plain": 1.0, "transposed": 1.0, form: 0.5}
-    choices = {dx_signature(4, shape, "float32", 1): {"choice": form, "seconds": seconds} for shape in weights}
-    path.write_text(json.dumps({machine_key(): choices}))
+    entries = {}
+    for shape in weights:
+        sig = dx_signature(4, shape, "float32", 1)
+        entries[sig] = {"choice": form, "seconds": seconds}
+        entries[f"{sig} | bits of plain"] = {"transposed": True}
+    path.write_text(json.dumps({machine_key(): entries}))
     return str(path)
 
 
@@ -119,7 +124,7 @@ def test_a_resume_keeps_the_checkpoints_measured_choices_whatever_this_machines_
     weights = [(32 * 16 * 16, 16), (16, 10)]  # ThreeLayerConvNet with --hidden-dim 16
     transposed = clean_env(DPNET_AUTOTUNE_CACHE=_dx_cache(tmp_path / "transposed.json", "transposed", weights))
     plain = clean_env(DPNET_AUTOTUNE_CACHE=_dx_cache(tmp_path / "plain.json", "plain", weights))
-    run_args = args(cifar_dir, "threelayer", "--reproducible", "--affine-dx", "auto")
+    run_args = args(cifar_dir, "threelayer", "--reproducible", "--conv-algorithm", "im2col")  # --affine-dx auto
     (tmp_path / "straight").mkdir()
     (tmp_path / "resumed").mkdir()
     straight = run_ok(run_args, tmp_path / "straight", 4, env=transposed, timeout=240)
@@ -134,3 +139,44 @@ def test_a_resume_keeps_the_checkpoints_measured_choices_whatever_this_machines_
     assert final["attrs"]["layer_choices"] == {"conv": {}, "dx": {"W2": "transposed", "W3": "transposed"}}
     assert_identical(final, read_checkpoint(tmp_path / "straight" / CKPT),
                      "resumed at 2 ranks with the checkpoint's choices")
+
+
+def test_auto_choices_never_change_a_bit_in_the_reproducible_mode(cifar_dir, tmp_path):
+    """--reproducible with the default auto choices, and a cache that says Winograd and the
+    transposed dx are the fastest: only ways that give im2col's and plain's bits on this machine
+    may be chosen (Winograd never does), so the run ends with the bits of the fixed ways."""
+    import json
+    import re
+
+    from dpnet.autotune import dx_signature, machine_key, signature
+    from dpnet.models import ConvNet
+    from tests.train_helpers import clean_env
+    model = ConvNet(stages=((8, 8), (16,)), hidden_dims=(16,), dtype=np.float32)
+    seconds = {"im2col": 3.0, "im2col-whole": 2.0, "winograd": 1.0}
+    entries = {}
+    for layer, in_shape, w_shape, param in model.conv_layers():
+        entries[signature((4, *in_shape), w_shape, param, "float32", 1, layer != 1)] = {
+            "choice": "winograd", "seconds": seconds}
+    for _, shape in model.affine_weights():
+        entries[dx_signature(4, shape, "float32", 1)] = {"choice": "transposed",
+                                                         "seconds": {"plain": 2.0, "transposed": 1.0}}
+    cache = tmp_path / "fast-but-other-bits.json"
+    cache.write_text(json.dumps({machine_key(): entries}))
+    (tmp_path / "auto").mkdir()
+    (tmp_path / "fixed").mkdir()
+    auto = run_ok(args(cifar_dir, "convnet", "--reproducible", "--max-steps", "6"), tmp_path / "auto", 2,
+                  env=clean_env(DPNET_AUTOTUNE_CACHE=str(cache)), timeout=240)
+    said = re.search(r"^convolutions \(--conv-algorithm auto\): (.*)$", auto.stdout, re.M)
+    assert said and "winograd" not in said.group(1) and said.group(1).endswith(
+        "; only ways with the bits of im2col and plain)"), str(auto)
+    fixed = run_ok(args(cifar_dir, "convnet", "--reproducible", "--max-steps", "6", "--conv-algorithm", "im2col",
+                        "--affine-dx", "plain"), tmp_path / "fixed", 2, timeout=240)
+    assert "--conv-algorithm auto" not in fixed.stdout, str(fixed)
+    a, b = read_checkpoint(tmp_path / "auto" / CKPT), read_checkpoint(tmp_path / "fixed" / CKPT)
+    assert "winograd" not in a["attrs"]["layer_choices"]["conv"].values()
+    for group in ("params", "optimizer", "batchnorm"):
+        for name in a[group]:
+            assert np.array_equal(a[group][name], b[group][name]), f"{group}/{name}"
+    found = json.loads(cache.read_text())[machine_key()]  # the bit checks, cached: Winograd's never match
+    checks = [found[f"{sig} | bits of im2col"] for sig in entries if sig.startswith("x(")]
+    assert len(checks) == 3 and all(check["winograd"] is False for check in checks), checks

@@ -1187,27 +1187,10 @@ def test_a_rank_that_calls_sys_exit_ends_the_job_named(cifar_dir, tmp_path):
 
 # ================================================================ layer choices by default
 
-def test_layer_choices_default_to_measured_ones_and_to_fixed_ones_when_reproducible():
-    """Unset --conv-algorithm and --affine-dx: auto (measured at first use, as cuDNN's benchmark
-    mode); with --reproducible the fixed im2col and plain, whose bits hang on no timing. Given
-    ones win in both modes."""
-    from dpnet.train.config import with_defaults
-    picked = with_defaults(TrainConfig())
-    assert (picked.conv_algorithm, picked.affine_dx) == ("auto", "auto")
-    picked = with_defaults(TrainConfig(reproducible=True))
-    assert (picked.conv_algorithm, picked.affine_dx) == ("im2col", "plain")
-    for reproducible in (False, True):
-        picked = with_defaults(TrainConfig(reproducible=reproducible, conv_algorithm="winograd", affine_dx="auto"))
-        assert (picked.conv_algorithm, picked.affine_dx) == ("winograd", "auto")
-    # a resume keeps the choice the run made, also one older versions stored as their default
-    stored = dataclasses.asdict(with_defaults(TrainConfig()))
-    assert (stored["conv_algorithm"], stored["affine_dx"]) == ("auto", "auto")
-
-
 def test_a_default_run_measures_its_layer_choices_once_then_reads_them(cifar_dir, tmp_path):
-    """The first run on a machine times each layer's ways (dpnet.autotune) and saves the winners
-    under this machine's key; the next run reads them, measures nothing, computes the same way,
-    and the checkpoint names the ways used."""
+    """auto is the default for both choices. The first run on a machine times each layer's ways
+    (dpnet.autotune) and saves the winners under this machine's key; the next run reads them,
+    measures nothing, computes the same way, and the checkpoint names the ways used."""
     from dpnet.autotune import dx_signature, machine_key
     cache = tmp_path / "autotune.json"
     env = clean_env(DPNET_AUTOTUNE_CACHE=str(cache))
@@ -1220,15 +1203,10 @@ def test_a_default_run_measures_its_layer_choices_once_then_reads_them(cifar_dir
     assert re.fullmatch(rf"3 shape\(s\) measured now in [\d.]+ s, the rest from {re.escape(str(cache))}",
                         said[0].group(2)), said[0].group(0)
     assert said[1].group(2) == f"all from {cache}" and said[1].group(1) == said[0].group(1)
+    assert TrainConfig().conv_algorithm == TrainConfig().affine_dx == "auto"
     entries = json.loads(cache.read_text())[machine_key()]
     assert len(entries) == 3  # the 7x7 conv (no dx: it takes the data) and both affine weights, at 32 images
     threads = int(re.search(r"x (\d+) BLAS thread", runs[0].stdout).group(1))
     dx = {name: entries[dx_signature(32, shape, "float32", threads)]["choice"]
           for name, shape in (("W2", (32 * 16 * 16, 16)), ("W3", (16, 10)))}
     assert read_checkpoint(tmp_path / "second" / CKPT)["attrs"]["layer_choices"]["dx"] == dx
-    # a reproducible run keeps to its fixed ways and reads no cache
-    (tmp_path / "reproducible").mkdir()
-    fixed = run_ok(base_args(cifar_dir, "--max-steps", "2", "--reproducible"), tmp_path / "reproducible", env=env)
-    assert "auto" not in fixed.stdout.split("\n", 2)[1] and "shape(s) measured" not in fixed.stdout, str(fixed)
-    assert read_checkpoint(tmp_path / "reproducible" / CKPT)["attrs"]["layer_choices"] == {
-        "conv": {}, "dx": {"W2": "plain", "W3": "plain"}}

@@ -2,18 +2,16 @@
 
 import math
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from ..parallel import REDUCTIONS
 from ..parallel.microshards import DEFAULT_MICRO_SHARDS, check_micro_shards
 from .recipes import recipes_text, with_recipe
 
-# The layer choices an unset --conv-algorithm and --affine-dx take: each layer's faster way,
-# measured on this machine at first use and cached (dpnet.autotune), as cuDNN's benchmark mode;
-# in the reproducible mode, fixed ways, so that its bits never hang on a timing or a cache file.
-LAYER_DEFAULTS = {"conv_algorithm": "auto", "affine_dx": "auto"}
-REPRODUCIBLE_LAYER_DEFAULTS = {"conv_algorithm": "im2col", "affine_dx": "plain"}
+# What auto layer choices must keep in the reproducible mode: the bits of these ways
+# (dpnet.autotune's bits_of), so that no timing can change a bit of the run.
+REPRODUCIBLE_BITS_OF = {"conv_algorithm": "im2col", "affine_dx": "plain"}
 
 OPTIMIZERS = {"sgd": "sgd", "momentum": "sgd_momentum", "nesterov": "sgd_nesterov_momentum",
               "rmsprop": "rmsprop", "adam": "adam"}
@@ -43,8 +41,8 @@ class TrainConfig:
     stages: Optional[str] = None
     seed: int = 0
     dtype: str = "float32"
-    conv_algorithm: Optional[str] = None  # None: LAYER_DEFAULTS, by mode (with_layer_defaults)
-    affine_dx: Optional[str] = None
+    conv_algorithm: str = "auto"
+    affine_dx: str = "auto"
     augment: bool = True
     threads: Optional[int] = None
     checkpoint: str = "dpnet_run/checkpoint.h5"
@@ -100,12 +98,12 @@ OPTION_HELP = {
                       "not cut for small-matrix kernels), winograd (Winograd F(4x4, 3x3): fewer multiplies, float32 "
                       "results differ from im2col's in the rounding, about 1e-5; for the 3x3 stride-1 convolutions "
                       "of convnet and the resnets, im2col for the others), or auto: the fastest for each layer, "
-                      "measured once on this machine and cached; a reproducible resume keeps the checkpoint's "
-                      "choices (default: auto; im2col with --reproducible)",
+                      "measured once on this machine and cached (with --reproducible, only among the ways that "
+                      "give im2col's bits: the choice never changes a bit)",
     "affine_dx": "how each affine layer's input gradient dout @ w.T is made: plain, transposed ((w @ dout.T).T, "
                  "the same products in another BLAS call; faster for few rows and a large w on some machines), or "
-                 "auto: the faster for each layer, measured once on this machine and cached (default: auto; plain "
-                 "with --reproducible)",
+                 "auto: the faster for each layer, measured once on this machine and cached (with --reproducible, "
+                 "only where both give the same bits)",
     "augment": "random crop + horizontal flip of training images",
     "threads": "BLAS threads per rank (default: cores / ranks on this node)",
     "checkpoint": "HDF5 file written atomically after every epoch and at the end ('': none)",
@@ -153,18 +151,9 @@ def parse_stages(text):
     return stages
 
 
-def with_defaults(config):
-    """config with its unset options filled: the model's recipe (with_recipe), and the layer
-    choices from LAYER_DEFAULTS, or REPRODUCIBLE_LAYER_DEFAULTS with --reproducible."""
-    config = with_recipe(config)
-    defaults = REPRODUCIBLE_LAYER_DEFAULTS if config.reproducible else LAYER_DEFAULTS
-    unset = {key: value for key, value in defaults.items() if getattr(config, key) is None}
-    return replace(config, **unset) if unset else config
-
-
 def validate(config, world_size):
-    """Raise ConfigError naming the first impossible option (defaults fill the unset ones)."""
-    config = with_defaults(config)  # an unknown model is left as it is, and named below
+    """Raise ConfigError naming the first impossible option (the recipe's fill the unset ones)."""
+    config = with_recipe(config)  # an unknown model is left as it is, and named below
     for key, allowed in CHOICES.items():
         if getattr(config, key) not in allowed:
             raise ConfigError(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}, "

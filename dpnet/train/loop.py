@@ -23,7 +23,7 @@ from ..parallel import DataParallel, ReducerUnavailable, shard_indices, steps_pe
 from ..parallel.shm_leftovers import remove_stale
 from ..parallel.watchdog import make_guard
 from ..scaling import run_prediction
-from .config import DATA_ENV, OPTIMIZERS, REFERENCE_BATCH, ConfigError, parse_stages, validate, with_defaults
+from .config import DATA_ENV, OPTIMIZERS, REFERENCE_BATCH, REPRODUCIBLE_BITS_OF, ConfigError, parse_stages, validate
 from .faults import fault_spec, inject_fault, inject_part_fault, inject_start_fault
 from .inputs import RankAugmentation, StepAugmentation, load_data, normaliser, split_train_val, training_batch
 from .progress import progress
@@ -153,7 +153,7 @@ def build_update_rule(config):
 def build_model(config, comm):
     """The network config describes (its recipe filling unset layout options), on comm's rank,
     with its fixed layer choices (auto ones are the Trainer's to measure)."""
-    config = with_defaults(config)
+    config = with_recipe(config)
     model = _network(config, comm)
     if config.affine_dx != "auto":
         model.set_dx_forms({name: config.affine_dx for name, _ in model.affine_weights()})
@@ -228,7 +228,7 @@ class Trainer:
         if config.resume:  # the run's own settings, unless an option given again disagrees
             config = on_every_rank(comm, lambda: restore_settings(config, stored_config(config.resume)))
             on_every_rank(comm, lambda: validate(config, comm.size))
-        config = with_defaults(config)  # what is still unset: the recipe's and the mode's defaults
+        config = with_recipe(config)  # what is still unset: the model's default recipe
         if comm.size > 1:
             remove_stale()  # segments that killed MPI jobs left in /dev/shm
         self.config, self.comm = config, comm
@@ -293,9 +293,10 @@ class Trainer:
     def _tune(self):
         """--conv-algorithm auto, --affine-dx auto: rank 0 picks each layer's way (measured once
         per machine, then cached: dpnet.autotune) at this run's images per pass (the micro-shard's
-        in the reproducible mode) and BLAS threads; every rank uses its choices. A reproducible
-        run resumed from a checkpoint that names its choices takes those (the same bits need
-        them) and measures nothing. Returns what to say of them."""
+        in the reproducible mode) and BLAS threads; every rank uses its choices. In the
+        reproducible mode only ways that give the bits of REPRODUCIBLE_BITS_OF's are candidates,
+        and a run resumed from a checkpoint that names its choices takes those and measures
+        nothing. Returns what to say of them."""
         from threadpoolctl import threadpool_limits
 
         from ..autotune import Tuner, tune_dx_forms, tune_model
@@ -313,12 +314,16 @@ class Trainer:
             found = None
             if comm.rank == 0:
                 tuner, start = Tuner(), time.perf_counter()
+                bits = REPRODUCIBLE_BITS_OF if config.reproducible else {}
                 with threadpool_limits(threads, user_api="blas"):
-                    conv = tune_model(self.model, images, tuner, threads) if config.conv_algorithm == "auto" else None
-                    dx = tune_dx_forms(self.model, images, tuner, threads) if config.affine_dx == "auto" else None
+                    conv = (tune_model(self.model, images, tuner, threads, bits.get("conv_algorithm"))
+                            if config.conv_algorithm == "auto" else None)
+                    dx = (tune_dx_forms(self.model, images, tuner, threads, bits.get("affine_dx"))
+                          if config.affine_dx == "auto" else None)
                 measured = (f"{tuner.measured} shape(s) measured now in {time.perf_counter() - start:.1f} s, the rest"
                             if tuner.measured else "all")
-                found = (conv, dx, f"{measured} from {tuner.path}")
+                among = (f"; only ways with the bits of {' and '.join(bits.values())}" if bits else "")
+                found = (conv, dx, f"{measured} from {tuner.path}{among}")
             conv, dx, source = comm.bcast_obj(found)
         said = []
         if conv is not None:
