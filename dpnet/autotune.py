@@ -14,8 +14,9 @@ A fixed choice (`--conv-algorithm im2col`, `--affine-dx plain`, ...) measures no
 
 With `bits_of` (the reproducible mode), a way is a candidate only if it gives every output and
 gradient the very bits of that reference way (im2col, plain) on random data of the layer's
-shapes, checked once per signature and cached like the timings: the choice then changes the
-speed, never a bit, whatever the timings say on another day or host.
+shapes, at every number of images a pass will see (`bits_at`). These checks are made afresh by
+each run (a few passes per layer shape), never read from the cache, so neither a timing nor a
+cache file written by another version can change a bit.
 """
 
 import json
@@ -132,10 +133,12 @@ def time_dx_form(form, rows, w_shape, dtype):
 class Tuner:
     """The faster way for each layer signature, measured once per signature and machine and
     remembered in the cache file at `path`:
-    - choose(x_shape, w_shape, conv_param, dtype, threads, compute_dx, bits_of): a convolution's
-      algorithm (compute_dx False: one whose backward makes no input gradient);
-    - choose_dx_form(rows, w_shape, dtype, threads, bits_of): an affine layer's input-gradient form.
-    bits_of: only ways that give this way's bits are candidates (the module's docstring).
+    - choose(x_shape, w_shape, conv_param, dtype, threads, compute_dx, bits_of, bits_at): a
+      convolution's algorithm (compute_dx False: one whose backward makes no input gradient);
+    - choose_dx_form(rows, w_shape, dtype, threads, bits_of, bits_at): an affine layer's
+      input-gradient form.
+    bits_of: only ways that give this way's bits are candidates (the module's docstring), at
+    x_shape[0] images (rows) and at every count in bits_at.
     measure, measure_dx: the timers (time_conv, time_dx_form); same_bits, same_dx: the bit
     checks (same_conv_bits, same_dx_bits). Tests give fakes."""
 
@@ -143,6 +146,7 @@ class Tuner:
                  same_dx=same_dx_bits):
         self.path, self.measure, self.measure_dx = path or default_path(), measure, measure_dx
         self.same_bits, self.same_dx = same_bits, same_dx
+        self._checked = {}  # this tuner's bit checks: (what, images, reference, candidate) -> bool
         self.key = machine_key()
         self.measured = 0  # signatures measured (not found in the cache) by this tuner
 
@@ -154,46 +158,51 @@ class Tuner:
         except (OSError, ValueError):
             return {}
 
-    def choose(self, x_shape, w_shape, conv_param, dtype, threads=1, compute_dx=True, bits_of=None):
+    def choose(self, x_shape, w_shape, conv_param, dtype, threads=1, compute_dx=True, bits_of=None, bits_at=()):
         sig = signature(x_shape, w_shape, conv_param, dtype, threads, compute_dx)
         candidates = applicable(w_shape, conv_param, x_shape)
         if bits_of is not None:
-            candidates = self._same_bits(sig, bits_of, candidates, lambda a: self.same_bits(
-                a, bits_of, x_shape, w_shape, conv_param, dtype, compute_dx=compute_dx))
+            what = signature(x_shape[1:], w_shape, conv_param, dtype, threads, compute_dx)
+            candidates = self._same_bits(what, {x_shape[0], *bits_at}, bits_of, candidates,
+                                         lambda a, n: self.same_bits(a, bits_of, (n, *x_shape[1:]), w_shape,
+                                                                     conv_param, dtype, compute_dx=compute_dx))
         if len(candidates) == 1:
             return candidates[0]
         return self._choice(sig, candidates,
                             lambda a: self.measure(a, x_shape, w_shape, conv_param, dtype, compute_dx=compute_dx))
 
-    def choose_dx_form(self, rows, w_shape, dtype, threads=1, bits_of=None):
+    def choose_dx_form(self, rows, w_shape, dtype, threads=1, bits_of=None, bits_at=()):
         from .layers.affine import DX_FORMS
         sig = dx_signature(rows, w_shape, dtype, threads)
         candidates = list(DX_FORMS)
         if bits_of is not None:
-            candidates = self._same_bits(sig, bits_of, candidates,
-                                         lambda form: self.same_dx(form, bits_of, rows, w_shape, dtype))
+            candidates = self._same_bits(dx_signature("n", w_shape, dtype, threads), {rows, *bits_at}, bits_of,
+                                         candidates, lambda form, n: self.same_dx(form, bits_of, n, w_shape, dtype))
         if len(candidates) == 1:
             return candidates[0]
         return self._choice(sig, candidates, lambda form: self.measure_dx(form, rows, w_shape, dtype))
 
-    def _same_bits(self, sig, reference, candidates, check):
-        """The candidates that give `reference`'s bits for sig (reference always), by check(c),
-        made once per signature and machine and cached."""
-        key = f"{sig} | bits of {reference}"
-        known = self._load().get(self.key, {}).get(key)
-        same = dict(known) if isinstance(known, dict) else {}
-        missing = [c for c in candidates if c != reference and c not in same]
-        if missing:
-            same.update({c: bool(check(c)) for c in missing})
-            self._save(key, same)
-        return [c for c in candidates if c == reference or same[c]]
+    def _same_bits(self, what, images, reference, candidates, check):
+        """The candidates that give `reference`'s bits (reference always) for the layer `what`
+        at every count in `images`, by check(c, n); each check made once by this tuner."""
+        def same(c):
+            for n in sorted(images):
+                key = (what, n, reference, c)
+                if key not in self._checked:
+                    self._checked[key] = bool(check(c, n))
+                if not self._checked[key]:
+                    return False
+            return True
+        return [c for c in candidates if c == reference or same(c)]
 
     def _choice(self, sig, candidates, measure):
         """The candidate with the fewest seconds of measure(c) for sig: from the cache where every
         candidate has been measured (a cached choice made before a new candidate existed is
         measured again), else measured now and cached."""
         known = self._load().get(self.key, {}).get(sig)
-        seconds = dict(known.get("seconds") or {}) if isinstance(known, dict) else {}
+        seconds = known.get("seconds") if isinstance(known, dict) else None
+        seconds = ({c: t for c, t in seconds.items() if isinstance(t, (int, float)) and not isinstance(t, bool)}
+                   if isinstance(seconds, dict) else {})  # an entry of another form is measured again
         if not set(candidates) <= set(seconds):
             seconds.update({c: measure(c) for c in candidates})
             self.measured += 1
@@ -210,21 +219,21 @@ class Tuner:
             pass  # an unwritable cache costs a measurement next time, nothing else
 
 
-def tune_model(model, images, tuner=None, threads=1, bits_of=None):
+def tune_model(model, images, tuner=None, threads=1, bits_of=None, bits_at=()):
     """{layer: algorithm} for the convolutions of `model` (model.conv_layers()) at `images`
-    images per forward pass (bits_of: as Tuner's). Every model's first convolution takes the
-    data and makes no input gradient: it is timed without one."""
+    images per forward pass (bits_of, bits_at: as Tuner's). Every model's first convolution
+    takes the data and makes no input gradient: it is timed without one."""
     tuner = tuner or Tuner()
     layers = model.conv_layers()
     first = min((layer for layer, *_ in layers), default=None)
     return {layer: tuner.choose((images, *in_shape), w_shape, conv_param, model.dtype, threads, layer != first,
-                                bits_of)
+                                bits_of, bits_at)
             for layer, in_shape, w_shape, conv_param in layers}
 
 
-def tune_dx_forms(model, images, tuner=None, threads=1, bits_of=None):
+def tune_dx_forms(model, images, tuner=None, threads=1, bits_of=None, bits_at=()):
     """{weight: form} for the affine layers of `model` (model.affine_weights()) at `images`
-    images per pass (bits_of: as Tuner's)."""
+    images per pass (bits_of, bits_at: as Tuner's)."""
     tuner = tuner or Tuner()
-    return {name: tuner.choose_dx_form(images, shape, model.dtype, threads, bits_of)
+    return {name: tuner.choose_dx_form(images, shape, model.dtype, threads, bits_of, bits_at)
             for name, shape in model.affine_weights()}

@@ -146,16 +146,17 @@ def test_a_fixed_affine_dx_sets_every_layer():
 
 def test_with_bits_of_only_ways_that_give_the_references_bits_are_candidates(tmp_path):
     """The reproducible mode's auto: a way is timed and chosen only if the bit check says it
-    gives the reference's bits; the checks are cached like the timings, and a cache entry timed
-    for all ways serves the narrower choice without timing again."""
+    gives the reference's bits at every number of images asked; the checks are made by each
+    tuner afresh (never read from the cache), and a cache entry timed for all ways serves the
+    narrower choice without timing again."""
     path = str(tmp_path / "c.json")
     checked, timed = [], []
     seconds = {"im2col": 3.0, "im2col-whole": 2.0, "winograd": 1.0}
 
     def same_bits(algorithm, reference, x_shape, w_shape, conv_param, dtype, compute_dx=True):
         assert reference == "im2col"
-        checked.append(algorithm)
-        return algorithm == "im2col-whole"
+        checked.append((algorithm, x_shape[0]))
+        return algorithm == "im2col-whole" and x_shape[0] != 3  # at 3 images whole is other bits
 
     def measure(algorithm, x_shape, w_shape, conv_param, dtype, compute_dx=True):
         timed.append(algorithm)
@@ -163,31 +164,69 @@ def test_with_bits_of_only_ways_that_give_the_references_bits_are_candidates(tmp
 
     def tuner():
         return Tuner(path, measure=measure, same_bits=same_bits,
-                     same_dx=lambda form, reference, rows, w_shape, dtype: checked.append(form) or False)
+                     same_dx=lambda form, reference, rows, w_shape, dtype: checked.append((form, rows)) or False)
 
     shapes = ((4, 32, 32, 32), (32, 32, 3, 3), {"stride": 1, "pad": 1}, np.float32)
-    assert tuner().choose(*shapes, bits_of="im2col") == "im2col-whole"
-    assert sorted(checked) == ["im2col-whole", "winograd"] and sorted(timed) == ["im2col", "im2col-whole"]
+    one = tuner()
+    assert one.choose(*shapes, bits_of="im2col", bits_at=(2,)) == "im2col-whole"
+    assert sorted(checked) == [("im2col-whole", 2), ("im2col-whole", 4), ("winograd", 2)]  # one miss is enough
+    assert sorted(timed) == ["im2col", "im2col-whole"]
     checked.clear(), timed.clear()
-    assert tuner().choose(*shapes, bits_of="im2col") == "im2col-whole" and checked == timed == []
+    assert one.choose(*shapes, bits_of="im2col", bits_at=(2,)) == "im2col-whole" and checked == timed == []
+    assert one.choose(*shapes, bits_of="im2col", bits_at=(2, 3)) == "im2col"  # no timing: one candidate
+    assert checked == [("im2col-whole", 3)] and timed == []
+    checked.clear()
     assert tuner().choose(*shapes) == "winograd" and sorted(timed) == ["im2col", "im2col-whole", "winograd"]
     timed.clear()
-    assert tuner().choose(*shapes, bits_of="im2col") == "im2col-whole" and checked == timed == []
+    assert tuner().choose(*shapes, bits_of="im2col") == "im2col-whole" and timed == []  # the cached timings
+    assert sorted(checked) == [("im2col-whole", 4), ("winograd", 4)]  # a new tuner checks again
+    checked.clear()
     # a dx form whose bits differ from plain's is never timed: plain is the only candidate
     assert tuner().choose_dx_form(16, (64, 8), np.float32, bits_of="plain") == "plain"
-    assert checked == ["transposed"] and timed == []
-    entries = json.load(open(path))[machine_key()]
-    assert {k: v for k, v in entries.items() if " | bits of " in k} == {
-        signature(*shapes[:3], np.float32, 1) + " | bits of im2col": {"im2col-whole": True, "winograd": False},
-        "affine dx rows 16 w(64, 8) float32 threads 1 | bits of plain": {"transposed": False}}
+    assert checked == [("transposed", 16)] and timed == []
+    assert not any(" bits " in key for key in json.load(open(path))[machine_key()])
 
 
-def test_the_bit_checks_compare_real_results(rng_seed=0):
-    """same_conv_bits and same_dx_bits on this machine: a way against itself is the same bits;
-    Winograd, whose arithmetic differs, is not im2col's bits."""
+@pytest.mark.parametrize("entry", [{"seconds": ["im2col", "im2col-whole", "winograd"]},
+                                   {"seconds": {"im2col": None, "im2col-whole": 1.0, "winograd": 1.0}},
+                                   {"seconds": {"im2col": "1", "im2col-whole": 1.0, "winograd": 1.0}},
+                                   {"seconds": {"im2col": True, "im2col-whole": 1.0, "winograd": 1.0}},
+                                   "fast", ["winograd"]],
+                         ids=["list", "null", "string", "bool", "a-string", "a-list"])
+def test_a_cache_entry_of_another_form_is_measured_again(tmp_path, entry):
+    """The cache file is shared by every version on the machine: an entry this one cannot read
+    costs a measurement, never a crash or a choice made from it."""
+    shapes = ((4, 32, 32, 32), (32, 32, 3, 3), {"stride": 1, "pad": 1}, np.float32)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({machine_key(): {signature(*shapes[:3], np.float32, 1): entry}}))
+    seconds = {"im2col": 2.0, "im2col-whole": 3.0, "winograd": 4.0}
+    tuner = Tuner(str(path), measure=lambda a, *args, **kw: seconds[a])
+    assert tuner.choose(*shapes) == "im2col" and tuner.measured == 1
+
+
+def test_the_bit_checks_see_a_difference_in_any_output(monkeypatch):
+    """same_conv_bits compares the output and all three gradients, same_dx_bits the input
+    gradient: one unit in the last place of any of them, or of Winograd's different
+    arithmetic, makes them answer False; a way against itself is the same bits."""
+    import dpnet.autotune as autotune
+    import dpnet.layers.affine as affine
     from dpnet.autotune import same_conv_bits, same_dx_bits
     param = {"stride": 1, "pad": 1}
-    assert same_conv_bits("im2col", "im2col", (2, 4, 8, 8), (4, 4, 3, 3), param, np.float32)
-    assert not same_conv_bits("winograd", "im2col", (2, 4, 8, 8), (4, 4, 3, 3), param, np.float32)
-    assert same_conv_bits("im2col", "im2col", (2, 3, 8, 8), (4, 3, 3, 3), param, np.float32, compute_dx=False)
+    args = ((2, 4, 8, 8), (4, 4, 3, 3), param, np.float32)
+    assert same_conv_bits("im2col", "im2col", *args)
+    assert not same_conv_bits("winograd", "im2col", *args)
+    conv_pass = autotune._conv_pass
+    for which in range(4):  # out, dx, dw, db
+        def nudged(algorithm, *a, which=which):
+            results = list(conv_pass("im2col", *a))
+            if algorithm == "im2col-whole":
+                results[which] = np.nextafter(results[which], np.inf)
+            return tuple(results)
+        monkeypatch.setattr(autotune, "_conv_pass", nudged)
+        assert not same_conv_bits("im2col-whole", "im2col", *args), which
+        assert same_conv_bits("im2col", "im2col", *args)
+    input_grad = affine.input_grad
     assert same_dx_bits("transposed", "transposed", 5, (12, 7), np.float32)
+    monkeypatch.setattr(affine, "input_grad", lambda dout, w, form: (
+        np.nextafter(input_grad(dout, w, form), np.inf) if form == "transposed" else input_grad(dout, w, form)))
+    assert not same_dx_bits("transposed", "plain", 5, (12, 7), np.float32)

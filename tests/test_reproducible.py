@@ -269,21 +269,27 @@ def test_the_passes_of_a_rank_stack_their_products_only_where_that_keeps_every_r
 
 
 def test_stacked_affine_products_give_every_pass_its_own_bits(monkeypatch):
-    """ThreeLayerConvNet in the reproducible mode: at one rank (8 passes) each affine product
-    is made over the passes' stacked rows where this machine's BLAS keeps the bits (else pass
-    by pass), and the run is bit-identical to 8 ranks of one micro-shard each, which stack
-    nothing."""
+    """ThreeLayerConvNet in the reproducible mode: at one rank (8 passes of 2 or 3 of the 19
+    examples) each of the 4 affine products of a step (forward and dx of W2 and W3) is one call
+    over the passes' 19 stacked rows wherever the check shows this machine's BLAS keeps the
+    bits, and the run is bit-identical to 8 ranks of one micro-shard each, which stack nothing."""
     import dpnet.parallel.microshards as microshards
-    rows = []
-    product_call = microshards._Product.__call__
+    rows, verdicts = [], []
+    product_call, check = microshards._Product.__call__, microshards.same_bits_stacked
 
     def spy(self, stacked):
         rows.append(len(stacked))
         return product_call(self, stacked)
 
+    def checked(product, parts):
+        verdicts.append(check(product, parts))
+        return verdicts[-1]
+
     monkeypatch.setattr(microshards._Product, "__call__", spy)
-    one = cases.reproducible_run(SerialComm(), "threelayer", "sync", "tree")
-    assert max(rows) == 19  # the check's stacked call, or the product itself: all 8 passes' rows
+    monkeypatch.setattr(microshards, "same_bits_stacked", checked)
+    one = cases.reproducible_run(SerialComm(), "threelayer", "sync", "tree")  # 3 steps
+    assert len(verdicts) == 4  # one check per product, for the whole run
+    assert rows.count(19) - len(verdicts) == 3 * sum(verdicts)  # beyond the checks' own: 1 per product and step
     rows.clear()
     alone = SimComm(8).run(cases.reproducible_run, "threelayer", "sync", "tree")
     assert rows == []

@@ -98,45 +98,43 @@ def test_the_default_config_is_not_reproducible():
 
 
 def _dx_cache(path, form, weights):
-    """An autotune cache that chose `form` for every affine weight of `weights` at 4 rows per
-    pass (32 images, 8 micro-shards), and found both forms to give the same bits, as if measured
-    on this machine (whatever its BLAS really does)."""
+    """An autotune cache that timed `form` faster for every affine weight of `weights` at 4 rows
+    per pass (32 images, 8 micro-shards), as if measured on this machine."""
     import json
 
     from dpnet.autotune import dx_signature, machine_key
     seconds = {"plain": 1.0, "transposed": 1.0, form: 0.5}
-    entries = {}
-    for shape in weights:
-        sig = dx_signature(4, shape, "float32", 1)
-        entries[sig] = {"choice": form, "seconds": seconds}
-        entries[f"{sig} | bits of plain"] = {"transposed": True}
-    path.write_text(json.dumps({machine_key(): entries}))
+    choices = {dx_signature(4, shape, "float32", 1): {"choice": form, "seconds": seconds} for shape in weights}
+    path.write_text(json.dumps({machine_key(): choices}))
     return str(path)
 
 
 def test_a_resume_keeps_the_checkpoints_measured_choices_whatever_this_machines_cache_says(cifar_dir, tmp_path):
     """--affine-dx auto in the reproducible mode: the choices are part of the run. The 4-rank
-    run's cache chose 'transposed'; at the resume the cache says 'plain', and the run goes on
-    with the checkpoint's choices, measuring nothing, and ends as the uninterrupted run. (On a
+    run's cache times 'transposed' faster; at the resume the cache says 'plain', and the run goes
+    on with the checkpoint's choices, measuring nothing, and ends as the uninterrupted run. (On a
     machine where both forms give the same bits only the saved choices tell them apart; that
-    the passes compute with the model's choices is tests/test_parallel_units.py's.)"""
+    the passes compute with the model's choices is tests/test_parallel_units.py's. Where the
+    transposed form's bits differ from plain's, the reproducible mode never takes it.)"""
+    from dpnet.autotune import same_dx_bits
     from tests.train_helpers import clean_env
     weights = [(32 * 16 * 16, 16), (16, 10)]  # ThreeLayerConvNet with --hidden-dim 16
+    form = "transposed" if all(same_dx_bits("transposed", "plain", 4, w, np.float32) for w in weights) else "plain"
     transposed = clean_env(DPNET_AUTOTUNE_CACHE=_dx_cache(tmp_path / "transposed.json", "transposed", weights))
     plain = clean_env(DPNET_AUTOTUNE_CACHE=_dx_cache(tmp_path / "plain.json", "plain", weights))
     run_args = args(cifar_dir, "threelayer", "--reproducible", "--conv-algorithm", "im2col")  # --affine-dx auto
     (tmp_path / "straight").mkdir()
     (tmp_path / "resumed").mkdir()
     straight = run_ok(run_args, tmp_path / "straight", 4, env=transposed, timeout=240)
-    assert ("affine input gradients (--affine-dx auto): transposed for W2, W3 (all from "
+    assert (f"affine input gradients (--affine-dx auto): {form} for W2, W3 (all from "
             in straight.stdout), str(straight)
     run_ok(run_args + ["--max-steps", "10"], tmp_path / "resumed", 4, env=transposed, timeout=240)
     resumed = run_ok(["--data", cifar_dir, "--no-progress", "--epochs", str(STEPS // STEPS_PER_EPOCH),
                       "--resume", CKPT], tmp_path / "resumed", 2, env=plain, timeout=240)
-    assert ("affine input gradients (--affine-dx auto): transposed for W2, W3 (the checkpoint's choices, kept in "
+    assert (f"affine input gradients (--affine-dx auto): {form} for W2, W3 (the checkpoint's choices, kept in "
             f"the reproducible mode: {CKPT})") in resumed.stdout, str(resumed)
     final = read_checkpoint(tmp_path / "resumed" / CKPT)
-    assert final["attrs"]["layer_choices"] == {"conv": {}, "dx": {"W2": "transposed", "W3": "transposed"}}
+    assert final["attrs"]["layer_choices"] == {"conv": {}, "dx": {"W2": form, "W3": form}}
     assert_identical(final, read_checkpoint(tmp_path / "straight" / CKPT),
                      "resumed at 2 ranks with the checkpoint's choices")
 
@@ -144,7 +142,8 @@ def test_a_resume_keeps_the_checkpoints_measured_choices_whatever_this_machines_
 def test_auto_choices_never_change_a_bit_in_the_reproducible_mode(cifar_dir, tmp_path):
     """--reproducible with the default auto choices, and a cache that says Winograd and the
     transposed dx are the fastest: only ways that give im2col's and plain's bits on this machine
-    may be chosen (Winograd never does), so the run ends with the bits of the fixed ways."""
+    (checked by the run itself, at every micro-shard size) may be chosen, and Winograd never
+    does, so the run ends with the bits of the fixed ways."""
     import json
     import re
 
@@ -177,6 +176,12 @@ def test_auto_choices_never_change_a_bit_in_the_reproducible_mode(cifar_dir, tmp
     for group in ("params", "optimizer", "batchnorm"):
         for name in a[group]:
             assert np.array_equal(a[group][name], b[group][name]), f"{group}/{name}"
-    found = json.loads(cache.read_text())[machine_key()]  # the bit checks, cached: Winograd's never match
-    checks = [found[f"{sig} | bits of im2col"] for sig in entries if sig.startswith("x(")]
-    assert len(checks) == 3 and all(check["winograd"] is False for check in checks), checks
+
+
+def test_the_micro_shard_sizes_a_run_sees():
+    """The sizes the bit checks of auto choices cover: every full batch's cut and the last,
+    partial batch's (4170 = 32 x 128 + 74), never 0."""
+    from dpnet.train.loop import micro_shard_sizes
+    assert micro_shard_sizes(4170, 128, 8) == [9, 10, 16]
+    assert micro_shard_sizes(160, 32, 8) == [4]
+    assert micro_shard_sizes(10, 4, 8) == [1]  # micro-shards of 0 and 1 examples

@@ -157,9 +157,10 @@ class MicroShardGroup:
             self.turns.acquire()
 
     def _may_stack(self, parts, product):
-        key = (product.signature, tuple(part.shape for part in parts), parts[0].dtype.str)
+        key = (product.signature, parts[0].dtype.str,
+               tuple((part.shape, part.flags.c_contiguous, part.flags.f_contiguous) for part in parts))
         if key not in self._stackable:
-            self._stackable[key] = same_bits_stacked(product, [part.shape for part in parts], parts[0].dtype)
+            self._stackable[key] = same_bits_stacked(product, parts)
         return self._stackable[key]
 
     def run(self, fn):
@@ -181,20 +182,23 @@ class MicroShardGroup:
         return results
 
 
-def same_bits_stacked(product, shapes, dtype, seed=0):
-    """Whether product(rows) gives every row the same bits when the rows of several passes
-    (their shapes: `shapes`) are stacked into one call as when each pass calls it alone, on
-    random data. BLAS libraries may sum in an order that depends on the number of rows (a
-    kernel for few rows, another for many); where they do, a stacked product would make the
-    bits depend on how many passes a rank holds, i.e. on the number of ranks."""
+def same_bits_stacked(product, parts, seed=0):
+    """Whether product(rows) gives every row the same bits when the rows of several passes are
+    stacked into one call as when each pass calls it alone, on random data shaped and laid out
+    (C or F order) as `parts`. BLAS libraries may sum in an order that depends on the number
+    of rows or the layout (a kernel for few rows, another for many); where they do, a stacked
+    product would make the bits depend on how many passes a rank holds, i.e. on the number of
+    ranks. (Checked under the BLAS threads of the call; the reproducible mode fixes them at 1.)"""
     rng = np.random.default_rng(seed)
-    parts = [rng.standard_normal(shape).astype(dtype) for shape in shapes]
-    whole = product(np.concatenate(parts))
+    samples = [np.empty_like(part) for part in parts]  # each in its part's memory order
+    for sample in samples:
+        sample[...] = rng.standard_normal(sample.shape)
+    whole = product(np.concatenate(samples))
     start = 0
-    for part in parts:
-        if not np.array_equal(whole[start:start + len(part)], product(part)):
+    for sample in samples:
+        if not np.array_equal(whole[start:start + len(sample)], product(sample)):
             return False
-        start += len(part)
+        start += len(sample)
     return True
 
 

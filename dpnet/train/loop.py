@@ -19,7 +19,7 @@ from ..data import DataError
 from ..models import ConvNet, ResNet, ThreeLayerConvNet
 from ..models.resnet import DEPTHS as RESNET_DEPTHS
 from ..optim import get_update_rule
-from ..parallel import DataParallel, ReducerUnavailable, shard_indices, steps_per_epoch
+from ..parallel import DataParallel, ReducerUnavailable, shard_bounds, shard_indices, steps_per_epoch
 from ..parallel.shm_leftovers import remove_stale
 from ..parallel.watchdog import make_guard
 from ..scaling import run_prediction
@@ -199,6 +199,14 @@ def learning_rate(config, step, total_steps, epoch, steps_per_epoch=1):
     return rate * min(1.0, (step + 1) / warmup_steps) if warmup_steps else rate
 
 
+def micro_shard_sizes(examples, batch_size, micro_shards):
+    """The numbers of examples (above 0) the micro-shards of an epoch's batches hold: every
+    batch's cut of `batch_size`, and the last, partial batch's."""
+    totals = {batch_size, examples % batch_size or batch_size}
+    return sorted({hi - lo for total in totals for lo, hi in
+                   (shard_bounds(total, micro_shards, m) for m in range(micro_shards))} - {0})
+
+
 def blas_threads(config, comm):
     if config.threads:
         return config.threads
@@ -315,10 +323,11 @@ class Trainer:
             if comm.rank == 0:
                 tuner, start = Tuner(), time.perf_counter()
                 bits = REPRODUCIBLE_BITS_OF if config.reproducible else {}
+                sizes = micro_shard_sizes(len(self.x_train), config.batch_size, config.micro_shards)
                 with threadpool_limits(threads, user_api="blas"):
-                    conv = (tune_model(self.model, images, tuner, threads, bits.get("conv_algorithm"))
+                    conv = (tune_model(self.model, images, tuner, threads, bits.get("conv_algorithm"), sizes)
                             if config.conv_algorithm == "auto" else None)
-                    dx = (tune_dx_forms(self.model, images, tuner, threads, bits.get("affine_dx"))
+                    dx = (tune_dx_forms(self.model, images, tuner, threads, bits.get("affine_dx"), sizes)
                           if config.affine_dx == "auto" else None)
                 measured = (f"{tuner.measured} shape(s) measured now in {time.perf_counter() - start:.1f} s, the rest"
                             if tuner.measured else "all")
