@@ -40,9 +40,10 @@ def worker(model_name, options, affine_dx):
     from threadpoolctl import threadpool_limits
 
     from dpnet.parallel import DataParallel, get_comm, shard_bounds
+    from dpnet.parallel.microshards import DEFAULT_MICRO_SHARDS
     from dpnet.parallel.sharding import rank_bounds
     from dpnet.train import TrainConfig, build_model, build_update_rule
-    from dpnet.train.config import REPRODUCIBLE_BITS_OF
+    from dpnet.train.loop import measure_layer_choices
     from dpnet.train.recipes import with_recipe
 
     comm = get_comm()
@@ -52,25 +53,14 @@ def worker(model_name, options, affine_dx):
     X = rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, BATCH)
     micro = options.get("reproducible")
-    train_config = with_recipe(TrainConfig(model=model_name, dtype="float32", reproducible=bool(micro),
-                                           affine_dx=affine_dx))
+    train_config = with_recipe(TrainConfig(model=model_name, dtype="float32", batch_size=BATCH, affine_dx=affine_dx,
+                                           reproducible=bool(micro), micro_shards=micro or DEFAULT_MICRO_SHARDS))
     model = build_model(train_config, comm)  # with its fixed layer choices
     update = build_update_rule(train_config)
-    if "auto" in (train_config.conv_algorithm, train_config.affine_dx):
-        # as the trainer: rank 0 measures (or reads its cache), every rank uses its choices
-        from dpnet.autotune import Tuner, tune_dx_forms, tune_model
-        choices, tuner = None, Tuner()
-        passes, images = (1, -(-BATCH // micro)) if micro else (threads, -(-BATCH // comm.size))
-        bits = REPRODUCIBLE_BITS_OF if micro else {}  # reproducible: only ways with the fixed ways' bits
-        if comm.rank == 0:
-            with threadpool_limits(passes, user_api="blas"):
-                choices = (tune_model(model, images, tuner, passes, bits.get("conv_algorithm"))
-                           if train_config.conv_algorithm == "auto" else {},
-                           tune_dx_forms(model, images, tuner, passes, bits.get("affine_dx"))
-                           if train_config.affine_dx == "auto" else {})
-        conv, dx = comm.bcast_obj(choices)
-        model.set_conv_algorithms(conv)
-        model.set_dx_forms(dx)
+    # as the trainer: rank 0 measures (or reads its cache), every rank uses its choices
+    conv, dx, _ = measure_layer_choices(model, comm, train_config, BATCH, threads)
+    model.set_conv_algorithms(conv or {})
+    model.set_dx_forms(dx or {})
     dp = DataParallel(model, comm, workers=threads if micro else 1, **options)
     lo, hi = rank_bounds(BATCH, micro, comm.size, comm.rank) if micro else shard_bounds(BATCH, comm.size, comm.rank)
     config = {"learning_rate": train_config.lr}

@@ -109,21 +109,24 @@ def dx_signature(rows, w_shape, dtype, threads):
     return f"affine dx rows {rows} w{tuple(w_shape)} {np.dtype(dtype).name} threads {threads}"
 
 
+def _dx_data(rows, w_shape, dtype):
+    """Random dout (rows, M) and w (D, M) for an affine input gradient, the same for every form."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    return rng.standard_normal((rows, w_shape[1])).astype(dtype), w
+
+
 def same_dx_bits(form, reference, rows, w_shape, dtype):
     """Whether input_grad(dout, w, form) has the bits of `reference`'s, on random data."""
     from .layers.affine import input_grad
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal(w_shape).astype(dtype)
-    dout = rng.standard_normal((rows, w_shape[1])).astype(dtype)
+    dout, w = _dx_data(rows, w_shape, dtype)
     return np.array_equal(input_grad(dout, w, form), input_grad(dout, w, reference))
 
 
 def time_dx_form(form, rows, w_shape, dtype):
     """Median seconds of one input_grad(dout, w, form) for dout (rows, M), w (D, M), on random data."""
     from .layers.affine import input_grad
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal(w_shape).astype(dtype)
-    dout = rng.standard_normal((rows, w_shape[1])).astype(dtype)
+    dout, w = _dx_data(rows, w_shape, dtype)
     start = time.perf_counter()
     input_grad(dout, w, form)  # warm-up, and how many runs fit in MIN_SECONDS
     repeats = int(min(MAX_REPEATS, max(REPEATS, MIN_SECONDS / max(time.perf_counter() - start, 1e-9))))

@@ -73,7 +73,7 @@ class MicroShardGroup:
         self.arrived, self.generation, self.result = 0, 0, None
         self.failure = None
         self.comms = [MicroShardComm(self, j) for j in range(self.k)]
-        self._stackable = {}  # (product, shapes, dtype) -> whether stacking keeps every row's bits
+        self._stackable = {}  # (product, dtype, parts' shapes and layouts) -> whether stacking keeps every row's bits
 
     def reset(self):
         """Before a new set of passes: forget an earlier failure."""

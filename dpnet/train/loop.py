@@ -199,6 +199,37 @@ def learning_rate(config, step, total_steps, epoch, steps_per_epoch=1):
     return rate * min(1.0, (step + 1) / warmup_steps) if warmup_steps else rate
 
 
+def measure_layer_choices(model, comm, config, examples, threads):
+    """The auto layer choices of config (--conv-algorithm auto, --affine-dx auto; None for a fixed
+    one), as rank 0 picks them (measured once per machine, then cached: dpnet.autotune) and every
+    rank gets them: ({layer: algorithm}, {weight: form}, where they came from). Measured at the
+    run's images per pass and BLAS threads `threads`; in the reproducible mode at the
+    micro-shard's, one thread, and only among ways with REPRODUCIBLE_BITS_OF's bits at every
+    micro-shard size an epoch of `examples` training examples gives. Collective."""
+    from threadpoolctl import threadpool_limits
+
+    from ..autotune import Tuner, tune_dx_forms, tune_model
+    found = None
+    if comm.rank == 0:
+        if config.reproducible:
+            images, threads = -(-config.batch_size // config.micro_shards), 1
+            bits = REPRODUCIBLE_BITS_OF
+            sizes = micro_shard_sizes(examples, config.batch_size, config.micro_shards)
+        else:
+            images, bits, sizes = -(-config.batch_size // comm.size), {}, ()
+        tuner, start = Tuner(), time.perf_counter()
+        with threadpool_limits(threads, user_api="blas"):
+            conv = (tune_model(model, images, tuner, threads, bits.get("conv_algorithm"), sizes)
+                    if config.conv_algorithm == "auto" else None)
+            dx = (tune_dx_forms(model, images, tuner, threads, bits.get("affine_dx"), sizes)
+                  if config.affine_dx == "auto" else None)
+        measured = (f"{tuner.measured} shape(s) measured now in {time.perf_counter() - start:.1f} s, the rest"
+                    if tuner.measured else "all")
+        among = f"; only ways with the bits of {' and '.join(bits.values())}" if bits else ""
+        found = (conv, dx, f"{measured} from {tuner.path}{among}")
+    return comm.bcast_obj(found)
+
+
 def micro_shard_sizes(examples, batch_size, micro_shards):
     """The numbers of examples (above 0) the micro-shards of an epoch's batches hold: every
     batch's cut of `batch_size`, and the last, partial batch's."""
@@ -299,15 +330,9 @@ class Trainer:
             self.metrics_file = MetricsLog(config.metrics, append=bool(config.resume))
 
     def _tune(self):
-        """--conv-algorithm auto, --affine-dx auto: rank 0 picks each layer's way (measured once
-        per machine, then cached: dpnet.autotune) at this run's images per pass (the micro-shard's
-        in the reproducible mode) and BLAS threads; every rank uses its choices. In the
-        reproducible mode only ways that give the bits of REPRODUCIBLE_BITS_OF's are candidates,
-        and a run resumed from a checkpoint that names its choices takes those and measures
-        nothing. Returns what to say of them."""
-        from threadpoolctl import threadpool_limits
-
-        from ..autotune import Tuner, tune_dx_forms, tune_model
+        """--conv-algorithm auto, --affine-dx auto: the choices of measure_layer_choices, or, for a
+        reproducible run resumed from a checkpoint that names its choices, those (measuring
+        nothing). Returns what to say of them."""
         comm, config = self.comm, self.config
         kept = None
         if config.reproducible and config.resume:
@@ -317,23 +342,7 @@ class Trainer:
             dx = dict(kept["dx"]) if config.affine_dx == "auto" else None
             source = f"the checkpoint's choices, kept in the reproducible mode: {config.resume}"
         else:
-            threads = 1 if config.reproducible else self.threads
-            images = -(-config.batch_size // (config.micro_shards if config.reproducible else comm.size))
-            found = None
-            if comm.rank == 0:
-                tuner, start = Tuner(), time.perf_counter()
-                bits = REPRODUCIBLE_BITS_OF if config.reproducible else {}
-                sizes = micro_shard_sizes(len(self.x_train), config.batch_size, config.micro_shards)
-                with threadpool_limits(threads, user_api="blas"):
-                    conv = (tune_model(self.model, images, tuner, threads, bits.get("conv_algorithm"), sizes)
-                            if config.conv_algorithm == "auto" else None)
-                    dx = (tune_dx_forms(self.model, images, tuner, threads, bits.get("affine_dx"), sizes)
-                          if config.affine_dx == "auto" else None)
-                measured = (f"{tuner.measured} shape(s) measured now in {time.perf_counter() - start:.1f} s, the rest"
-                            if tuner.measured else "all")
-                among = (f"; only ways with the bits of {' and '.join(bits.values())}" if bits else "")
-                found = (conv, dx, f"{measured} from {tuner.path}{among}")
-            conv, dx, source = comm.bcast_obj(found)
+            conv, dx, source = measure_layer_choices(self.model, comm, config, len(self.x_train), self.threads)
         said = []
         if conv is not None:
             self.model.set_conv_algorithms(conv)
