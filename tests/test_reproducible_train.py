@@ -185,3 +185,12 @@ def test_the_micro_shard_sizes_a_run_sees():
     assert micro_shard_sizes(4170, 128, 8) == [9, 10, 16]
     assert micro_shard_sizes(160, 32, 8) == [4]
     assert micro_shard_sizes(10, 4, 8) == [1]  # micro-shards of 0 and 1 examples
+
+
+def test_the_header_names_layers_in_runs():
+    """A ResNet-110 has 109 convolutions: the choices line names runs of layers, not each."""
+    from dpnet.train.loop import runs
+    assert runs([]) == []
+    assert runs([4]) == ["4"]
+    assert runs([1, 2, 3, 5, 7, 8, 74]) == ["1-3", "5", "7-8", "74"]
+    assert runs(list(range(1, 39)) + [74]) == ["1-38", "74"]

@@ -63,6 +63,11 @@ class _ReportingDict(dict):
         self.on_grad(name, value)
 
 
+def parse_layer_choices(choices):
+    """Model.layer_choices() as JSON kept it -> (conv {layer: algorithm}, dx {weight: form})."""
+    return {int(k): v for k, v in choices.get("conv", {}).items()}, dict(choices.get("dx", {}))
+
+
 class Model:
     """Base class. A subclass declares its parameters with add_param (layer number, whether L2
     applies), fills `bn_params` (one dict per batchnorm layer) and implements `_forward(X) ->
@@ -164,8 +169,9 @@ class Model:
 
     def set_layer_choices(self, choices):
         """The inverse of layer_choices()."""
-        self.set_conv_algorithms({int(k): v for k, v in choices.get("conv", {}).items()})
-        self.set_dx_forms(choices.get("dx", {}))
+        conv, dx = parse_layer_choices(choices)
+        self.set_conv_algorithms(conv)
+        self.set_dx_forms(dx)
 
     def add_bn_param(self, channels):
         """Append the state of one batchnorm layer over `channels` channels to bn_params."""

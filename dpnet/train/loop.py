@@ -17,6 +17,7 @@ from ..atomic import remove_stale_temporaries
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_checkpoint_path, step_checkpoints
 from ..data import DataError
 from ..models import ConvNet, ResNet, ThreeLayerConvNet
+from ..models.base import parse_layer_choices
 from ..models.resnet import DEPTHS as RESNET_DEPTHS
 from ..optim import get_update_rule
 from ..parallel import DataParallel, ReducerUnavailable, shard_bounds, shard_indices, steps_per_epoch
@@ -238,6 +239,17 @@ def micro_shard_sizes(examples, batch_size, micro_shards):
                    (shard_bounds(total, micro_shards, m) for m in range(micro_shards))} - {0})
 
 
+def runs(numbers):
+    """Sorted whole numbers as runs: [1, 2, 3, 5, 7, 8] -> ['1-3', '5', '7-8']."""
+    out = []
+    for n in numbers:
+        if out and n == out[-1][1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return [f"{a}-{b}" if b > a else f"{a}" for a, b in out]
+
+
 def blas_threads(config, comm):
     if config.threads:
         return config.threads
@@ -338,8 +350,9 @@ class Trainer:
         if config.reproducible and config.resume:
             kept = on_every_rank(comm, lambda: stored_layer_choices(config.resume))
         if kept is not None:
-            conv = {int(k): v for k, v in kept["conv"].items()} if config.conv_algorithm == "auto" else None
-            dx = dict(kept["dx"]) if config.affine_dx == "auto" else None
+            conv, dx = parse_layer_choices(kept)
+            conv = conv if config.conv_algorithm == "auto" else None
+            dx = dx if config.affine_dx == "auto" else None
             source = f"the checkpoint's choices, kept in the reproducible mode: {config.resume}"
         else:
             conv, dx, source = measure_layer_choices(self.model, comm, config, len(self.x_train), self.threads)
@@ -353,7 +366,7 @@ class Trainer:
         parts = []
         for what, noun, choices in said:
             by_way = {w: sorted(k for k, c in choices.items() if c == w) for w in sorted(set(choices.values()))}
-            ways = "; ".join(f"{w} for {noun}{', '.join(map(str, ks))}" for w, ks in by_way.items())
+            ways = "; ".join(f"{w} for {noun}{', '.join(map(str, runs(ks)))}" for w, ks in by_way.items())
             parts.append(f"{what}: {ways or 'none to choose for this model'}")
         return "; ".join(parts) + f" ({source})"
 
