@@ -50,6 +50,11 @@ def tree_sum_into(parts, out, scratch):
     return out
 
 
+def piece_starts(sizes):
+    """Where consecutive pieces of these sizes start in a flat buffer: [0, s0, s0 + s1, ...]."""
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+
 class FactorLayout:
     """Where the 2-d parameters (affine weights, (D, C)) lie in the flat buffer; shapes: every
     piece of the buffer in order. Pass j of a step may store such a weight's gradient as its
@@ -58,8 +63,7 @@ class FactorLayout:
     step's largest micro-shard; packed[j, p] then holds n, else -1."""
 
     def __init__(self, shapes):
-        sizes = [int(np.prod(shape)) for shape in shapes]
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+        offsets = piece_starts([int(np.prod(shape)) for shape in shapes]).tolist()
         self.weights = [(o, int(shape[0]), int(shape[1])) for o, shape in zip(offsets, shapes) if len(shape) == 2]
         self.index = {o: p for p, (o, _, _) in enumerate(self.weights)}
 
@@ -268,7 +272,7 @@ class FixedPointSum:
         self.comm = comm
         self.headroom = int(np.log2(micro_shards))
         self.sizes = np.array(sizes, dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.starts = piece_starts(self.sizes)
 
     def combine(self, buffers, out, packed=None):
         largest = np.zeros(len(self.starts), dtype=np.float64)
