@@ -188,9 +188,19 @@ def test_the_micro_shard_sizes_a_run_sees():
 
 
 def test_the_header_names_layers_in_runs():
-    """A ResNet-110 has 109 convolutions: the choices line names runs of layers, not each."""
-    from dpnet.train.loop import runs
+    """A ResNet-110 has 109 convolutions: the choices line names runs of layers, not each; the
+    affine weights it names one by one (several may share a form)."""
+    from dpnet.train.loop import choices_text, runs
     assert runs([]) == []
     assert runs([4]) == ["4"]
     assert runs([1, 2, 3, 5, 7, 8, 74]) == ["1-3", "5", "7-8", "74"]
     assert runs(list(range(1, 39)) + [74]) == ["1-38", "74"]
+    conv = {**{k: "im2col" for k in [1, 2, 3, 9]}, 4: "winograd", 5: "winograd"}
+    dx = {"W7": "plain", "W6": "plain", "W8": "transposed"}
+    assert choices_text(conv, dx) == (
+        "convolutions (--conv-algorithm auto): im2col for layer(s) 1-3, 9; winograd for layer(s) 4-5; "
+        "affine input gradients (--affine-dx auto): plain for W6, W7; transposed for W8")
+    assert choices_text(None, dx) == (
+        "affine input gradients (--affine-dx auto): plain for W6, W7; transposed for W8")
+    assert choices_text({}, {}) == ("convolutions (--conv-algorithm auto): none to choose for this model; "
+                                    "affine input gradients (--affine-dx auto): none to choose for this model")

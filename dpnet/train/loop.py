@@ -250,6 +250,21 @@ def runs(numbers):
     return [f"{a}-{b}" if b > a else f"{a}" for a, b in out]
 
 
+def choices_text(conv, dx):
+    """What the header says of the layer choices (None: not chosen by auto), e.g.
+    'convolutions (--conv-algorithm auto): im2col for layer(s) 1-3; winograd for layer(s) 4;
+    affine input gradients (--affine-dx auto): plain for W5, W6'."""
+    parts = []
+    for what, choices, names in (("convolutions (--conv-algorithm auto)", conv, lambda ks: "layer(s) " + ", ".join(runs(ks))),
+                                 ("affine input gradients (--affine-dx auto)", dx, ", ".join)):
+        if choices is None:
+            continue
+        by_way = {w: sorted(k for k, c in choices.items() if c == w) for w in sorted(set(choices.values()))}
+        ways = "; ".join(f"{w} for {names(ks)}" for w, ks in by_way.items())
+        parts.append(f"{what}: {ways or 'none to choose for this model'}")
+    return "; ".join(parts)
+
+
 def blas_threads(config, comm):
     if config.threads:
         return config.threads
@@ -356,19 +371,11 @@ class Trainer:
             source = f"the checkpoint's choices, kept in the reproducible mode: {config.resume}"
         else:
             conv, dx, source = measure_layer_choices(self.model, comm, config, len(self.x_train), self.threads)
-        said = []
         if conv is not None:
             self.model.set_conv_algorithms(conv)
-            said.append(("convolutions (--conv-algorithm auto)", "layer(s) ", conv))
         if dx is not None:
             self.model.set_dx_forms(dx)
-            said.append(("affine input gradients (--affine-dx auto)", "", dx))
-        parts = []
-        for what, noun, choices in said:
-            by_way = {w: sorted(k for k, c in choices.items() if c == w) for w in sorted(set(choices.values()))}
-            ways = "; ".join(f"{w} for {noun}{', '.join(map(str, runs(ks)))}" for w, ks in by_way.items())
-            parts.append(f"{what}: {ways or 'none to choose for this model'}")
-        return "; ".join(parts) + f" ({source})"
+        return f"{choices_text(conv, dx)} ({source})"
 
     def _resume(self):
         config, comm = self.config, self.comm
