@@ -18,7 +18,7 @@ No np.add.at anywhere.
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ._validate import require_ndim, require_nonnegative_int, require_positive_int
+from ._validate import require_nonnegative_int, require_positive_int
 from .winograd import winograd_applies, winograd_conv_backward, winograd_conv_forward
 
 # Bytes of column matrix per block of images: a few images, about two L2 caches' worth.

@@ -7,7 +7,7 @@ valid subgradient and both implementations agree exactly.
 
 import numpy as np
 
-from ._validate import require_ndim, require_positive_int
+from ._validate import require_positive_int
 
 
 def pool_output_shape(x_shape, pool_param):
