@@ -20,7 +20,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .data import DataError
 from .parallel import get_comm, launcher_rank
 from .train.config import ConfigError
-from .train.inputs import load_data, normaliser, split_train_val
+from .train.inputs import SYNTHETIC, load_data, normaliser, split_train_val
 from .train.loop import StartupError, build_model, on_every_rank
 from .train.resume import stored_train_config
 from .train.scoring import accuracy, confusion_matrix
@@ -40,7 +40,8 @@ def evaluate_checkpoint(path, comm, data=None):
         _, attrs = load_checkpoint(path, model)
         if attrs["layer_choices"]:  # the run's measured choices: its very logits
             model.set_layer_choices(attrs["layer_choices"])
-        dataset, _, synthetic = load_data(config)
+        dataset, _, place = load_data(config)
+        synthetic = place == SYNTHETIC
         (x_train, _), _ = split_train_val(dataset, config.val_size, config.seed)
         return config, model, attrs, dataset, synthetic, x_train
 

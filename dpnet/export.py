@@ -10,7 +10,7 @@ Each conv gives `.weight` (F, C, HH, WW) and `.bias` where it has one; each affi
 (out, in), dpnet's W transposed, and `.bias`; each batchnorm `.weight` (gamma), `.bias` (beta),
 `.running_mean`, `.running_var` and `.num_batches_tracked` (0). The arrays keep the checkpoint's
 dtype. `meta` holds JSON: the model name and the run's settings. The torch model that takes
-them is spelled out in tests/test_export.py (eps 1e-5, as dpnet's batchnorm; the parameter-free
+them is spelled out in benchmarks/torch_models.py (eps 1e-5, as dpnet's batchnorm; the parameter-free
 ResNet shortcut is a stride-2 subsample with channels zero-padded half before, half after).
 Inputs are normalised as in training: per-channel mean and std of the run's training split.
 """

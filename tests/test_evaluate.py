@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.train_helpers import (TINY, finish, mpirun_path, read_metrics, run_ok, start,  # noqa: F401
-                                 write_cifar_folder)
+from tests.train_helpers import (TINY, clean_env, finish, mpirun_path, read_checkpoint, read_metrics,  # noqa: F401
+                                 run_ok, start, write_cifar_folder)
 
 CKPT = os.path.join("dpnet_run", "checkpoint.h5")
 METRICS = os.path.join("dpnet_run", "metrics.jsonl")
@@ -25,10 +25,10 @@ def trained(tmp_path_factory):
     return root, data
 
 
-def evaluate(args, cwd, ranks=None, timeout=120):
+def evaluate(args, cwd, ranks=None, timeout=120, env=None):
     cmd = ([mpirun_path(), "-n", str(ranks)] if ranks else []) + [sys.executable, "-m", "dpnet.evaluate", *args]
     import time
-    return finish(start(cmd, cwd), cmd, cwd, time.monotonic(), timeout)
+    return finish(start(cmd, cwd, env), cmd, cwd, time.monotonic(), timeout)
 
 
 def test_accuracy_equals_what_training_reported_at_any_number_of_ranks(trained):
@@ -58,6 +58,33 @@ def test_text_report_and_confusion_plot(trained, tmp_path):
     assert lines[0].startswith(f"{root / CKPT} (step 10): test accuracy 0.") and lines[0].endswith("/1100)")
     assert lines[2] == "per class:" and lines[3].split()[0] == "airplane" and len(lines) == 3 + 10 + 2 + 10
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("found", ["env", "synthetic"])
+def test_the_checkpoint_names_the_data_the_run_found(trained, tmp_path, found):
+    """A run that found CIFAR-10 through $DPNET_DATA (no --data), or that trained on the synthetic
+    set: evaluating and resuming its checkpoint, where $DPNET_DATA is unset or names another data
+    set, use the run's own images (else the accuracy silently changes)."""
+    _, data = trained
+    other = write_cifar_folder(str(tmp_path / "other" / "cifar-10-batches-py"), test_size=60, seed=9)
+    first, later = (data, None) if found == "env" else (other, other)
+    args = [*TINY, "--max-steps", "3"] + (["--data", "synthetic"] if found == "synthetic" else [])
+    run_ok(args, tmp_path, env=clean_env(DPNET_DATA=first))
+    assert read_checkpoint(tmp_path / CKPT)["attrs"]["config"]["data"] == (data if found == "env" else "synthetic")
+    reported = read_metrics(tmp_path / METRICS)[-1]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = evaluate([str(tmp_path / CKPT), "--json"], elsewhere, env=clean_env(DPNET_DATA=later))
+    assert result.returncode == 0, str(result)
+    result = json.loads(result.stdout)
+    assert (result["test_acc"], result["synthetic"]) == (reported["test_acc"], found == "synthetic")
+    assert result["total"] == (1100 if found == "env" else 1000)
+
+    resumed = run_ok(["--resume", str(tmp_path / CKPT), "--max-steps", "4", "--checkpoint", "more.h5",
+                      "--metrics", "more.jsonl", "--no-progress"], elsewhere, env=clean_env(DPNET_DATA=later))
+    source = "CIFAR-10 from " + data if found == "env" else "SYNTHETIC data (--data synthetic)"
+    assert source in resumed.stdout, str(resumed)
 
 
 @pytest.mark.parametrize("case", ["missing", "garbage"])

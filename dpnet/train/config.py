@@ -69,8 +69,8 @@ def option_fields():
 
 
 OPTION_HELP = {
-    "data": f"cifar-10-batches-py folder, or a .h5 from `python -m dpnet.data prepare` "
-            f"(default: ${DATA_ENV}, then ~/.cache/dpnet; else a synthetic set)",
+    "data": f"cifar-10-batches-py folder, or a .h5 from `python -m dpnet.data prepare`, or 'synthetic' "
+            f"(default: ${DATA_ENV}, then ~/.cache/dpnet; else the synthetic set)",
     "model": "network to train: the three-layer CNN, the ConvNet (--stages), vgg (the ConvNet with "
              "--stages 32,32/64,64/128 --hidden-dim 256), or a CIFAR ResNet (basic blocks of 16/32/64 channels, "
              "parameter-free shortcuts). Each has a default recipe for the options marked 'recipe': "

@@ -21,15 +21,22 @@ def default_data_places():
     return places
 
 
+SYNTHETIC = "synthetic"  # --data synthetic: the synthetic set, even where CIFAR-10 is found
+
+
 def load_data(config):
-    """(data dict, description, synthetic?) for the run."""
+    """(data dict, description, place) for the run: place names the data set so that a
+    checkpoint can find it again (--data as given, else the absolute path found), or is
+    SYNTHETIC."""
     explicit = config.data or os.environ.get(DATA_ENV)  # named by the user: must exist
+    if explicit == SYNTHETIC:
+        return make_synthetic(seed=config.seed), "SYNTHETIC data (--data synthetic)", SYNTHETIC
     if explicit:
-        return load_dataset(explicit), f"CIFAR-10 from {explicit}", False
+        return load_dataset(explicit), f"CIFAR-10 from {explicit}", config.data or os.path.abspath(explicit)
     for place in default_data_places():
         if os.path.exists(place):
-            return load_dataset(place), f"CIFAR-10 from {place}", False
-    return make_synthetic(seed=config.seed), "SYNTHETIC data (no CIFAR-10 found)", True
+            return load_dataset(place), f"CIFAR-10 from {place}", os.path.abspath(place)
+    return make_synthetic(seed=config.seed), "SYNTHETIC data (no CIFAR-10 found)", SYNTHETIC
 
 
 def split_train_val(data, val_size, seed):

@@ -26,7 +26,7 @@ from ..parallel.watchdog import make_guard
 from ..scaling import run_prediction
 from .config import DATA_ENV, OPTIMIZERS, REFERENCE_BATCH, REPRODUCIBLE_BITS_OF, ConfigError, parse_stages, validate
 from .faults import fault_spec, inject_fault, inject_part_fault, inject_start_fault
-from .inputs import RankAugmentation, StepAugmentation, load_data, normaliser, split_train_val, training_batch
+from .inputs import SYNTHETIC, RankAugmentation, StepAugmentation, load_data, normaliser, split_train_val, training_batch
 from .progress import progress
 from .ranks import write_rank_map
 from .recipes import default_epochs, with_recipe
@@ -299,7 +299,11 @@ class Trainer:
             remove_stale()  # segments that killed MPI jobs left in /dev/shm
         self.config, self.comm = config, comm
         self.say = Printer(comm)
-        self.data, source, self.synthetic = on_every_rank(comm, lambda: load_data(config))
+        self.data, source, place = on_every_rank(comm, lambda: load_data(config))
+        self.synthetic = place == SYNTHETIC
+        # checkpoints name the data set found (through $DPNET_DATA, the cache or none): a resume
+        # or an evaluation then reads the same images wherever it runs
+        self.config = config = dataclasses.replace(config, data=place)
         self.epochs = default_epochs(config, self.synthetic)
         if self.synthetic:
             self.say("=" * 72 + f"\n  {source}: training on a synthetic CIFAR-shaped set, not real images.\n"
