@@ -18,6 +18,7 @@ Inputs are normalised as in training: per-channel mean and std of the run's trai
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 import numpy as np
@@ -94,6 +95,8 @@ def torch_state(model):
 
 def export_checkpoint(path, out):
     """Write the npz of checkpoint `path` to `out` (atomically); returns the names written."""
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder: name the .npz file to write, e.g. {os.path.join(out, 'model.npz')}")
     config = stored_train_config(path)
     model = build_model(config, SerialComm())
     load_checkpoint(path, model)

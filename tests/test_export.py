@@ -16,7 +16,7 @@ from dpnet.checkpoint import load_checkpoint
 from dpnet.parallel import SerialComm
 from dpnet.train import TrainConfig, build_model, split_train_val
 from dpnet.train.inputs import load_data, normaliser
-from tests.train_helpers import TINY, cifar_dir, finish, read_checkpoint, run_ok, start  # noqa: F401
+from tests.train_helpers import TINY_SPLIT, cifar_dir, finish, read_checkpoint, run_ok, start  # noqa: F401
 
 try:
     import torch
@@ -40,7 +40,7 @@ def exported(request, tmp_path_factory, cifar_dir):
     """(model name, run folder, npz contents) of one epoch of training, exported."""
     name = request.param
     root = tmp_path_factory.mktemp(f"export-{name}")
-    run_ok(["--data", cifar_dir, *TINY, "--epochs", "1", "--model", name.split("-")[0], *MODELS[name]], root)
+    run_ok(["--data", cifar_dir, *TINY_SPLIT, "--epochs", "1", "--model", name.split("-")[0], *MODELS[name]], root)
     cmd = [sys.executable, "-m", "dpnet.export", CKPT, "--out", "model.npz"]
     run = finish(start(cmd, root), cmd, root, time.monotonic(), 60)
     assert run.returncode == 0 and run.stdout.startswith("wrote model.npz: "), str(run)
@@ -123,3 +123,18 @@ def test_torch_model_gives_dpnets_logits(exported):
         assert np.array_equal(theirs.argmax(axis=1), ours.argmax(axis=1))
     else:
         assert (theirs.argmax(axis=1) == ours.argmax(axis=1)).mean() >= 0.97
+
+
+@pytest.mark.parametrize("case", ["folder", "missing-checkpoint"])
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path, case):
+    (tmp_path / "out").mkdir()
+    args = [str(tmp_path / "none.h5"), "--out", "x.npz"] if case == "missing-checkpoint" else ["c.h5", "--out", "out"]
+    if case == "folder":
+        (tmp_path / "c.h5").write_bytes(b"")  # never read: the folder is named first
+    cmd = [sys.executable, "-m", "dpnet.export", *args]
+    run = finish(start(cmd, tmp_path), cmd, tmp_path, time.monotonic(), 60)
+    expected = ("--out out is a folder: name the .npz file to write, e.g. out/model.npz" if case == "folder"
+                else f"{tmp_path / 'none.h5'}: no such checkpoint file")
+    assert run.returncode == 2 and run.err_lines == [f"python -m dpnet.export: error: {expected}"], str(run)
+    assert sorted(os.listdir(tmp_path)) == (["c.h5", "out"] if case == "folder" else ["out"])
+    assert os.listdir(tmp_path / "out") == []

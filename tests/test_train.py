@@ -31,7 +31,7 @@ from dpnet.flat import FlatParams
 from dpnet.gradient_check import normwise_rel_error
 from dpnet.parallel import SerialComm
 from dpnet.train import ConfigError, TrainConfig, build_model, parse_args, validate
-from tests.train_helpers import (STEPS_PER_EPOCH, TINY, assert_same_state, cifar_dir, clean_env,  # noqa: F401
+from tests.train_helpers import (STEPS_PER_EPOCH, TINY, TINY_SPLIT, assert_same_state, cifar_dir, clean_env,  # noqa: F401
                            finish, job_processes, kill_group, mpirun_path, read_checkpoint,
                            read_metrics, run_ok,
                            run_train, start, train_command, write_cifar_folder, write_pickle)
@@ -676,6 +676,12 @@ OPTION_ERRORS = {  # id -> f(tmp_path) -> (flags, world size, fragments of the m
                                                                  "got '32//64'"]),
     "stages-not-numbers": lambda t: (["--stages", "32,x"], 1, ["--stages must be positive filter counts"]),
     "stages-too-deep": lambda t: (["--stages", "8/8/8/8/8/8"], 1, ["at most 5 stages"]),
+    "stages-for-threelayer": lambda t: (["--stages", "8/16"], 1, [
+        "--stages does not apply to --model threelayer: only to convnet, vgg"]),
+    "stages-for-resnet": lambda t: (["--model", "resnet20", "--stages", "8/16"], 1, [
+        "--stages does not apply to --model resnet20: only to convnet, vgg"]),
+    "hidden-dim-for-resnet": lambda t: (["--model", "resnet32", "--hidden-dim", "3"], 1, [
+        "--hidden-dim does not apply to --model resnet32: only to threelayer, convnet, vgg"]),
     "resnet-without-bn": lambda t: (["--model", "resnet20", "--bn-mode", "none"], 1,
                                     ["--model resnet20 has batchnorm in every block: --bn-mode must be local or sync"]),
     "bucket-mb-nan": lambda t: (["--bucket-mb", "nan"], 1, ["--bucket-mb must be a finite number >= 0, got nan"]),
@@ -1033,7 +1039,7 @@ def test_a_rank_stuck_outside_the_steps_ends_the_job(cifar_dir, tmp_path, part, 
 def test_resnet20_trains_and_resumes(cifar_dir, tmp_path):
     """--model resnet20 under mpirun: 2 ranks train it (sync batchnorm), and a run stopped at step 2
     and resumed ends bit-identical to the straight run."""
-    args = base_args(cifar_dir, "--model", "resnet20", "--epochs", "1", "--no-augment")
+    args = ["--data", cifar_dir, *TINY_SPLIT, "--model", "resnet20", "--epochs", "1", "--no-augment"]
     (tmp_path / "straight").mkdir()
     straight = run_ok(args, tmp_path / "straight", 2, timeout=180)
     assert straight.lines[0].startswith("dpnet 0.1.0: resnet20 (bn sync), 2 rank(s)"), str(straight)
@@ -1077,6 +1083,10 @@ def test_learning_rate_warm_up_and_linear_scaling():
     assert learning_rate(cosine, 9, total, 0, per_epoch) == pytest.approx(0.5 * 0.1 * (1 + math.cos(math.pi * 9 / 100)))
     with pytest.raises(ConfigError, match="--warmup-epochs must be a finite number >= 0, got -1"):
         validate(dataclasses.replace(cosine, warmup_epochs=-1), 1)
+    from dpnet.train.loop import rate_text  # what the header says of them
+    assert rate_text(plain) == "lr 0.1"
+    assert rate_text(dataclasses.replace(warm, lr=0.05)) == \
+        "lr 0.2 (0.05 x 512 / 128, --lr-scaling linear), 2.5 warm-up epoch(s)"
 
 
 def test_convnet_layout_from_the_command_line(cifar_dir, tmp_path):

@@ -65,7 +65,8 @@ def cifar_dir(tmp_path_factory):
 # ------------------------------------------------------------------ running the command
 
 # With --val-size 40 the 200 training images leave 160: 5 steps per epoch of global batch 32.
-TINY = ["--val-size", "40", "--batch-size", "32", "--no-progress", "--hidden-dim", "16"]
+TINY_SPLIT = ["--val-size", "40", "--batch-size", "32", "--no-progress"]
+TINY = [*TINY_SPLIT, "--hidden-dim", "16"]  # ResNets take no --hidden-dim: TINY_SPLIT
 STEPS_PER_EPOCH = 5
 
 

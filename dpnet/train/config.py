@@ -139,6 +139,9 @@ class ConfigError(ValueError):
     """An option has an impossible value."""
 
 
+LAYOUT_OPTIONS = {"stages": ("convnet", "vgg"), "hidden_dim": ("threelayer", "convnet", "vgg")}  # models using them
+
+
 def parse_stages(text):
     """--stages '32,32/64,64/128' -> ((32, 32), (64, 64), (128,)); ConfigError if malformed."""
     try:
@@ -176,6 +179,10 @@ def validate(config, world_size):
         if getattr(config, key) < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must not be negative, got {getattr(config, key)}")
     parse_stages(config.stages)
+    for key, models in LAYOUT_OPTIONS.items():  # given for a model that would ignore it
+        if key in config.given and config.model not in models:
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to --model {config.model}: "
+                              f"only to {', '.join(models)}")
     if config.model.startswith("resnet") and config.bn_mode == "none":
         raise ConfigError(f"--model {config.model} has batchnorm in every block: --bn-mode must be local or sync")
     if config.bucket_mb and config.reduction == "shared-memory":

@@ -187,11 +187,26 @@ def evaluate(model, comm, x, y, to_input):
     return accuracy(confusion_matrix(model, comm, x, y, to_input, model.num_classes))
 
 
+def base_rate(config):
+    """--lr, times batch / REFERENCE_BATCH under --lr-scaling linear: the rate the schedule shapes."""
+    return config.lr * (config.batch_size / REFERENCE_BATCH if config.lr_scaling == "linear" else 1.0)
+
+
+def rate_text(config):
+    """The header's words for the rate: 'lr 0.2 (0.05 x 512 / 128, --lr-scaling linear), 2 warm-up epochs'."""
+    text = f"lr {base_rate(config):g}"
+    if config.lr_scaling == "linear":
+        text += f" ({config.lr:g} x {config.batch_size} / {REFERENCE_BATCH}, --lr-scaling linear)"
+    if config.warmup_epochs:
+        text += f", {config.warmup_epochs:g} warm-up epoch(s)"
+    return text
+
+
 def learning_rate(config, step, total_steps, epoch, steps_per_epoch=1):
     """The rate of optimizer step `step` (from 0): --lr, scaled with the global batch under
     --lr-scaling linear, shaped by the schedule (cosine over total_steps, or step decay per
     epoch) and, for the first --warmup-epochs, by a linear ramp from 0."""
-    base = config.lr * (config.batch_size / REFERENCE_BATCH if config.lr_scaling == "linear" else 1.0)
+    base = base_rate(config)
     if config.lr_schedule == "cosine":
         rate = 0.5 * base * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
     else:
@@ -348,7 +363,7 @@ class Trainer:
                  f"{source}: {len(self.x_train)} train / {len(self.x_val)} val / "
                  f"{len(self.data['x_test'])} test; "
                  f"{self.epochs} epochs of {self.per_epoch} steps, global batch {config.batch_size}; "
-                 f"{config.optimizer} lr {config.lr:g}, L2 {config.reg:g}")
+                 f"{config.optimizer} {rate_text(config)}, L2 {config.reg:g}")
         if self.tuned is not None:
             self.say(self.tuned)
         if comm.size > 1:
