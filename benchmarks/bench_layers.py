@@ -40,6 +40,10 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from dpnet.memory import keep_freed_memory  # noqa: E402
+
+KEPT = keep_freed_memory()  # as python -m dpnet.train does, for dpnet and torch alike
+
 try:
     from threadpoolctl import threadpool_info, threadpool_limits
     _LIMITS = threadpool_limits(limits=1)  # kept alive for the whole run
@@ -337,6 +341,8 @@ def main():
     print(f"dpnet layer benchmark: python {platform.python_version()}, numpy {np.__version__}, "
           f"torch {torch.__version__ if torch is not None else 'not importable'}")
     print(f"BLAS: {blas_description()}")
+    print("malloc: " + ("freed memory kept for reuse (dpnet.memory, as dpnet.train)" if KEPT else
+                        "the C library's defaults (DPNET_MALLOC=system, or no glibc)"))
     print(f"times: median of {ROUNDS} x {REPEATS} runs, dpnet and torch taking turns by rounds; "
           f"dpnet/torch > 1: dpnet faster\n")
     rate = matmul_rate()

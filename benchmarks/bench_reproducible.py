@@ -129,6 +129,8 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
+        from dpnet.memory import keep_freed_memory
+        keep_freed_memory()  # as python -m dpnet.train does
         worker(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4])
     else:
         main()

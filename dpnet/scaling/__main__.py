@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from ..memory import keep_freed_memory
 from .measure import MODELS, default_path, load_fit, machine_key, measure_fit, save_fit
 from .model import NETWORK_LINKS, predict
 
@@ -121,6 +122,7 @@ def plot(rows, args, path):
 def main(argv=None):
     args = parse_args(argv)
     if args.command == "fit":
+        keep_freed_memory()  # the steps as python -m dpnet.train runs them
         fit = measure_fit(quick=args.quick)
         print(f"saved to {save_fit(fit, args.out)}")
         return 0

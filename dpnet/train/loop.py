@@ -193,7 +193,7 @@ def base_rate(config):
 
 
 def rate_text(config):
-    """The header's words for the rate: 'lr 0.2 (0.05 x 512 / 128, --lr-scaling linear), 2 warm-up epochs'."""
+    """The header's words for the rate: 'lr 0.2 (0.05 x 512 / 128, --lr-scaling linear), 2 warm-up epoch(s)'."""
     text = f"lr {base_rate(config):g}"
     if config.lr_scaling == "linear":
         text += f" ({config.lr:g} x {config.batch_size} / {REFERENCE_BATCH}, --lr-scaling linear)"
