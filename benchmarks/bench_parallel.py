@@ -141,6 +141,8 @@ def main(torch_python=None):
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
+        from dpnet.memory import keep_freed_memory
+        keep_freed_memory()  # as python -m dpnet.train does (bench_cluster.py runs this worker too)
         worker(no_comm="--no-comm" in sys.argv, options=json.loads(sys.argv[sys.argv.index("--worker") + 1]))
     else:
         flag = "--torch-python"

@@ -150,6 +150,8 @@ def main(repeats, fit_path):
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
+        from dpnet.memory import keep_freed_memory
+        keep_freed_memory()  # as python -m dpnet.train does
         i = sys.argv.index("--worker")
         worker(sys.argv[i + 1], int(sys.argv[i + 2]), int(sys.argv[i + 3]))
     else:

@@ -12,27 +12,29 @@ The README ("Performance") gives what it saved here: mostly kernel time (page fa
 
 import ctypes
 import os
+import sys
 
 MALLOC_ENV = "DPNET_MALLOC"  # 'system': leave the C library's allocator as it is
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-SETTINGS = ((M_MMAP_THRESHOLD, 1 << 30),   # blocks up to 1 GiB come from the heap, not mmap
-            (M_TRIM_THRESHOLD, 1 << 30),   # the heap's free top is given back only beyond 1 GiB
+# blocks up to this size come from the heap, not mmap: 1 GiB, or 32 MiB, the most that glibc
+# before 2.35 takes on 64-bit systems
+MMAP_THRESHOLDS = (1 << 30, 32 << 20)
+SETTINGS = ((M_TRIM_THRESHOLD, 1 << 30),   # the heap's free top is given back only beyond 1 GiB
             (M_TOP_PAD, 64 << 20))         # each heap growth takes 64 MiB more (address space)
 
 
 def keep_freed_memory():
-    """Set glibc's thresholds (SETTINGS) for this process; True if they were taken. A no-op
-    (False) where the C library has no mallopt (macOS) or refuses it (musl), or with
-    DPNET_MALLOC=system."""
-    if os.environ.get(MALLOC_ENV) == "system":
+    """Set glibc's thresholds for this process; True if they were taken. A no-op (False) off
+    Linux, where the C library has no mallopt or refuses it (musl), or with DPNET_MALLOC=system."""
+    if os.environ.get(MALLOC_ENV) == "system" or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    for param, value in SETTINGS:  # in order: a refused mmap threshold leaves the trim alone
-        if mallopt(param, value) != 1:
-            return False
-    return True
+    # the mmap threshold first: a trim threshold alone would pin glibc's mmap threshold low
+    if not any(mallopt(M_MMAP_THRESHOLD, value) == 1 for value in MMAP_THRESHOLDS):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in SETTINGS)

@@ -1220,3 +1220,27 @@ def test_a_default_run_measures_its_layer_choices_once_then_reads_them(cifar_dir
     dx = {name: entries[dx_signature(32, shape, "float32", threads)]["choice"]
           for name, shape in (("W2", (32 * 16 * 16, 16)), ("W3", (16, 10)))}
     assert read_checkpoint(tmp_path / "second" / CKPT)["attrs"]["layer_choices"]["dx"] == dx
+
+
+def test_a_resume_may_name_where_the_data_is_now(tmp_path):
+    """--data given again on a resume names the data set's new place (moved, another machine, an
+    old checkpoint that stored none); any other option must still agree. --stages given again
+    with a ConvNet checkpoint is checked against the checkpoint's model, not the default."""
+    from dpnet.train.config import check_layout_options
+    from dpnet.train.resume import restore_settings
+    ckpt = tmp_path / "ck.h5"
+    ckpt.write_bytes(b"")  # validate() asks only that the file exists
+    stored = {**dataclasses.asdict(TrainConfig(model="convnet", stages="4/8", data="/old/place")), "given": None}
+    for old in ("/old/place", None):
+        config = parse_args(["--resume", str(ckpt), "--data", "/new/place", "--stages", "4/8"])
+        validate(config, 1)  # before the checkpoint is read, its model is not known
+        restored = restore_settings(config, {**stored, "data": old})
+        assert (restored.data, restored.model, restored.stages) == ("/new/place", "convnet", "4/8")
+        check_layout_options(restored)
+    assert restore_settings(parse_args(["--resume", str(ckpt)]), stored).data == "/old/place"
+    with pytest.raises(ConfigError, match="--stages 4/16 does not match the checkpoint's 4/8"):
+        restore_settings(parse_args(["--resume", str(ckpt), "--stages", "4/16"]), stored)
+    threelayer = restore_settings(parse_args(["--resume", str(ckpt), "--stages", "4/8"]),
+                                  {**stored, "model": "threelayer"})
+    with pytest.raises(ConfigError, match="--stages does not apply to --model threelayer"):
+        check_layout_options(threelayer)

@@ -142,6 +142,14 @@ class ConfigError(ValueError):
 LAYOUT_OPTIONS = {"stages": ("convnet", "vgg"), "hidden_dim": ("threelayer", "convnet", "vgg")}  # models using them
 
 
+def check_layout_options(config):
+    """ConfigError for --stages or --hidden-dim given for a model that would ignore it."""
+    for key, models in LAYOUT_OPTIONS.items():
+        if key in config.given and config.model not in models:
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to --model {config.model}: "
+                              f"only to {', '.join(models)}")
+
+
 def parse_stages(text):
     """--stages '32,32/64,64/128' -> ((32, 32), (64, 64), (128,)); ConfigError if malformed."""
     try:
@@ -179,10 +187,8 @@ def validate(config, world_size):
         if getattr(config, key) < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must not be negative, got {getattr(config, key)}")
     parse_stages(config.stages)
-    for key, models in LAYOUT_OPTIONS.items():  # given for a model that would ignore it
-        if key in config.given and config.model not in models:
-            raise ConfigError(f"--{key.replace('_', '-')} does not apply to --model {config.model}: "
-                              f"only to {', '.join(models)}")
+    if not config.resume:  # a resume's model is the checkpoint's: checked once restored
+        check_layout_options(config)
     if config.model.startswith("resnet") and config.bn_mode == "none":
         raise ConfigError(f"--model {config.model} has batchnorm in every block: --bn-mode must be local or sync")
     if config.bucket_mb and config.reduction == "shared-memory":

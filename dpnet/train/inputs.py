@@ -26,13 +26,12 @@ SYNTHETIC = "synthetic"  # --data synthetic: the synthetic set, even where CIFAR
 
 def load_data(config):
     """(data dict, description, place) for the run: place names the data set so that a
-    checkpoint can find it again (--data as given, else the absolute path found), or is
-    SYNTHETIC."""
+    checkpoint can find it again (its absolute path), or is SYNTHETIC."""
     explicit = config.data or os.environ.get(DATA_ENV)  # named by the user: must exist
     if explicit == SYNTHETIC:
         return make_synthetic(seed=config.seed), "SYNTHETIC data (--data synthetic)", SYNTHETIC
     if explicit:
-        return load_dataset(explicit), f"CIFAR-10 from {explicit}", config.data or os.path.abspath(explicit)
+        return load_dataset(explicit), f"CIFAR-10 from {explicit}", os.path.abspath(explicit)
     for place in default_data_places():
         if os.path.exists(place):
             return load_dataset(place), f"CIFAR-10 from {place}", os.path.abspath(place)

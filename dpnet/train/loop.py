@@ -24,7 +24,8 @@ from ..parallel import DataParallel, ReducerUnavailable, shard_bounds, shard_ind
 from ..parallel.shm_leftovers import remove_stale
 from ..parallel.watchdog import make_guard
 from ..scaling import run_prediction
-from .config import DATA_ENV, OPTIMIZERS, REFERENCE_BATCH, REPRODUCIBLE_BITS_OF, ConfigError, parse_stages, validate
+from .config import (DATA_ENV, OPTIMIZERS, REFERENCE_BATCH, REPRODUCIBLE_BITS_OF, ConfigError, check_layout_options,
+                     parse_stages, validate)
 from .faults import fault_spec, inject_fault, inject_part_fault, inject_start_fault
 from .inputs import SYNTHETIC, RankAugmentation, StepAugmentation, load_data, normaliser, split_train_val, training_batch
 from .progress import progress
@@ -308,7 +309,7 @@ class Trainer:
         write_rank_map(comm)  # for a supervisor that reports a dead process by its PID
         if config.resume:  # the run's own settings, unless an option given again disagrees
             config = on_every_rank(comm, lambda: restore_settings(config, stored_config(config.resume)))
-            on_every_rank(comm, lambda: validate(config, comm.size))
+            on_every_rank(comm, lambda: (validate(config, comm.size), check_layout_options(config)))
         config = with_recipe(config)  # what is still unset: the model's default recipe
         if comm.size > 1:
             remove_stale()  # segments that killed MPI jobs left in /dev/shm

@@ -49,7 +49,8 @@ def stored_train_config(path):
 
 def restore_settings(config, stored):
     """config with the RESTORED settings of the checkpoint's `stored` config; ConfigError naming
-    the setting and both values where an option given again (config.given) disagrees."""
+    the setting and both values where an option given again (config.given) disagrees, but
+    --data, which may name another copy of the data set."""
     changes = {}
     new_optimizer = (config.reset_optimizer and "optimizer" in config.given
                      and config.optimizer != stored.get("optimizer"))
@@ -58,6 +59,8 @@ def restore_settings(config, stored):
             continue
         if key == "lr" and new_optimizer and key not in config.given:
             continue  # the old optimizer's rate is not the new one's: the recipe chooses (recipes.py)
+        if key == "data" and key in config.given:
+            continue  # where the images are now (another copy, another machine): the user's word
         mine, theirs = getattr(config, key), stored[key]
         if key in config.given and mine != theirs:
             if config.reset_optimizer and key in OPTIMIZER_SETTINGS:
