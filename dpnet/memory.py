@@ -17,8 +17,8 @@ import sys
 MALLOC_ENV = "DPNET_MALLOC"  # 'system': leave the C library's allocator as it is
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-# blocks up to this size come from the heap, not mmap: 1 GiB, or 32 MiB, the most that glibc
-# before 2.35 takes on 64-bit systems
+# blocks up to this size come from the heap, not mmap: 1 GiB, or 32 MiB, the most that older
+# glibc (2.30, for one) takes on 64-bit systems
 MMAP_THRESHOLDS = (1 << 30, 32 << 20)
 SETTINGS = ((M_TRIM_THRESHOLD, 1 << 30),   # the heap's free top is given back only beyond 1 GiB
             (M_TOP_PAD, 64 << 20))         # each heap growth takes 64 MiB more (address space)

@@ -27,7 +27,8 @@ from ..scaling import run_prediction
 from .config import (DATA_ENV, OPTIMIZERS, REFERENCE_BATCH, REPRODUCIBLE_BITS_OF, ConfigError, check_layout_options,
                      parse_stages, validate)
 from .faults import fault_spec, inject_fault, inject_part_fault, inject_start_fault
-from .inputs import SYNTHETIC, RankAugmentation, StepAugmentation, load_data, normaliser, split_train_val, training_batch
+from .inputs import (SYNTHETIC, RankAugmentation, StepAugmentation, load_data, normaliser, split_train_val,
+                     training_batch)
 from .progress import progress
 from .ranks import write_rank_map
 from .recipes import default_epochs, with_recipe
@@ -271,7 +272,10 @@ def choices_text(conv, dx):
     'convolutions (--conv-algorithm auto): im2col for layer(s) 1-3; winograd for layer(s) 4;
     affine input gradients (--affine-dx auto): plain for W5, W6'."""
     parts = []
-    for what, choices, names in (("convolutions (--conv-algorithm auto)", conv, lambda ks: "layer(s) " + ", ".join(runs(ks))),
+    def layers(numbers):
+        return "layer(s) " + ", ".join(runs(numbers))
+
+    for what, choices, names in (("convolutions (--conv-algorithm auto)", conv, layers),
                                  ("affine input gradients (--affine-dx auto)", dx, ", ".join)):
         if choices is None:
             continue
@@ -317,8 +321,8 @@ class Trainer:
         self.say = Printer(comm)
         self.data, source, place = on_every_rank(comm, lambda: load_data(config))
         self.synthetic = place == SYNTHETIC
-        # checkpoints name the data set found (through $DPNET_DATA, the cache or none): a resume
-        # or an evaluation then reads the same images wherever it runs
+        # checkpoints name the data set used (its absolute path, or synthetic): a resume or an
+        # evaluation then reads the same images wherever it is started
         self.config = config = dataclasses.replace(config, data=place)
         self.epochs = default_epochs(config, self.synthetic)
         if self.synthetic:
