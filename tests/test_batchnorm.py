@@ -149,10 +149,13 @@ def test_fresh_running_statistics_are_the_homeworks(variant, rng):
     x = sample(shape, rng)
     bn_param = {"mode": "train", "momentum": 0.75}  # 1 - 0.75 is exact in binary
     forward(x, np.ones(3), np.zeros(3), bn_param)
+    batch = {"mode": "train", "momentum": 0.0}  # running = 0 * 0 + 1 * the batch's statistics
+    forward(x, np.ones(3), np.zeros(3), batch)
+    np.testing.assert_array_equal(bn_param["running_mean"], 0.25 * batch["running_mean"])
+    np.testing.assert_array_equal(bn_param["running_var"], 0.25 * batch["running_var"])
     centered = x - x.mean(axis=axes, keepdims=True)
-    batch_var = (centered * centered).sum(axis=axes) / (x.size // 3)
-    np.testing.assert_array_equal(bn_param["running_mean"], 0.25 * x.mean(axis=axes))
-    np.testing.assert_array_equal(bn_param["running_var"], 0.25 * batch_var)
+    np.testing.assert_allclose(batch["running_mean"], x.mean(axis=axes), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(batch["running_var"], (centered * centered).sum(axis=axes) / (x.size // 3), rtol=1e-13)
 
 
 def test_backward_needs_train_mode_cache(variant, rng):

@@ -17,19 +17,36 @@ import numpy as np
 from ._validate import require_ndim
 
 
-def _shard_moments(x, axes):
-    """(row, centered): the count, mean and M2 of x over `axes`, per channel, as one float64
-    row [n, mean.., m2..], and x minus that mean (None for an empty x)."""
+def _channel_sums(a, b=None):
+    """Per-channel sums of a (N, C, ...) over every axis but C, or of a * b: float64 (C,).
+
+    einsum sums each image's channel plane in one pass with no temporary (np.square and
+    np.sum over several axes took 3-4 times as long), then the N planes are added in float64.
+    """
+    n, c = a.shape[:2]
+    if a.size == 0:  # an empty shard
+        return np.zeros(c)
+    if a.ndim == 2:  # (N, D): one value per plane
+        return np.einsum("nc->c", a, dtype=np.float64) if b is None else np.einsum("nc,nc->c", a, b, dtype=np.float64)
+    rows = a.reshape(n * c, -1)
+    planes = np.einsum("ij->i", rows) if b is None else np.einsum("ij,ij->i", rows, b.reshape(n * c, -1))
+    return planes.reshape(n, c).sum(axis=0, dtype=np.float64)
+
+
+def _shard_moments(x):
+    """(row, centered): the count, mean and M2 of x (N, C, ...) per channel, as one float64
+    row [n, mean.., m2..], and x minus that mean (None for an empty x). The mean in the row
+    is the one subtracted, rounded to x's dtype, so that M2 is taken about it exactly."""
     channels = x.shape[1]
     count = x.size // channels
     row = np.zeros(1 + 2 * channels, dtype=np.float64)
     row[0] = count
     centered = None
     if count:
-        mean = x.mean(axis=axes, keepdims=True)
-        row[1:1 + channels] = mean.reshape(-1)
-        centered = x - mean
-        row[1 + channels:] = np.square(centered).sum(axis=axes)
+        mean = (_channel_sums(x) / count).astype(x.dtype)
+        row[1:1 + channels] = mean
+        centered = x - mean.reshape(_param_shape(x))
+        row[1 + channels:] = _channel_sums(centered, centered)
     return row, centered
 
 
@@ -62,7 +79,7 @@ def _param_shape(x):
     return (1, x.shape[1]) + (1,) * (x.ndim - 2)
 
 
-def _forward(x, gamma, beta, bn_param, axes, comm):
+def _forward(x, gamma, beta, bn_param, comm):
     mode = bn_param.get("mode", "train")
     eps = bn_param.get("eps", 1e-5)
     momentum = bn_param.get("momentum", 0.9)
@@ -78,7 +95,7 @@ def _forward(x, gamma, beta, bn_param, axes, comm):
     running_mean, running_var = bn_param["running_mean"], bn_param["running_var"]
     centered = None  # x minus the batch mean, where this shard is the whole batch
     if mode == "train":
-        row, centered = _shard_moments(x, axes)
+        row, centered = _shard_moments(x)
         rows = row[None]
         if comm is not None:
             rows = comm.allgather(row)  # (R, 1 + 2C)
@@ -86,7 +103,7 @@ def _forward(x, gamma, beta, bn_param, axes, comm):
                 centered = None  # the global mean is another
         count, mean, var = merge_moments(rows)
         if count == 0:  # no examples (on any rank): nothing to normalise, running stats kept
-            return x.copy(), (None, gamma, None, 0, axes, comm)
+            return x.copy(), (None, gamma, None, 0, comm)
         mean, var = mean.astype(x.dtype), var.astype(x.dtype)
         running_mean *= momentum
         running_mean += (1 - momentum) * mean
@@ -102,11 +119,11 @@ def _forward(x, gamma, beta, bn_param, axes, comm):
     x_hat *= inv_std.reshape(shape)
     out = x_hat * gamma.reshape(shape)
     out += beta.reshape(shape)
-    return out, (x_hat, gamma, inv_std, count, axes, comm)
+    return out, (x_hat, gamma, inv_std, count, comm)
 
 
 def _backward(dout, cache):
-    x_hat, gamma, inv_std, count, axes, comm = cache
+    x_hat, gamma, inv_std, count, comm = cache
     if count is None:
         raise ValueError("batchnorm backward needs a cache from a train-mode forward pass")
     channels = gamma.shape[0]
@@ -114,15 +131,13 @@ def _backward(dout, cache):
         zeros = np.zeros(channels, dtype=dout.dtype)
         return np.zeros_like(dout), zeros, zeros.copy()
     shape = _param_shape(dout)
-    sums = np.empty((2, channels), dtype=dout.dtype)  # [sum dy, sum dy * x_hat] over this shard
-    dout.sum(axis=axes, out=sums[0])
-    dx = dout * x_hat  # a scratch first, then dx
-    dx.sum(axis=axes, out=sums[1])
+    # [sum dy, sum dy * x_hat] over this shard
+    sums = np.stack([_channel_sums(dout), _channel_sums(dout, x_hat)]).astype(dout.dtype)
     dbeta, dgamma = sums[0].copy(), sums[1].copy()
     if comm is not None:
         sums = comm.allreduce(sums)  # global sums over every rank's shard
     # dx = gamma / std * (dy - sum(dy) / n - x_hat * sum(dy x_hat) / n), n the global count
-    np.multiply(x_hat, (sums[1] / count).reshape(shape), out=dx)
+    dx = np.multiply(x_hat, (sums[1] / count).reshape(shape))
     np.subtract(dout, dx, out=dx)
     dx -= (sums[0] / count).reshape(shape)
     dx *= (gamma * inv_std).reshape(shape)
@@ -143,7 +158,7 @@ def batchnorm_forward(x, gamma, beta, bn_param, comm=None):
     Returns (out, cache): out is (N, D).
     """
     require_ndim("x", x, 2, "(N, D)")
-    return _forward(x, gamma, beta, bn_param, (0,), comm)
+    return _forward(x, gamma, beta, bn_param, comm)
 
 
 def batchnorm_backward(dout, cache):
@@ -166,7 +181,7 @@ def spatial_batchnorm_forward(x, gamma, beta, bn_param, comm=None):
     Returns (out, cache): out is (N, C, H, W).
     """
     require_ndim("x", x, 4, "(N, C, H, W)")
-    return _forward(x, gamma, beta, bn_param, (0, 2, 3), comm)
+    return _forward(x, gamma, beta, bn_param, comm)
 
 
 def spatial_batchnorm_backward(dout, cache):
