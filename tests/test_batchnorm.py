@@ -200,6 +200,26 @@ def test_float32_large_mean_keeps_variance(variant, rng):
     np.testing.assert_allclose(stds, 1, rtol=0.01)
 
 
+def test_float32_large_planes_keep_their_statistics(rng):
+    """Planes of 256 x 1024 pixels, float32, mean 1e4: the sums over a plane must not drift
+    as they grow (each is formed in float32 blocks, added in float64), forward and backward."""
+    z = rng.standard_normal((2, 3, 256, 1024))
+    z = (z - z.mean(axis=(0, 2, 3), keepdims=True)) / z.std(axis=(0, 2, 3), keepdims=True)
+    x = (1e4 + z).astype(np.float32)
+    bn_param = {"mode": "train", "momentum": 0.0}
+    out, cache = spatial_batchnorm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32), bn_param)
+    np.testing.assert_allclose(bn_param["running_mean"], 1e4, rtol=1e-7)
+    np.testing.assert_allclose(bn_param["running_var"], 1, rtol=1e-3)
+    means, stds = channel_stats(out.astype(np.float64), (0, 2, 3))
+    np.testing.assert_allclose(means, 0, atol=1e-3)
+    np.testing.assert_allclose(stds, 1, rtol=1e-3)
+    dout = (5 + rng.standard_normal(x.shape)).astype(np.float32)
+    _, dgamma, dbeta = spatial_batchnorm_backward(dout, cache)
+    d64 = dout.astype(np.float64)
+    np.testing.assert_allclose(dbeta, d64.sum(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(dgamma, (d64 * cache[0]).sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-2)
+
+
 # ---------------------------------------------------------------- merge_moments
 
 def moment_row(x):
