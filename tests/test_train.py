@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -1247,37 +1246,3 @@ def test_a_resume_may_name_where_the_data_is_now(tmp_path):
     with pytest.raises(ConfigError, match="--stages does not apply to --model threelayer"):
         check_layout_options(threelayer)
 
-
-@pytest.mark.parametrize("environ, ranks, expected", [
-    ({}, 1, "cpus"),                                         # no setting: the usable CPUs / ranks
-    ({"MPI_LOCALNRANKS": "4"}, 4, "cpus/4"),
-    ({"OMP_NUM_THREADS": "3"}, 2, 3),                        # a setting in the environment wins
-    ({"OMP_NUM_THREADS": "3,2"}, 1, 3),                      # OpenMP's list per nesting level
-    ({"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "5"}, 1, 2),  # OpenBLAS reads its own first
-    ({"OMP_NUM_THREADS": "0"}, 1, "cpus"),                   # not a count: ignored
-    ({"OMP_NUM_THREADS": "many"}, 1, "cpus"),
-])
-def test_blas_threads_default_honours_the_environment(environ, ranks, expected):
-    from dpnet.train.loop import blas_threads, usable_cpus
-
-    class Comm:
-        size = ranks
-    cpus = usable_cpus()
-    want = {"cpus": cpus, "cpus/4": max(1, cpus // 4)}.get(expected, expected)
-    assert blas_threads(TrainConfig(), Comm(), environ) == want
-    assert blas_threads(TrainConfig(threads=7), Comm(), environ) == 7  # --threads wins over all
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
-def test_blas_threads_count_only_the_cpus_this_process_may_use():
-    """A run confined to one CPU (taskset, a cpuset, a scheduler's binding) takes one BLAS
-    thread, not one per core of the machine: more would make OpenBLAS's threads wait on each other."""
-    code = ("import os; from dpnet.train.loop import blas_threads; from dpnet.train import TrainConfig\n"
-            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
-            "class Comm: size = 1\n"
-            "print(blas_threads(TrainConfig(), Comm(), {}))")
-    env = clean_env()
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "1"

@@ -26,6 +26,7 @@ from ..parallel.watchdog import make_guard
 from ..scaling import run_prediction
 from .config import (DATA_ENV, OPTIMIZERS, REFERENCE_BATCH, REPRODUCIBLE_BITS_OF, ConfigError, check_layout_options,
                      parse_stages, validate)
+from .cpus import blas_threads
 from .faults import fault_spec, inject_fault, inject_part_fault, inject_start_fault
 from .inputs import (SYNTHETIC, RankAugmentation, StepAugmentation, load_data, normaliser, split_train_val,
                      training_batch)
@@ -283,32 +284,6 @@ def choices_text(conv, dx):
         ways = "; ".join(f"{w} for {names(ks)}" for w, ks in by_way.items())
         parts.append(f"{what}: {ways or 'none to choose for this model'}")
     return "; ".join(parts)
-
-
-# read in OpenBLAS's own order of precedence; MKL_NUM_THREADS is MKL's alone
-THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
-
-
-def usable_cpus():
-    """CPUs this process may run on: its affinity mask (taskset, cgroup cpusets, a scheduler's
-    binding) where the OS reports one, else all of the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
-def blas_threads(config, comm, environ=os.environ):
-    """BLAS threads per rank: --threads; else a thread count set in the environment, as the BLAS
-    itself would take it; else the CPUs this process may use / the ranks on this node."""
-    if config.threads:
-        return config.threads
-    for name in THREAD_VARIABLES:
-        first = environ.get(name, "").split(",")[0].strip()  # OpenMP allows a list per nesting level
-        if first.isdigit() and int(first) > 0:
-            return int(first)
-    local = int(environ.get("MPI_LOCALNRANKS") or environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or comm.size)
-    return max(1, usable_cpus() // max(local, 1))
 
 
 class Trainer:
