@@ -7,8 +7,9 @@ batch 128.
                                             [--affine-dx auto|plain|transposed] [--quick]
 
 In one run, each configuration in fresh processes under mpirun (1 or 2 ranks), the machine's
-cores shared as the trainer shares them (cores / ranks BLAS threads per rank in the default
-mode; as many micro-shard passes at a time, one BLAS thread each, in the reproducible mode):
+cores shared among the ranks (cores / ranks BLAS threads per rank in the default mode, as the
+trainer's default does on an unbound machine; as many micro-shard passes at a time, one BLAS
+thread each, in the reproducible mode):
 - the default mode;
 - the reproducible mode with M = 8 micro-shards, summed by the pairwise tree and by the exact
   fixed-point sum;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run dpnet.train on this machine with N ranks: launch/local.sh N [dpnet.train options]
-# BLAS gets the usable CPUs / N threads per rank (at least 1), so ranks never oversubscribe the
-# CPUs this shell may run on (all of the machine's, or fewer under taskset or a cpuset).
+# BLAS gets the usable CPUs / N threads per rank (at least 1), so ranks do not oversubscribe the
+# CPUs this shell may run on (all of the machine's, or fewer under taskset or a cpuset) unless N
+# exceeds them.
 set -euo pipefail
 ranks=${1:?usage: launch/local.sh N [dpnet.train options]}
 shift

@@ -105,8 +105,9 @@ OPTION_HELP = {
                  "auto: the faster for each layer, measured once on this machine and cached (with --reproducible, "
                  "only where both give the same bits)",
     "augment": "random crop + horizontal flip of training images",
-    "threads": "BLAS threads per rank (default: $OPENBLAS_NUM_THREADS or $OMP_NUM_THREADS where set, else "
-               "this rank's share of the CPUs it may run on, among the ranks of its node)",
+    "threads": "BLAS threads per rank (default: $OPENBLAS_NUM_THREADS, $GOTO_NUM_THREADS or $OMP_NUM_THREADS "
+               "where set, at most the usable CPUs, not with --reproducible; else this rank's share of the CPUs "
+               "it may run on, among the ranks of its node)",
     "checkpoint": "HDF5 file written atomically after every epoch and at the end ('': none)",
     "checkpoint_every": "also save every this many optimizer steps, as CHECKPOINT-stepNNNNNNNN.h5 beside "
                         "--checkpoint, keeping the newest 3 (0: at epoch ends only)",

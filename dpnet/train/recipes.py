@@ -36,7 +36,7 @@ RECIPES = {
 }
 # ResNet-20: 52.4%, the same as PyTorch's 52.4% (SGD momentum 0.1: 49.4%); ResNet-32: 51.9%, PyTorch 51.7%
 # (PyTorch with SGD momentum 0.1 and 1 warm-up epoch: 45.8%); ResNet-44: 53.2%, PyTorch 53.4% (SGD: 43.6%);
-# ResNet-56: 52.1%, PyTorch 51.8% (SGD: 45.0%); ResNet-110: 48.5% on seeds 0 and 2, PyTorch 49.4% (only Adam run)
+# ResNet-56: 52.1%, PyTorch 51.8% (SGD: 45.0%); ResNet-110: 48.4%, PyTorch 50.1% (SGD + warm-up: 29.6%)
 RESNET_RECIPE = ADAM
 RECIPE_OPTIONS = ("optimizer", "lr", "reg", "hidden_dim", "stages")  # the TrainConfig fields a recipe fills
 # the rate when --optimizer is given and is not the recipe's: a recipe's rate belongs to its
